@@ -1,0 +1,72 @@
+"""Everything that depends on the platform or on the megatron-core version lives here.
+
+* :func:`apply_cpu_patches` - the one call made at process start (entry points, test workers).
+  On a machine without CUDA it applies every patch in :data:`CPU_PATCHES` (see ``cpu.py``; each
+  docstring names the failure it fixes); with CUDA it only records that nothing was needed.
+* :mod:`.versions` - API differences between megatron-core 0.16.x (Python 3.11 wheels) and 0.19.x.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import cpu
+from .torchvision_cpu import patch_torchvision_meta_registrations
+
+
+def patch_quiet_cpu_fallback_warnings() -> None:
+    """megatron-core warns at import that TE/Apex are absent and it falls back to torch.
+
+    That is the expected state on CPU; the warnings (four per process and rank) bury real output.
+    """
+    warnings.filterwarnings(
+        "ignore", message=r"Transformer Engine and Apex are not installed", category=UserWarning
+    )
+
+
+def patch_megatron_core() -> None:
+    """Apply the megatron-core patches of ``cpu.py`` (imports megatron.core)."""
+    cpu.patch_megatron_cuda_calls()
+    import megatron.core  # noqa: F401  (after the import hook, so its modules are redirected)
+
+    cpu.patch_megatron_cuda_calls()
+    cpu.patch_rng_tracker()
+    cpu.patch_cuda_tensor_type_checks()
+
+
+CPU_PATCHES = (
+    patch_quiet_cpu_fallback_warnings,
+    patch_torchvision_meta_registrations,
+    patch_megatron_core,
+)
+
+_APPLIED: bool | None = None
+
+
+def apply_cpu_patches(force: bool = False) -> bool:
+    """Apply every CPU patch if CUDA is absent. Safe to call any number of times.
+
+    Returns True when the patches are in force. ``force=True`` is for tests only.
+    """
+    global _APPLIED
+    if _APPLIED and not force:
+        return True
+    if torch.cuda.is_available() and not force:
+        _APPLIED = False
+        return False
+    # vLLM on CPU: its engine runs in-process and needs no inductor compile (ENVIRONMENT.md).
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    for patch in CPU_PATCHES:
+        patch()
+    _APPLIED = True
+    return True
+
+
+def cpu_patches_applied() -> bool:
+    return bool(_APPLIED)
+
+
+__all__ = ["apply_cpu_patches", "cpu_patches_applied", "CPU_PATCHES"]
