@@ -35,6 +35,7 @@ def patch_megatron_core() -> None:
     cpu.patch_megatron_cuda_calls()
     cpu.patch_rng_tracker()
     cpu.patch_cuda_tensor_type_checks()
+    cpu.patch_fresh_optimizer_state_for_loading()
 
 
 CPU_PATCHES = (

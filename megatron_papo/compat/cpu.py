@@ -24,6 +24,7 @@ import functools
 import importlib
 import importlib.abc
 import importlib.machinery
+import inspect
 import sys
 import types
 from typing import Any, Callable, Iterator
@@ -322,7 +323,9 @@ def _cpu_tensors_look_like_cuda() -> Iterator[None]:
 
 
 def _wrap_in_cuda_lookalike(owner: Any, name: str) -> None:
-    fn = getattr(owner, name)
+    raw = inspect.getattr_static(owner, name)
+    kind = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
+    fn = raw.__func__ if kind else raw
     if getattr(fn, _MARK, False):
         return
 
@@ -332,7 +335,7 @@ def _wrap_in_cuda_lookalike(owner: Any, name: str) -> None:
             return fn(*args, **kwargs)
 
     setattr(wrapper, _MARK, True)
-    setattr(owner, name, wrapper)
+    setattr(owner, name, kind(wrapper) if kind else wrapper)
 
 
 def patch_cuda_tensor_type_checks() -> None:
@@ -343,7 +346,9 @@ def patch_cuda_tensor_type_checks() -> None:
       raise ``TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor`` for CPU ones;
     * ``clip_grads.clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``;
     * tied embeddings with PP > 1: ``LanguageModule.setup_embeddings_and_output_layer`` calls
-      ``weight.data.cuda()``.
+      ``weight.data.cuda()``;
+    * saving distributed-optimizer state (``fully_reshardable``):
+      ``DistributedOptimizer.get_parameter_state_dp_zero`` calls ``send_tensor.cuda()``.
 
     Fix: only while those functions run, a CPU tensor's ``type()`` reports the CUDA type name and
     ``.cuda()`` returns the tensor itself.
@@ -354,6 +359,7 @@ def patch_cuda_tensor_type_checks() -> None:
     _wrap_in_cuda_lookalike(
         distrib_optimizer.DistributedOptimizer, "_build_model_and_main_param_groups"
     )
+    _wrap_in_cuda_lookalike(distrib_optimizer.DistributedOptimizer, "get_parameter_state_dp_zero")
     _wrap_in_cuda_lookalike(optimizer.Float16OptimizerWithFloat16Params, "__init__")
     _wrap_in_cuda_lookalike(clip_grads, "clip_grad_by_total_norm_fp32")
     _wrap_in_cuda_lookalike(language_module.LanguageModule, "setup_embeddings_and_output_layer")
@@ -361,3 +367,80 @@ def patch_cuda_tensor_type_checks() -> None:
     for mod in (optimizer, distrib_optimizer):
         if hasattr(mod, "clip_grad_by_total_norm_fp32"):
             mod.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
+
+
+def patch_fresh_optimizer_state_for_loading() -> None:
+    """Failure 9: loading distributed-optimizer state into a fresh optimizer (torch AdamW fallback).
+
+    Without TE/Apex, megatron-core's ``DistributedOptimizer`` wraps ``torch.optim.AdamW``, whose
+    per-parameter state (``exp_avg``, ``exp_avg_sq`` and the ``step`` tensor) exists only after the
+    first step. ``sharded_state_dict(is_loading=True)`` calls ``state_dict()``, which reads
+    ``state["step"]`` of every parameter and fails with a bare ``AssertionError`` (0.16.1) or a
+    ``KeyError``; the ``init_state_fn`` megatron-core registers creates the moments but no ``step``.
+
+    Then ``_set_main_param_and_optimizer_states`` copies every key of the destination state from
+    the loaded tensors, but ``load_parameter_state_from_fully_reshardable`` leaves out ``step``
+    (restored separately from the param groups): ``KeyError: 'step'`` (0.16.1; 0.19.x skips absent
+    keys).
+
+    Fix: when building the sharded state dict for loading, give every parameter that has no state
+    yet zero moments and ``step = 0`` (what AdamW itself would create); the checkpoint's values then
+    overwrite them. The copy iterates over the loaded keys, so ``step`` keeps the value restored
+    from the param groups. Saving and optimizers with existing state are untouched.
+
+    Last, ``DistributedOptimizer.load_state_dict`` (torch fallback branch) assigns ONE ``step``
+    tensor to every parameter; AdamW increments it in place per parameter, so after resuming the
+    k-th parameter sees step 1+k: silently wrong bias correction. Fix: each parameter gets its own
+    copy after loading.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    original = cls.sharded_state_dict
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, *args, **kwargs):
+        inner = getattr(self, "optimizer", None)
+        if is_loading and isinstance(inner, torch.optim.Optimizer):
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    state = inner.state[param]
+                    if len(state) == 0:
+                        state["exp_avg"] = torch.zeros_like(param.data)
+                        state["exp_avg_sq"] = torch.zeros_like(param.data)
+                        state["step"] = torch.tensor(0.0)
+        if model_sharded_state_dict is None:
+            model_sharded_state_dict = {}
+        return original(self, model_sharded_state_dict, is_loading, *args, **kwargs)
+
+    original_set = cls._set_main_param_and_optimizer_states
+
+    @functools.wraps(original_set)
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original_set(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        destination = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            destination[key].copy_(value)
+        return None
+
+    original_load = cls.load_state_dict
+
+    @functools.wraps(original_load)
+    def load_state_dict(self, state_dict):
+        result = original_load(self, state_dict)
+        inner = getattr(self, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            for state in inner.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].detach().clone()
+        return result
+
+    setattr(sharded_state_dict, _MARK, True)
+    cls.sharded_state_dict = sharded_state_dict
+    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    cls.load_state_dict = load_state_dict

@@ -208,7 +208,8 @@ def _start_pool(world_size: int) -> _Pool:
             target=_worker_main,
             args=(rank, world_size, pool.store.port, child_conn, dump_path,
                   _threads_per_rank(world_size)),
-            name=f"mp-harness-rank{rank}", daemon=True,
+            name=f"mp-harness-rank{rank}",
+            daemon=False,  # dist_checkpointing.save starts a multiprocessing Manager (a child)
         )
         proc.start()
         child_conn.close()
@@ -260,12 +261,15 @@ def _collect(pool: _Pool, deadline: float, what: str) -> dict[int, tuple]:
 def _format_report(pool: _Pool, replies: dict, what: str, timeout: float) -> str:
     lines = [f"{what} failed on a world of {pool.world_size} ranks:"]
     missing = [r for r in range(pool.world_size) if r not in replies]
+    another_failed = any(v[0] in ("error", "died") for v in replies.values())
+    why = (f"still running {FAILURE_GRACE_S:.0f} s after another rank failed" if another_failed
+           else f"blocked or too slow: hard timeout {timeout:.0f} s")
     dumps = pool.stack_dumps(missing)
     for rank in range(pool.world_size):
         status = replies.get(rank)
         if status is None:
-            lines.append(f"\n===== rank {rank}: did not finish (blocked or too slow; hard timeout "
-                         f"{timeout:.0f} s). Its Python stacks:\n{dumps.get(rank, '(dead)')}")
+            lines.append(f"\n===== rank {rank}: did not finish ({why}). Its Python stacks:\n"
+                         f"{dumps.get(rank, '(dead)')}")
         elif status[0] == "error":
             lines.append(f"\n===== rank {rank}: raised\n{status[1]}")
         elif status[0] == "died":

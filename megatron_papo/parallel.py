@@ -1,0 +1,72 @@
+"""Process-group set-up and parallel-layout checks shared by training, conversion and tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class ParallelConfigError(ValueError):
+    """A parallel layout that cannot work; the message names the setting and the fix."""
+
+
+def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, cp: int = 1,
+                              seed: int = 1234) -> None:
+    """Create megatron-core's model-parallel groups on an initialised default process group and
+    seed the model-parallel RNG tracker (attention always forks it)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not dist.is_initialized():
+        raise ParallelConfigError(
+            "torch.distributed is not initialised: launch with torchrun (or call "
+            "torch.distributed.init_process_group) before building the model")
+    world = dist.get_world_size()
+    if world % (tp * pp * cp) != 0:
+        raise ParallelConfigError(
+            f"world size {world} is not divisible by tensor_model_parallel_size ({tp}) x "
+            f"pipeline_model_parallel_size ({pp}) x context_parallel_size ({cp}); change the "
+            "parallel sizes or the number of processes")
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def pipeline_backend() -> str:
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_pipeline_model_parallel_group()
+    return dist.get_backend(group)
+
+
+def _gloo_interleaved(config) -> bool:
+    vpp = getattr(config, "virtual_pipeline_model_parallel_size", None)
+    return bool(vpp) and config.pipeline_model_parallel_size > 1 and pipeline_backend() == "gloo"
+
+
+def default_batch_p2p_comm(config) -> bool:
+    """The ``batch_p2p_comm`` to use when the user did not choose: False for interleaved
+    pipelining on gloo (see :func:`check_pipeline_communication`), megatron's True otherwise."""
+    return not _gloo_interleaved(config)
+
+
+def check_pipeline_communication(config) -> None:
+    """Refuse interleaved pipelining with batched p2p on gloo.
+
+    With virtual pipeline stages megatron-core posts the send to the next stage and the receive
+    from the previous one as one batched ``batch_isend_irecv``. On gloo at PP=2 the previous and
+    next stage are the same rank and the batched operations are matched in the wrong order: the
+    results are silently wrong. Unbatched p2p (``batch_p2p_comm=False``) is exact.
+    """
+    if _gloo_interleaved(config) and config.batch_p2p_comm:
+        raise ParallelConfigError(
+            "batch_p2p_comm=True with virtual pipeline stages (virtual_pipeline_model_parallel_size="
+            f"{config.virtual_pipeline_model_parallel_size}) gives wrong results on the gloo "
+            "backend: set model.batch_p2p_comm=false (exact on gloo) or run on NCCL")
+
+
+def current_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

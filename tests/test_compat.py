@@ -1,0 +1,112 @@
+"""The CPU compat module: each patch does its job, stays scoped to megatron-core, and is idempotent."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_papo import compat
+from megatron_papo.compat import cpu
+
+
+def test_apply_twice_is_the_same_as_once():
+    from megatron.core.optimizer import clip_grads, distrib_optimizer
+    from megatron.core.tensor_parallel import random as mp_random
+
+    assert compat.apply_cpu_patches() is True
+    snapshot = (distrib_optimizer.DistributedOptimizer.__dict__["_build_model_and_main_param_groups"],
+                distrib_optimizer.DistributedOptimizer.sharded_state_dict,
+                clip_grads.clip_grad_by_total_norm_fp32, mp_random._set_cuda_rng_state,
+                tuple(sys.meta_path))
+    assert compat.apply_cpu_patches(force=True) is True
+    again = (distrib_optimizer.DistributedOptimizer.__dict__["_build_model_and_main_param_groups"],
+             distrib_optimizer.DistributedOptimizer.sharded_state_dict,
+             clip_grads.clip_grad_by_total_norm_fp32, mp_random._set_cuda_rng_state,
+             tuple(sys.meta_path))
+    assert snapshot == again
+    assert sum(isinstance(f, cpu._MegatronImportHook) for f in sys.meta_path) == 1
+
+
+def test_megatron_modules_see_cpu_cuda_but_torch_is_untouched():
+    """Catches: a patch leaking into torch itself (it must only change megatron-core's view)."""
+    from megatron.core.tensor_parallel import layers
+
+    assert layers.torch.cuda.current_device() == "cpu"
+    assert layers.torch.zeros(2, device="cuda").device.type == "cpu"
+    assert layers.torch.empty(1, device=layers.torch.cuda.current_device()).device.type == "cpu"
+    assert layers.torch.Tensor is torch.Tensor and layers.torch.float32 is torch.float32
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.zeros(2, device="cuda")
+    assert torch.Tensor.type(torch.zeros(1)) == "torch.FloatTensor"
+
+
+def test_modules_imported_after_the_patch_are_redirected():
+    import importlib
+
+    name = "megatron.core.fusions.fused_bias_gelu"
+    old = sys.modules.pop(name, None)
+    try:
+        module = importlib.import_module(name)  # executed anew, through the import hook
+        assert module is not old
+        assert isinstance(module.torch, cpu._CpuTorch)
+    finally:
+        if old is not None:
+            sys.modules[name] = old
+
+
+def test_cuda_lookalike_is_scoped_to_the_call():
+    seen = {}
+
+    class Owner:
+        @classmethod
+        def check(cls, t):
+            seen["type"] = t.type()
+            return t.cuda() is t
+
+    cpu._wrap_in_cuda_lookalike(Owner, "check")
+    assert Owner.check(torch.zeros(1)) is True
+    assert seen["type"] == "torch.cuda.FloatTensor"
+    assert torch.zeros(1).type() == "torch.FloatTensor"  # restored after the call
+
+
+def test_rng_tracker_forks_the_cpu_generator():
+    """Catches: a tracker whose set-state is a silent no-op (dropout identical on all TP ranks)."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add("test-rng", 123)
+    torch.manual_seed(0)
+    with tracker.fork("test-rng"):
+        a = torch.rand(3)
+    outside = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), outside)  # the fork did not consume the default stream
+    tracker.reset()
+    tracker.add("test-rng", 123)
+    with tracker.fork("test-rng"):
+        assert torch.equal(torch.rand(3), a)
+    tracker.reset()
+
+
+def test_fresh_interpreter_imports_vllm_megatron_and_the_vl_processor_stack():
+    """The install's promise: one call at start-up, then vLLM, megatron-core and torchvision's
+    transforms (needed by the Qwen2.5-VL processor) all import on a CPU-only torch."""
+    code = (
+        "from megatron_papo.compat import apply_cpu_patches; apply_cpu_patches()\n"
+        "import torchvision.transforms.v2\n"
+        "from vllm import LLM\n"
+        "import megatron.core\n"
+        "from transformers import Qwen2_5_VLForConditionalGeneration\n"
+        "print('IMPORTS-OK')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "IMPORTS-OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_torchvision_fails_without_the_patch():
+    """Documents why patch_torchvision_meta_registrations exists (the pinned CUDA torchvision)."""
+    out = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0 and "torchvision::nms does not exist" in out.stderr
