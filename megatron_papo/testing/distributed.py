@@ -243,7 +243,8 @@ def _collect(pool: _Pool, deadline: float, what: str) -> dict[int, tuple]:
                 rank = pending.pop(obj)
                 try:
                     replies[rank] = pickle.loads(obj.recv_bytes())
-                except (EOFError, OSError):
+                except (EOFError, OSError):  # the pipe closed: the process is exiting
+                    pool.processes[rank].join(timeout=10)
                     replies[rank] = ("died", pool.processes[rank].exitcode)
             elif obj in sentinels and sentinels[obj] in pending.values():
                 rank = sentinels[obj]
@@ -251,7 +252,7 @@ def _collect(pool: _Pool, deadline: float, what: str) -> dict[int, tuple]:
                 if conn.poll():  # it answered just before exiting
                     continue
                 pending.pop(conn)
-                pool.processes[rank].join(timeout=5)
+                pool.processes[rank].join(timeout=10)
                 replies[rank] = ("died", pool.processes[rank].exitcode)
         if any(v[0] in ("error", "died") for v in replies.values()):
             deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)

@@ -1,0 +1,93 @@
+"""Apply a mapping table to one rank's shard: load HF tensors into it, or export it as HF tensors.
+
+Both directions work on whatever TP/PP shard the rank holds: parameter names are made global
+(layer numbers across pipeline stages) and TP slices are cut from / gathered into full tensors by
+the row's own ``shard``/``unshard``. HF tensors are fetched one row at a time through a callback,
+so a caller can stream them from safetensors files.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from .table import HFConvention, MappingError, MappingTable
+
+_LAYER = re.compile(r"^(.*?\.layers)\.(\d+)\.(.*)$")
+
+
+def global_megatron_name(model: torch.nn.Module, local_name: str) -> str:
+    """``...layers.<local i>...`` -> ``...layers.<global i>...`` using each megatron-core layer's
+    ``layer_number`` (1-based, global across pipeline and virtual stages)."""
+    m = _LAYER.match(local_name)
+    if not m:
+        return local_name
+    layer = model.get_submodule(f"{m.group(1)}.{m.group(2)}")
+    number = getattr(layer, "layer_number", None)
+    index = int(m.group(2)) if number is None else number - 1
+    return f"{m.group(1)}.{index}.{global_megatron_name(layer, m.group(3))}"
+
+
+def _tp_info(tp_group) -> tuple[int, int]:
+    if tp_group is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(tp_group), dist.get_world_size(tp_group)
+
+
+@torch.no_grad()
+def load_hf_into_megatron(model: torch.nn.Module, table: MappingTable,
+                          get_hf: Callable[[str], torch.Tensor], dims: dict, tp_group=None,
+                          ) -> list[str]:
+    """Copy HF tensors (canonical names, fetched with ``get_hf``) into this rank's parameters.
+
+    Returns the canonical HF names that were used. Raises :class:`MappingError` naming the tensor
+    on a missing row, a missing HF tensor or a shape mismatch; nothing is half-explained.
+    """
+    rank, size = _tp_info(tp_group)
+    used = []
+    for local_name, param in model.named_parameters():
+        gname = global_megatron_name(model, local_name)
+        row, idx = table.find(gname)
+        names = row.hf_names(idx)
+        tensors = [get_hf(n) for n in names]
+        full = row.merge(tensors, dims)
+        local = row.shard(full, rank, size)
+        if tuple(local.shape) != tuple(param.shape):
+            raise MappingError(
+                f"shape mismatch for megatron '{gname}' <- HF {names} "
+                f"{[tuple(t.shape) for t in tensors]}: the rank's shard should be "
+                f"{tuple(param.shape)} but the HF tensors give {tuple(local.shape)} "
+                f"(tensor_model_parallel_size={size}); does config.json match the weights?")
+        param.copy_(local.to(param.dtype))
+        used.extend(names)
+    return used
+
+
+@torch.no_grad()
+def export_megatron_to_hf(model: torch.nn.Module, table: MappingTable, dims: dict,
+                          convention: HFConvention | None = None, tp_group=None,
+                          ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, full tensor)`` for every parameter of this rank's pipeline stage.
+
+    TP shards are all-gathered within ``tp_group`` (every TP rank then yields the same tensors;
+    the caller picks who writes). Rows marked ``export=False`` (the last stage's copy of a tied
+    embedding) are skipped.
+    """
+    rank, size = _tp_info(tp_group)
+    for local_name, param in model.named_parameters():
+        gname = global_megatron_name(model, local_name)
+        row, idx = table.find(gname)
+        if not row.export:
+            continue
+        tensor = param.detach()
+        if row.tp_dim is not None and size > 1:
+            shards = [torch.empty_like(tensor) for _ in range(size)]
+            dist.all_gather(shards, tensor.contiguous(), group=tp_group)
+            full = row.unshard(shards)
+        else:
+            full = tensor
+        for name, value in zip(row.hf_names(idx), row.split(full, dims)):
+            yield (convention.from_canonical(name) if convention else name), value.contiguous()

@@ -1,0 +1,203 @@
+"""Qwen2.5-VL configuration: HF ``config.json`` -> megatron-core ``TransformerConfig``.
+
+The translation is a table (:data:`TEXT_CONFIG_TABLE`): one row per HF key, naming the
+``TransformerConfig`` field it sets. HF configs come in two layouts and both are accepted: the
+released checkpoints' flat one (``hidden_size`` ... at the top, ``rope_scaling.mrope_section``)
+and transformers 5's nested one (``text_config`` with ``rope_parameters``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+class ModelConfigError(ValueError):
+    """An HF config or a parallel layout the model cannot use; names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class ConfigRow:
+    hf_key: str
+    mcore_field: str
+    convert: Callable[[Any], Any] = lambda v: v
+    required: bool = True
+
+
+# HF text-config key -> TransformerConfig field.
+TEXT_CONFIG_TABLE: tuple[ConfigRow, ...] = (
+    ConfigRow("num_hidden_layers", "num_layers"),
+    ConfigRow("hidden_size", "hidden_size"),
+    ConfigRow("intermediate_size", "ffn_hidden_size"),
+    ConfigRow("num_attention_heads", "num_attention_heads"),
+    ConfigRow("num_key_value_heads", "num_query_groups"),
+    ConfigRow("rms_norm_eps", "layernorm_epsilon"),
+    ConfigRow("attention_dropout", "attention_dropout", required=False),
+)
+
+# Architecture facts of Qwen2.5-VL's language model that config.json does not carry.
+TEXT_FIXED_FIELDS: dict[str, Any] = dict(
+    normalization="RMSNorm",
+    gated_linear_unit=True,           # SwiGLU
+    add_bias_linear=False,            # no bias on o_proj / MLP
+    add_qkv_bias=True,                # q, k, v carry biases
+    hidden_dropout=0.0,
+    position_embedding_type="mrope",  # (not a TransformerConfig field: popped by the builder)
+    bias_activation_fusion=False,
+    masked_softmax_fusion=False,
+    persist_layer_norm=False,
+    apply_rope_fusion=False,
+    gradient_accumulation_fusion=False,
+)
+
+ACTIVATIONS = {"silu": torch.nn.functional.silu, "swish": torch.nn.functional.silu}
+
+
+@dataclass
+class Qwen25VLTextSpec:
+    """Everything needed to build the language model (besides the parallel layout)."""
+
+    transformer: dict[str, Any]
+    vocab_size: int
+    rotary_base: float
+    mrope_section: list[int]
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision: dict[str, Any] = field(default_factory=dict)
+
+
+def _text_section(hf: dict) -> dict:
+    return hf.get("text_config") or hf
+
+
+def _rope(text: dict, hf: dict) -> tuple[float, list[int]]:
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or hf.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", text.get("rope_theta", hf.get("rope_theta")))
+    section = rope.get("mrope_section")
+    if theta is None:
+        raise ModelConfigError("config.json has no rope_theta (text_config.rope_parameters."
+                               "rope_theta or rope_theta): add it (Qwen2.5-VL uses 1000000.0)")
+    if not section or len(section) != 3:
+        raise ModelConfigError(
+            "config.json has no 3-part mrope_section (rope_parameters.mrope_section or "
+            f"rope_scaling.mrope_section), got {section!r}: Qwen2.5-VL uses [16, 24, 24]")
+    return float(theta), [int(s) for s in section]
+
+
+def text_spec_from_hf(hf: dict) -> Qwen25VLTextSpec:
+    """Translate an HF Qwen2.5-VL config dict (either layout) through the table."""
+    text = _text_section(hf)
+    fields: dict[str, Any] = {}
+    for row in TEXT_CONFIG_TABLE:
+        if row.hf_key in text:
+            fields[row.mcore_field] = row.convert(text[row.hf_key])
+        elif row.required:
+            raise ModelConfigError(f"config.json lacks text key '{row.hf_key}' (needed for "
+                                   f"TransformerConfig.{row.mcore_field})")
+    act = text.get("hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise ModelConfigError(f"hidden_act={act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+    fields.update({k: v for k, v in TEXT_FIXED_FIELDS.items() if k != "position_embedding_type"})
+    fields["activation_func"] = ACTIVATIONS[act]
+    heads = fields["num_attention_heads"]
+    fields["kv_channels"] = text.get("head_dim") or fields["hidden_size"] // heads
+    theta, section = _rope(text, hf)
+    if 2 * sum(section) != fields["kv_channels"]:
+        raise ModelConfigError(f"mrope_section {section} sums to {sum(section)}, but must be "
+                               f"head_dim/2 = {fields['kv_channels'] // 2}")
+    tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    return Qwen25VLTextSpec(
+        transformer=fields, vocab_size=int(text["vocab_size"]), rotary_base=theta,
+        mrope_section=section, tie_word_embeddings=bool(tie),
+        max_position_embeddings=int(text.get("max_position_embeddings", 128000)),
+        image_token_id=int(hf.get("image_token_id", 151655)),
+        video_token_id=int(hf.get("video_token_id", 151656)),
+        vision_start_token_id=int(hf.get("vision_start_token_id", 151652)),
+        vision=dict(hf.get("vision_config") or {}),
+    )
+
+
+def load_hf_config(path: str) -> dict:
+    """Read ``config.json`` from a checkpoint folder (or the file itself)."""
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise ModelConfigError(f"no config.json at {file}: pass the HF checkpoint folder")
+    with open(file) as f:
+        return json.load(f)
+
+
+def check_parallel_layout(spec: Qwen25VLTextSpec, tp: int = 1, pp: int = 1, vpp: int | None = None,
+                          vision_heads: int | None = None) -> None:
+    """Refuse TP/PP layouts the model cannot be split into, naming the numbers and the fix."""
+    t = spec.transformer
+    problems = []
+    if t["num_attention_heads"] % tp:
+        problems.append(f"num_attention_heads={t['num_attention_heads']} is not divisible by "
+                        f"tensor_model_parallel_size={tp}")
+    if t["num_query_groups"] % tp:
+        problems.append(f"num_key_value_heads={t['num_query_groups']} (KV groups) is not divisible"
+                        f" by tensor_model_parallel_size={tp}")
+    if t["ffn_hidden_size"] % tp:
+        problems.append(f"intermediate_size={t['ffn_hidden_size']} is not divisible by "
+                        f"tensor_model_parallel_size={tp}")
+    if spec.vocab_size % tp:
+        problems.append(f"vocab_size={spec.vocab_size} is not divisible by "
+                        f"tensor_model_parallel_size={tp}")
+    if vision_heads is not None and vision_heads % tp:
+        problems.append(f"vision_config.num_heads={vision_heads} is not divisible by "
+                        f"tensor_model_parallel_size={tp}")
+    stages = pp * (vpp or 1)
+    if t["num_layers"] % stages:
+        problems.append(f"num_hidden_layers={t['num_layers']} is not divisible by "
+                        f"pipeline_model_parallel_size x virtual stages = {stages}")
+    if problems:
+        raise ModelConfigError("unsupported parallel layout for this model: " + "; ".join(problems)
+                               + ". Choose sizes that divide these numbers.")
+
+
+# Public shapes of the released models (QWEN25VL_SHAPES.md); the vision tower is the same for all.
+_VISION_PRESET = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                      patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_channels=3,
+                      window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu",
+                      tokens_per_second=2)
+_TEXT_PRESETS = {
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+               num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+               tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+               tie_word_embeddings=False),
+    "32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
+                tie_word_embeddings=False),
+    "72b": dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8, vocab_size=152064,
+                tie_word_embeddings=False),
+}
+PRESETS = tuple(_TEXT_PRESETS)
+
+
+def preset_hf_config(name: str) -> dict:
+    """An HF-layout (flat, like the released config.json files) config of a public model size."""
+    key = name.lower().replace("qwen2.5-vl-", "").replace("-instruct", "")
+    if key not in _TEXT_PRESETS:
+        raise ModelConfigError(f"unknown preset {name!r}: choose one of {list(_TEXT_PRESETS)}")
+    text = dict(_TEXT_PRESETS[key])
+    tie = text.pop("tie_word_embeddings")
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        **text, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "max_position_embeddings": 128000, "tie_word_embeddings": tie,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "vision_config": {**copy.deepcopy(_VISION_PRESET), "out_hidden_size": text["hidden_size"]},
+    }

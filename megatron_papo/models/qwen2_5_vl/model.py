@@ -1,0 +1,105 @@
+"""Qwen2.5-VL from megatron-core layers.
+
+``Qwen25VLModel`` = the language model (megatron-core ``GPTModel`` with MRoPE, SwiGLU, RMSNorm,
+QKV bias) + (first pipeline stage only) the vision tower, whose features replace the embeddings of
+image-pad tokens. The model knows megatron layer specs and nothing about HF names (bridge.py) or
+checkpoint layouts.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+
+from .config import Qwen25VLTextSpec, check_parallel_layout
+from .specs import language_layer_spec
+
+
+def language_transformer_config(spec: Qwen25VLTextSpec, tp: int = 1, pp: int = 1,
+                                vpp: int | None = None, sequence_parallel: bool = False,
+                                params_dtype: torch.dtype = torch.float32,
+                                **overrides) -> TransformerConfig:
+    check_parallel_layout(spec, tp, pp, vpp)
+    fields = dict(spec.transformer)
+    fields.update(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sequence_parallel and tp > 1,
+        mrope_section=spec.mrope_section, params_dtype=params_dtype, pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+class Qwen25VLModel(MegatronModule):
+    """One pipeline stage (or virtual stage) of Qwen2.5-VL.
+
+    forward(input_ids [b, s], position_ids [3, b, s], attention_mask, pixel_values, image_grid_thw,
+    labels) -> logits [b, s, vocab/TP] (vocab-parallel) or, with labels, per-token loss [b, s].
+    """
+
+    def __init__(self, spec: Qwen25VLTextSpec, config: TransformerConfig, layer_spec: str = "local",
+                 pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
+                 vision_model: torch.nn.Module | None = None):
+        super().__init__(config=config)
+        self.spec = spec
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.language_model = GPTModel(
+            config, language_layer_spec(layer_spec), vocab_size=spec.vocab_size,
+            max_sequence_length=spec.max_position_embeddings, pre_process=pre_process,
+            post_process=post_process, share_embeddings_and_output_weights=spec.tie_word_embeddings,
+            position_embedding_type="mrope", rotary_base=spec.rotary_base, parallel_output=True,
+            scatter_embedding_sequence_parallel=False, vp_stage=vp_stage)
+        self.vision_model = vision_model if pre_process else None
+        self.share_embeddings_and_output_weights = spec.tie_word_embeddings
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
+        """Token embeddings [s, b, h] with image features in place of image-pad tokens, scattered
+        to the sequence-parallel ranks only after the merge."""
+        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+        if pixel_values is not None:
+            if self.vision_model is None:
+                raise ValueError("pixel_values were given but the model has no vision tower")
+            features = self.vision_model(pixel_values, image_grid_thw)  # [n_image_tokens, h]
+            mask = (input_ids == self.spec.image_token_id).transpose(0, 1)  # [s, b]
+            if int(mask.sum()) != features.shape[0]:
+                raise ValueError(
+                    f"{int(mask.sum())} image-pad tokens (id {self.spec.image_token_id}) in "
+                    f"input_ids but the vision tower produced {features.shape[0]} features: "
+                    "input_ids and pixel_values/image_grid_thw do not belong together")
+            embeddings = embeddings.clone()
+            embeddings[mask] = features.to(embeddings.dtype)
+        if self.config.sequence_parallel:
+            embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
+        return embeddings
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, pixel_values=None, image_grid_thw=None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw)
+        return self.language_model(input_ids=None, position_ids=position_ids,
+                                   attention_mask=attention_mask, decoder_input=decoder_input,
+                                   labels=labels)
+
+
+def build_qwen25vl(spec: Qwen25VLTextSpec, config: TransformerConfig, layer_spec: str = "local",
+                   vp_stage: int | None = None) -> Qwen25VLModel:
+    """The model chunk for this rank's (virtual) pipeline stage."""
+    virtual = config.virtual_pipeline_model_parallel_size is not None
+    pre = parallel_state.is_pipeline_first_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
+    post = parallel_state.is_pipeline_last_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
+    return Qwen25VLModel(spec, config, layer_spec, pre_process=pre, post_process=post,
+                         vp_stage=vp_stage)
