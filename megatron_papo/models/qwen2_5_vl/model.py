@@ -57,6 +57,7 @@ class Qwen25VLModel(MegatronModule):
             scatter_embedding_sequence_parallel=False, vp_stage=vp_stage)
         self.vision_model = vision_model if pre_process else None
         self.share_embeddings_and_output_weights = spec.tie_word_embeddings
+        self.model_type = self.language_model.model_type  # read by megatron-core's schedules
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
