@@ -90,9 +90,8 @@ def _roundtrip(tied, convention):
     reference = Q.reference_model(hf_config)
     table = mapping_table(tied)
     conv = table.convention(convention)
-    # the checkpoint as it would be on disk in that convention (text tensors only for now)
-    on_disk = {conv.from_canonical(k): v for k, v in reference.state_dict().items()
-               if not k.startswith("model.visual.")}
+    # the checkpoint as it would be on disk in that convention
+    on_disk = {conv.from_canonical(k): v for k, v in reference.state_dict().items()}
     if tied:
         on_disk.pop("lm_head.weight")
     detected = table.detect_convention(on_disk)

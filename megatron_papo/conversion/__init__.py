@@ -9,7 +9,11 @@ from .table import (
     MappingError,
     MappingTable,
     QKVInterleaved,
+    Reshaped,
     VisionQKV,
 )
 
-__all__ = ["HFConvention", "Direct", "GateUp", "MappingError", "MappingTable", "QKVInterleaved", "VisionQKV"]
+__all__ = [
+    "Direct", "GateUp", "HFConvention", "MappingError", "MappingTable", "QKVInterleaved",
+    "Reshaped", "VisionQKV",
+]

@@ -52,7 +52,12 @@ def load_hf_into_megatron(model: torch.nn.Module, table: MappingTable,
         gname = global_megatron_name(model, local_name)
         row, idx = table.find(gname)
         names = row.hf_names(idx)
-        tensors = [get_hf(n) for n in names]
+        try:
+            tensors = [get_hf(n) for n in names]
+        except KeyError as err:
+            raise MappingError(f"the HF checkpoint has no tensor {err} (needed for megatron "
+                               f"'{gname}'); is it a Qwen2.5-VL checkpoint of this config?"
+                               ) from None
         full = row.merge(tensors, dims)
         local = row.shard(full, rank, size)
         if tuple(local.shape) != tuple(param.shape):

@@ -157,6 +157,27 @@ class GateUp(Row):
 
 
 @dataclass(frozen=True)
+class Reshaped(Row):
+    """One HF tensor stored in another shape (the vision patch embedding: a Conv3d kernel
+    [out, C, T, P, P] used as a Linear [out, C*T*P*P]). ``dims[dims_key]`` holds the HF shape."""
+
+    dims_key: str = "patch_embed_shape"
+
+    def __init__(self, megatron: str, hf: str, dims_key: str = "patch_embed_shape"):
+        object.__setattr__(self, "megatron", megatron)
+        object.__setattr__(self, "hf", (hf,))
+        object.__setattr__(self, "tp_dim", None)
+        object.__setattr__(self, "dims_key", dims_key)
+
+    def merge(self, hf_tensors, dims):
+        (t,) = hf_tensors
+        return t.reshape(t.shape[0], -1)
+
+    def split(self, full, dims):
+        return [full.reshape(dims[self.dims_key])]
+
+
+@dataclass(frozen=True)
 class VisionQKV(Row):
     """HF vision ``attn.qkv`` ([q; k; v], each heads x head_dim) -> megatron ``linear_qkv`` with
     one KV group per head ([q_h, k_h, v_h] for each head h)."""

@@ -7,7 +7,15 @@ Canonical HF names are transformers 5's (``model.language_model.*``, ``model.vis
 
 from __future__ import annotations
 
-from megatron_papo.conversion import Direct, GateUp, HFConvention, MappingTable, QKVInterleaved
+from megatron_papo.conversion import (
+    Direct,
+    GateUp,
+    HFConvention,
+    MappingTable,
+    QKVInterleaved,
+    Reshaped,
+    VisionQKV,
+)
 
 from .config import Qwen25VLTextSpec
 
@@ -34,6 +42,33 @@ TEXT_ROWS = (
     Direct(f"{LM}.decoder.final_layernorm.weight", f"{HF_LM}.norm.weight"),
 )
 
+VIS = "vision_model"
+HF_VIS = "model.visual"
+VBLOCK = f"{VIS}.decoder.layers.*"
+HF_VBLOCK = f"{HF_VIS}.blocks.*"
+
+VISION_ROWS = (
+    Reshaped(f"{VIS}.patch_embed.weight", f"{HF_VIS}.patch_embed.proj.weight"),
+    VisionQKV(f"{VBLOCK}.self_attention.linear_qkv.weight", f"{HF_VBLOCK}.attn.qkv.weight"),
+    VisionQKV(f"{VBLOCK}.self_attention.linear_qkv.bias", f"{HF_VBLOCK}.attn.qkv.bias"),
+    Direct(f"{VBLOCK}.self_attention.linear_proj.weight", f"{HF_VBLOCK}.attn.proj.weight",
+           tp_dim=1),
+    Direct(f"{VBLOCK}.self_attention.linear_proj.bias", f"{HF_VBLOCK}.attn.proj.bias"),
+    Direct(f"{VBLOCK}.input_layernorm.weight", f"{HF_VBLOCK}.norm1.weight"),
+    Direct(f"{VBLOCK}.pre_mlp_layernorm.weight", f"{HF_VBLOCK}.norm2.weight"),
+    GateUp(f"{VBLOCK}.mlp.linear_fc1.weight", f"{HF_VBLOCK}.mlp.gate_proj.weight",
+           f"{HF_VBLOCK}.mlp.up_proj.weight"),
+    GateUp(f"{VBLOCK}.mlp.linear_fc1.bias", f"{HF_VBLOCK}.mlp.gate_proj.bias",
+           f"{HF_VBLOCK}.mlp.up_proj.bias"),
+    Direct(f"{VBLOCK}.mlp.linear_fc2.weight", f"{HF_VBLOCK}.mlp.down_proj.weight", tp_dim=1),
+    Direct(f"{VBLOCK}.mlp.linear_fc2.bias", f"{HF_VBLOCK}.mlp.down_proj.bias"),
+    Direct(f"{VIS}.merger.ln_q.weight", f"{HF_VIS}.merger.ln_q.weight"),
+    Direct(f"{VIS}.merger.linear_fc1.weight", f"{HF_VIS}.merger.mlp.0.weight", tp_dim=0),
+    Direct(f"{VIS}.merger.linear_fc1.bias", f"{HF_VIS}.merger.mlp.0.bias", tp_dim=0),
+    Direct(f"{VIS}.merger.linear_fc2.weight", f"{HF_VIS}.merger.mlp.2.weight", tp_dim=1),
+    Direct(f"{VIS}.merger.linear_fc2.bias", f"{HF_VIS}.merger.mlp.2.bias"),
+)
+
 UNTIED_OUTPUT = Direct(f"{LM}.output_layer.weight", "lm_head.weight", tp_dim=0)
 # With tied embeddings the last pipeline stage holds a copy of the embedding as output_layer:
 # it loads from the embedding and is not exported (the first stage exports the original).
@@ -58,7 +93,7 @@ def _detect(names: list[str]) -> str:
 
 
 def mapping_table(tied: bool) -> MappingTable:
-    rows = TEXT_ROWS + ((TIED_OUTPUT,) if tied else (UNTIED_OUTPUT,))
+    rows = TEXT_ROWS + VISION_ROWS + ((TIED_OUTPUT,) if tied else (UNTIED_OUTPUT,))
     return MappingTable(rows, conventions=(CANONICAL, LEGACY), detect_convention=_detect,
                         megatron_aliases=TE_ALIASES)
 
@@ -72,4 +107,7 @@ def tensor_dims(spec: Qwen25VLTextSpec) -> dict:
         v = spec.vision
         dims["vision"] = {"heads": v["num_heads"], "groups": v["num_heads"],
                           "head_dim": v["hidden_size"] // v["num_heads"]}
+        patch = v.get("patch_size", 14)
+        dims["patch_embed_shape"] = (v["hidden_size"], v.get("in_channels", 3),
+                                     v.get("temporal_patch_size", 2), patch, patch)
     return dims

@@ -1,0 +1,225 @@
+"""Qwen2.5-VL vision tower from megatron-core layers.
+
+patch embedding (the Conv3d with kernel = stride = (2, 14, 14) is a linear map of each flattened
+patch) -> window reordering -> ``depth`` megatron-core ``TransformerLayer`` blocks (bidirectional
+attention confined to each window, or to each image at ``fullatt_block_indexes``; 2-D rotary
+embedding; RMSNorm; gated SiLU MLP with bias) -> patch merger (RMSNorm, 2x2 spatial merge, MLP with
+GELU) -> original order. Attention and MLPs are tensor-parallel like the language model's; the
+tower is not pipelined (it lives on the first stage) and runs without sequence parallelism.
+
+Variable-length attention segments travel as ``PackedSeqParams(qkv_format="sbhd",
+cu_seqlens_q=...)`` with batch 1: megatron-core then applies the per-patch rotary embedding to the
+whole sequence, and the core attention (``SegmentAttention`` here, SDPA per segment) honours the
+segment boundaries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from .config import ModelConfigError
+
+
+# --------------------------------------------------------------------------- index helpers
+
+
+def vision_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
+    """[0, cumulative patches per image frame]: full attention is confined to each frame."""
+    per_frame = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+    return F.pad(per_frame.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def vision_rope_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """(h, w) of every patch, in the patch order of pixel_values: row-major over merge x merge
+    blocks, row-major inside a block. Returns [n_patches, 2]."""
+    out = []
+    for t, h, w in grid_thw.tolist():
+        hpos = torch.arange(h).view(h, 1).expand(h, w)
+        wpos = torch.arange(w).view(1, w).expand(h, w)
+        shape = (h // merge, merge, w // merge, merge)
+        hpos = hpos.reshape(shape).transpose(1, 2).flatten()
+        wpos = wpos.reshape(shape).transpose(1, 2).flatten()
+        out.append(torch.stack([hpos, wpos], dim=-1).repeat(t, 1))
+    return torch.cat(out)
+
+
+def vision_window_index(grid_thw: torch.Tensor, merge: int, window_size: int, patch_size: int,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order of merge units (2x2 patch groups) that makes every attention window contiguous, and
+    the window boundaries in patches. Windows are ``window_size`` pixels square; images whose
+    merged grid does not divide into windows get smaller windows at the right/bottom edge."""
+    side = window_size // merge // patch_size  # window side in merge units
+    unit = merge * merge
+    order, bounds, offset = [], [0], 0
+    for t, h, w in grid_thw.tolist():
+        gh, gw = h // merge, w // merge
+        index = torch.arange(t * gh * gw).view(t, gh, gw)
+        nh, nw = -(-gh // side), -(-gw // side)
+        padded = F.pad(index, (0, nw * side - gw, 0, nh * side - gh), value=-1)
+        windows = padded.view(t, nh, side, nw, side).permute(0, 1, 3, 2, 4).reshape(t * nh * nw, -1)
+        sizes = (windows >= 0).sum(1)
+        order.append(windows[windows >= 0] + offset)
+        for size in sizes.tolist():
+            if size:
+                bounds.append(bounds[-1] + size * unit)
+        offset += t * gh * gw
+    return torch.cat(order), torch.tensor(bounds, dtype=torch.int32)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class SegmentAttention(MegatronModule):
+    """Bidirectional core attention confined to segments (``packed_seq_params.cu_seqlens_q``),
+    computed with torch SDPA one segment at a time. Input q/k/v: [s, 1, heads/TP, head_dim];
+    output [s, 1, heads/TP * head_dim]. Runs on CPU and GPU (the TE spec uses TE's packed
+    kernel instead)."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: float | None = None,
+                 softmax_scale: float | None = None, cp_comm_type: str | None = None,
+                 pg_collection=None):
+        super().__init__(config=config)
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params: PackedSeqParams | None = None):
+        s, b, heads, dim = query.shape
+        if key.shape[2] != heads:  # grouped-query attention
+            repeat = heads // key.shape[2]
+            key = key.repeat_interleave(repeat, dim=2)
+            value = value.repeat_interleave(repeat, dim=2)
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, dim]
+        bounds = [0, s] if packed_seq_params is None else packed_seq_params.cu_seqlens_q.tolist()
+        out = torch.cat([
+            F.scaled_dot_product_attention(q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
+                                           scale=self.softmax_scale)
+            for a, e in zip(bounds[:-1], bounds[1:])], dim=2)
+        return out.permute(2, 0, 1, 3).reshape(s, b, heads * dim)
+
+
+def vision_layer_spec(name: str = "local") -> ModuleSpec:
+    """The vision block: the GPT layer spec with bidirectional, segment-confined attention."""
+    from .specs import language_layer_spec
+
+    spec = language_layer_spec(name)
+    attention = spec.submodules.self_attention
+    attention.params = {**attention.params, "attn_mask_type": AttnMaskType.no_mask}
+    if name == "local":
+        attention.submodules.core_attention = SegmentAttention
+    return spec
+
+
+def vision_transformer_config(vision: dict, tp: int = 1, params_dtype=torch.float32,
+                              **overrides) -> TransformerConfig:
+    """TransformerConfig of the vision blocks from the HF ``vision_config``."""
+    heads = int(vision["num_heads"])
+    if heads % tp:
+        raise ModelConfigError(f"vision_config.num_heads={heads} is not divisible by "
+                               f"tensor_model_parallel_size={tp}")
+    hidden = int(vision["hidden_size"])
+    fields = dict(
+        num_layers=int(vision["depth"]), hidden_size=hidden, num_attention_heads=heads,
+        num_query_groups=heads, kv_channels=hidden // heads,
+        ffn_hidden_size=int(vision["intermediate_size"]), normalization="RMSNorm",
+        layernorm_epsilon=1e-6, gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=True, add_qkv_bias=True, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, sequence_parallel=False,
+        params_dtype=params_dtype, pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(), bias_activation_fusion=False,
+        masked_softmax_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+# --------------------------------------------------------------------------- the tower
+
+
+class PatchMerger(MegatronModule):
+    """RMSNorm per patch, concatenate each 2x2 merge unit, Linear -> GELU -> Linear to the
+    language model's hidden size (column- then row-parallel)."""
+
+    def __init__(self, config: TransformerConfig, merge: int, out_hidden: int, layer_norm):
+        super().__init__(config=config)
+        width = config.hidden_size * merge * merge
+        self.ln_q = build_module(layer_norm, config=config, hidden_size=config.hidden_size,
+                                 eps=1e-6)
+        init = config.init_method
+        self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
+            width, width, config=config, init_method=init, bias=True, gather_output=False)
+        self.linear_fc2 = tensor_parallel.RowParallelLinear(
+            width, out_hidden, config=config, init_method=config.output_layer_init_method,
+            bias=True, input_is_parallel=True, skip_bias_add=False)
+        self.width = width
+
+    def forward(self, x):
+        x = self.ln_q(x).reshape(-1, self.width)
+        x, _ = self.linear_fc1(x)
+        x = F.gelu(x)
+        x, _ = self.linear_fc2(x)
+        return x
+
+
+class Qwen25VisionModel(MegatronModule):
+    """forward(pixel_values [n_patches, C*T*P*P], grid_thw [n_images, 3]) ->
+    features [n_patches / merge^2, out_hidden] in image order."""
+
+    def __init__(self, config: TransformerConfig, vision: dict, layer_spec: str = "local"):
+        super().__init__(config=config)
+        self.merge = int(vision.get("spatial_merge_size", 2))
+        self.patch_size = int(vision.get("patch_size", 14))
+        self.window_size = int(vision.get("window_size", 112))
+        self.fullatt = set(int(i) for i in vision.get("fullatt_block_indexes", []))
+        patch_dim = (int(vision.get("in_channels", 3)) * int(vision.get("temporal_patch_size", 2))
+                     * self.patch_size ** 2)
+        self.patch_embed = torch.nn.Linear(patch_dim, config.hidden_size, bias=False,
+                                           dtype=config.params_dtype)
+        head_dim = config.kv_channels
+        quarter = head_dim // 2
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, quarter, 2, dtype=torch.float) / quarter))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        spec = vision_layer_spec(layer_spec)
+        self.decoder = torch.nn.Module()
+        self.decoder.layers = torch.nn.ModuleList(
+            [build_module(spec, config=config, layer_number=i + 1)
+             for i in range(config.num_layers)])
+        self.merger = PatchMerger(config, self.merge, int(vision["out_hidden_size"]),
+                                  spec.submodules.input_layernorm)
+
+    def rotary(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Per-patch rotary angles [n_patches, head_dim]: (h * inv_freq, w * inv_freq), twice."""
+        pos = vision_rope_positions(grid_thw, self.merge).to(self.inv_freq.device)
+        angles = (pos[..., None].float() * self.inv_freq).flatten(1)  # [n, head_dim / 2]
+        return torch.cat([angles, angles], dim=-1)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        grid_thw = grid_thw.to("cpu", torch.long)
+        unit = self.merge * self.merge
+        window_index, window_bounds = vision_window_index(grid_thw, self.merge, self.window_size,
+                                                          self.patch_size)
+        full = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=vision_cu_seqlens(grid_thw),
+                               cu_seqlens_kv=vision_cu_seqlens(grid_thw))
+        windowed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=window_bounds,
+                                   cu_seqlens_kv=window_bounds)
+
+        def to_windows(x):
+            return x.reshape(-1, unit, x.shape[-1])[window_index].reshape(-1, x.shape[-1])
+
+        hidden = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+        hidden = to_windows(hidden).unsqueeze(1)  # [s, 1, h]
+        rotary = to_windows(self.rotary(grid_thw))[:, None, None, :]  # [s, 1, 1, head_dim]
+        for i, layer in enumerate(self.decoder.layers):
+            hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rotary,
+                              packed_seq_params=full if i in self.fullatt else windowed)
+        merged = self.merger(hidden.squeeze(1))
+        return merged[torch.argsort(window_index)]
