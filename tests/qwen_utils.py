@@ -59,3 +59,49 @@ def reference_model(hf_config: dict, seed: int = 0) -> Qwen2_5_VLForConditionalG
 def text_batch(batch: int = 2, seq: int = 12, seed: int = 3) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, VISION_START, (batch, seq), generator=g)
+
+
+PATCH_DIM = 3 * 2 * 14 * 14
+CASES = {
+    "text_only": [[]],
+    "one_image": [[(1, 8, 12)]],
+    "two_images_one_sample": [[(1, 8, 12), (1, 4, 8)]],
+    "padded_mixed_batch": [[], [(1, 12, 8)], [(1, 4, 8), (1, 8, 8)]],
+}
+
+
+def vl_batch(case: str, seed: int = 5, pad_left: bool = False) -> dict:
+    """A batch of samples given as lists of image grids (t, h, w): text, then for each image
+    <vision_start> image-pad x (t*h*w/4) <vision_end> and more text. Padded to the longest."""
+    g = torch.Generator().manual_seed(seed)
+
+    def text(n):
+        return torch.randint(2, VISION_START, (n,), generator=g).tolist()
+
+    rows, grids, pixels, types = [], [], [], []
+    for i, images in enumerate(CASES[case]):
+        ids, kind = text(3 + i), [0] * (3 + i)
+        for t, h, w in images:
+            n = t * h * w // 4
+            ids += [VISION_START] + [IMAGE_TOKEN] * n + [VISION_END] + text(2)
+            kind += [0] + [1] * n + [0, 0, 0]
+            grids.append((t, h, w))
+            pixels.append(torch.randn(t * h * w, PATCH_DIM, generator=g))
+        ids += text(4)
+        kind += [0] * 4
+        rows.append(ids)
+        types.append(kind)
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    mm_types = torch.zeros(len(rows), width, dtype=torch.int32)
+    for i, (ids, kind) in enumerate(zip(rows, types)):
+        sl = slice(width - len(ids), width) if pad_left else slice(0, len(ids))
+        input_ids[i, sl] = torch.tensor(ids)
+        mask[i, sl] = 1
+        mm_types[i, sl] = torch.tensor(kind, dtype=torch.int32)
+    batch = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": mm_types}
+    if grids:
+        batch["pixel_values"] = torch.cat(pixels)
+        batch["image_grid_thw"] = torch.tensor(grids)
+    return batch

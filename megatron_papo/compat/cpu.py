@@ -25,6 +25,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import inspect
+import logging
 import sys
 import types
 from typing import Any, Callable, Iterator
@@ -284,6 +285,8 @@ def patch_rng_tracker() -> None:
 
     Fix: both functions use the CPU generator. Seeding through
     ``model_parallel_cuda_manual_seed`` then gives each TP rank its own CPU stream as on GPU.
+    ``fork()`` then warns "CPU RNG state changed within GPU RNG context" on every dropout or
+    attention call (the "GPU" generator IS the CPU one here); that one message is filtered.
     """
     from megatron.core.tensor_parallel import random as mp_random
 
@@ -299,6 +302,8 @@ def patch_rng_tracker() -> None:
 
     mp_random._get_cuda_rng_state = _get_cpu_rng_state
     mp_random._set_cuda_rng_state = _set_cpu_rng_state
+    logging.getLogger(mp_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage())
     setattr(mp_random, _MARK, True)
 
 

@@ -74,12 +74,14 @@ def load_hf_into_megatron(model: torch.nn.Module, table: MappingTable,
 @torch.no_grad()
 def export_megatron_to_hf(model: torch.nn.Module, table: MappingTable, dims: dict,
                           convention: HFConvention | None = None, tp_group=None,
+                          value: Callable[[torch.nn.Parameter], torch.Tensor] | None = None,
                           ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full tensor)`` for every parameter of this rank's pipeline stage.
 
     TP shards are all-gathered within ``tp_group`` (every TP rank then yields the same tensors;
     the caller picks who writes). Rows marked ``export=False`` (the last stage's copy of a tied
-    embedding) are skipped.
+    embedding) are skipped. ``value`` picks what is exported per parameter (default: the weight;
+    ``lambda p: p.grad`` exports gradients under HF names).
     """
     rank, size = _tp_info(tp_group)
     for local_name, param in model.named_parameters():
@@ -87,12 +89,12 @@ def export_megatron_to_hf(model: torch.nn.Module, table: MappingTable, dims: dic
         row, idx = table.find(gname)
         if not row.export:
             continue
-        tensor = param.detach()
+        tensor = param.detach() if value is None else value(param)
         if row.tp_dim is not None and size > 1:
             shards = [torch.empty_like(tensor) for _ in range(size)]
             dist.all_gather(shards, tensor.contiguous(), group=tp_group)
             full = row.unshard(shards)
         else:
             full = tensor
-        for name, value in zip(row.hf_names(idx), row.split(full, dims)):
-            yield (convention.from_canonical(name) if convention else name), value.contiguous()
+        for name, part in zip(row.hf_names(idx), row.split(full, dims)):
+            yield (convention.from_canonical(name) if convention else name), part.contiguous()

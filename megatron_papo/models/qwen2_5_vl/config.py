@@ -27,6 +27,7 @@ class ConfigRow:
     mcore_field: str
     convert: Callable[[Any], Any] = lambda v: v
     required: bool = True
+    default: Any = None  # used when an optional key is absent (never megatron-core's default)
 
 
 # HF text-config key -> TransformerConfig field.
@@ -37,7 +38,9 @@ TEXT_CONFIG_TABLE: tuple[ConfigRow, ...] = (
     ConfigRow("num_attention_heads", "num_attention_heads"),
     ConfigRow("num_key_value_heads", "num_query_groups"),
     ConfigRow("rms_norm_eps", "layernorm_epsilon"),
-    ConfigRow("attention_dropout", "attention_dropout", required=False),
+    # absent in the released config.json files; Qwen2.5-VL trains without dropout (megatron-core's
+    # own default would be 0.1)
+    ConfigRow("attention_dropout", "attention_dropout", required=False, default=0.0),
 )
 
 # Architecture facts of Qwen2.5-VL's language model that config.json does not carry.
@@ -102,6 +105,8 @@ def text_spec_from_hf(hf: dict) -> Qwen25VLTextSpec:
         elif row.required:
             raise ModelConfigError(f"config.json lacks text key '{row.hf_key}' (needed for "
                                    f"TransformerConfig.{row.mcore_field})")
+        else:
+            fields[row.mcore_field] = row.default
     act = text.get("hidden_act", "silu")
     if act not in ACTIVATIONS:
         raise ModelConfigError(f"hidden_act={act!r} is not supported; use one of {sorted(ACTIVATIONS)}")

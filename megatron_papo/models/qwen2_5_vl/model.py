@@ -36,6 +36,15 @@ def language_transformer_config(spec: Qwen25VLTextSpec, tp: int = 1, pp: int = 1
     return TransformerConfig(**fields)
 
 
+def causal_padding_mask(padding_mask: torch.Tensor) -> torch.Tensor:
+    """HF-style [b, s] (1 = token) -> megatron boolean [b, 1, s, s], True where attention is NOT
+    allowed: future positions and padding keys."""
+    s = padding_mask.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=padding_mask.device).tril()
+    allowed = causal[None] & padding_mask.bool()[:, None, :]
+    return ~allowed[:, None]
+
+
 class Qwen25VLModel(MegatronModule):
     """One pipeline stage (or virtual stage) of Qwen2.5-VL.
 
@@ -74,14 +83,16 @@ class Qwen25VLModel(MegatronModule):
             if self.vision_model is None:
                 raise ValueError("pixel_values were given but the model has no vision tower")
             features = self.vision_model(pixel_values, image_grid_thw)  # [n_image_tokens, h]
-            mask = (input_ids == self.spec.image_token_id).transpose(0, 1)  # [s, b]
-            if int(mask.sum()) != features.shape[0]:
+            n_tokens = int((input_ids == self.spec.image_token_id).sum())
+            if n_tokens != features.shape[0]:
                 raise ValueError(
-                    f"{int(mask.sum())} image-pad tokens (id {self.spec.image_token_id}) in "
+                    f"{n_tokens} image-pad tokens (id {self.spec.image_token_id}) in "
                     f"input_ids but the vision tower produced {features.shape[0]} features: "
                     "input_ids and pixel_values/image_grid_thw do not belong together")
-            embeddings = embeddings.clone()
-            embeddings[mask] = features.to(embeddings.dtype)
+            # features are in image order = row-major over (batch, sequence), as in the reference
+            batch_major = embeddings.transpose(0, 1).clone()
+            batch_major[input_ids == self.spec.image_token_id] = features.to(embeddings.dtype)
+            embeddings = batch_major.transpose(0, 1).contiguous()
         if self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         return embeddings
@@ -89,6 +100,10 @@ class Qwen25VLModel(MegatronModule):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, pixel_values=None, image_grid_thw=None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``attention_mask``: None (causal, no padding), HF-style [b, s] (1 = token, 0 = padding)
+        or megatron's boolean [b, 1, s, s] (True = masked)."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = causal_padding_mask(attention_mask)
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(input_ids, pixel_values, image_grid_thw)
