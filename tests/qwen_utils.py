@@ -70,7 +70,7 @@ CASES = {
 }
 
 
-def vl_batch(case: str, seed: int = 5, pad_left: bool = False) -> dict:
+def vl_batch(case: str, seed: int = 5, pad_left: bool = False, multiple: int = 1) -> dict:
     """A batch of samples given as lists of image grids (t, h, w): text, then for each image
     <vision_start> image-pad x (t*h*w/4) <vision_end> and more text. Padded to the longest."""
     g = torch.Generator().manual_seed(seed)
@@ -91,7 +91,7 @@ def vl_batch(case: str, seed: int = 5, pad_left: bool = False) -> dict:
         kind += [0] * 4
         rows.append(ids)
         types.append(kind)
-    width = max(len(r) for r in rows)
+    width = -(-max(len(r) for r in rows) // multiple) * multiple
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     mm_types = torch.zeros(len(rows), width, dtype=torch.int32)

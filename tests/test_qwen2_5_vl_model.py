@@ -129,10 +129,10 @@ def test_hf_megatron_hf_roundtrip_is_bit_exact_at_tp2_pp2(tied, convention):
         assert torch.equal(exported[name], tensor), name
 
 
-def _vl_parity(tp, pp, case, pad_left=False):
+def _vl_parity(tp, pp, case, pad_left=False, sp=False):
     hf_config = Q.tiny_hf_config()
     reference = Q.reference_model(hf_config)
-    batch = Q.vl_batch(case, pad_left=pad_left)
+    batch = Q.vl_batch(case, pad_left=pad_left, multiple=tp if sp else 1)
     with torch.no_grad():
         ref_logits = reference(**batch).logits
     ref_positions, _ = reference.model.get_rope_index(
@@ -142,7 +142,7 @@ def _vl_parity(tp, pp, case, pad_left=False):
                                attention_mask=batch["attention_mask"])
     ours = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
     ours["position_ids"] = positions
-    out = _megatron_logits(hf_config, reference.state_dict(), ours, tp, pp)
+    out = _megatron_logits(hf_config, reference.state_dict(), ours, tp, pp, sp=sp)
     out.update(ref=ref_logits, mask=batch["attention_mask"].bool(), positions=positions,
                ref_positions=ref_positions)
     return out
@@ -159,9 +159,12 @@ def test_image_logits_match_transformers(case):
     assert diff <= LOGIT_TOL, f"{case}: max abs logit diff {diff:.3e}"
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_padded_image_batch_matches_transformers_in_parallel(tp, pp):
-    results = run_distributed(_vl_parity, tp * pp, tp, pp, "padded_mixed_batch", pad_left=True)
+@pytest.mark.parametrize("tp,pp,sp", [(2, 1, False), (2, 1, True), (1, 2, False),
+                                      (2, 2, False)])
+def test_padded_image_batch_matches_transformers_in_parallel(tp, pp, sp):
+    """TP, PP, TP x PP, and TP + sequence parallel (scattered after the image merge)."""
+    results = run_distributed(_vl_parity, tp * pp, tp, pp, "padded_mixed_batch", pad_left=True,
+                              sp=sp)
     logits = _gather_vocab(results)
     ref = results[0]
     diff = (logits - ref["ref"])[ref["mask"]].abs().max().item()

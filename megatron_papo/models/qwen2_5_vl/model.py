@@ -15,7 +15,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from .config import Qwen25VLTextSpec, check_parallel_layout
-from .specs import language_layer_spec
+from .specs import language_block_spec
 from .vision import Qwen25VisionModel, vision_transformer_config
 
 
@@ -60,7 +60,7 @@ class Qwen25VLModel(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         self.language_model = GPTModel(
-            config, language_layer_spec(layer_spec), vocab_size=spec.vocab_size,
+            config, language_block_spec(layer_spec, config, vp_stage), vocab_size=spec.vocab_size,
             max_sequence_length=spec.max_position_embeddings, pre_process=pre_process,
             post_process=post_process, share_embeddings_and_output_weights=spec.tie_word_embeddings,
             position_embedding_type="mrope", rotary_base=spec.rotary_base, parallel_output=True,
@@ -94,6 +94,12 @@ class Qwen25VLModel(MegatronModule):
             batch_major[input_ids == self.spec.image_token_id] = features.to(embeddings.dtype)
             embeddings = batch_major.transpose(0, 1).contiguous()
         if self.config.sequence_parallel:
+            tp = self.config.tensor_model_parallel_size
+            if embeddings.shape[0] % tp:
+                raise ValueError(
+                    f"sequence parallelism needs the sequence length ({embeddings.shape[0]}) to be "
+                    f"a multiple of tensor_model_parallel_size ({tp}): pad the batch to a multiple "
+                    f"of {tp} or turn sequence_parallel off")
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         return embeddings
 

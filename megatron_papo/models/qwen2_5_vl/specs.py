@@ -3,16 +3,45 @@
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 
 LAYER_SPECS = ("local", "te")
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm computed as the reference does (fp32 statistics, weight applied in the input dtype)
+    and usable with sequence parallelism: megatron-core's torch-norm wrapper refuses
+    ``sequence_parallel``; here the weight is marked so that megatron-core all-reduces its
+    gradient across the TP group (``finalize_model_grads``)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
 
 
 def language_layer_spec(name: str) -> ModuleSpec:
     if name == "local":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        return get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+        spec.submodules.input_layernorm = RMSNorm
+        spec.submodules.pre_mlp_layernorm = RMSNorm
+        return spec
     if name == "te":
         try:
             from megatron.core.models.gpt.gpt_layer_specs import (
@@ -24,3 +53,17 @@ def language_layer_spec(name: str) -> ModuleSpec:
             raise ValueError("model.layer_spec=te needs Transformer Engine (GPU install path: "
                              "bash scripts/install.sh --gpu); use model.layer_spec=local") from err
     raise ValueError(f"model.layer_spec={name!r} is not one of {LAYER_SPECS}")
+
+
+def language_block_spec(name: str, config, vp_stage: int | None = None
+                        ) -> TransformerBlockSubmodules:
+    """The decoder block of this (virtual) pipeline stage: its layers and the final norm."""
+    layer = language_layer_spec(name)
+    final_norm = RMSNorm
+    if name == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=final_norm)

@@ -15,6 +15,8 @@ segment boundaries.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
@@ -106,14 +108,18 @@ class SegmentAttention(MegatronModule):
 
 
 def vision_layer_spec(name: str = "local") -> ModuleSpec:
-    """The vision block: the GPT layer spec with bidirectional, segment-confined attention."""
+    """The vision block: the GPT layer spec with bidirectional, segment-confined attention.
+
+    Both specs use :class:`SegmentAttention` for the core attention for now (SDPA per segment; on
+    GPU it runs on CUDA). TE's packed (THD) kernel would apply megatron-core's THD rotary path,
+    which restarts positions in every segment: wrong for per-patch 2-D positions, so it needs its
+    own wrapper (not written yet)."""
     from .specs import language_layer_spec
 
-    spec = language_layer_spec(name)
+    spec = copy.deepcopy(language_layer_spec(name))
     attention = spec.submodules.self_attention
     attention.params = {**attention.params, "attn_mask_type": AttnMaskType.no_mask}
-    if name == "local":
-        attention.submodules.core_attention = SegmentAttention
+    attention.submodules.core_attention = SegmentAttention
     return spec
 
 
