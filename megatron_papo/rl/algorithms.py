@@ -1,0 +1,275 @@
+"""GRPO and PAPO loss terms: small pure functions of tensors (no megatron imports).
+
+PAPO (Wang et al., "Perception-Aware Policy Optimization for Multimodal Reasoning",
+arXiv 2507.06448) is GRPO plus two registered terms: the implicit perception loss (maximise the KL
+between the policy on the original and on a masked image) and the double entropy loss. Terms are
+registered by name in :data:`LOSS_TERMS` and combined from a :class:`LossConfig`; the variants of
+the paper are presets (:data:`PRESETS`), not code forks.
+
+Shapes: B = sequences (responses) in the micro-batch, T = response tokens (padded). Every per-token
+tensor is [B, T]; ``mask`` [B, T] is 1 on response tokens and 0 on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable
+
+import torch
+
+# Constants from the authors' code (EasyR1 fork), named with their reason.
+ADV_EPS = 1e-6          # group std floor in the advantage denominator
+KL_CLAMP = 10.0         # k3 estimates are clamped to [-10, 10] (reference and perception KL)
+PRCP_LOGRATIO_CLAMP = 20.0  # the perception log-ratio is clamped to [-20, 20] before exp
+PRCP_CLIP = (0.0, 0.2)  # optional clip of the perception KL (off by default)
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = ADV_EPS
+                     ) -> torch.Tensor:
+    """GRPO outcome advantages: (r - mean of its group) / (std of its group + eps).
+
+    rewards [N], group_ids [N] (responses to the same prompt share an id) -> advantages [N].
+    std is the unbiased sample std (as torch.std and verl/EasyR1); a group of one response gets
+    mean r and std 1 (advantage 0).
+    """
+    rewards = rewards.to(torch.float32)
+    adv = torch.empty_like(rewards)
+    for gid in torch.unique(group_ids):
+        idx = group_ids == gid
+        r = rewards[idx]
+        if r.numel() > 1:
+            mean, std = r.mean(), r.std()
+        else:
+            mean, std = r.mean(), torch.ones((), dtype=r.dtype)
+        adv[idx] = (r - mean) / (std + eps)
+    return adv
+
+
+# --------------------------------------------------------------------------- per-token terms
+
+
+@dataclass
+class PolicyLossOutput:
+    loss: torch.Tensor           # [B, T] per-token loss
+    clipped_high: torch.Tensor   # [B, T] bool: A > 0 and ratio > 1 + eps_high (update stopped)
+    clipped_low: torch.Tensor    # [B, T] bool: A < 0 and ratio < 1 - eps_low
+    clipped_dual: torch.Tensor   # [B, T] bool: A < 0 and the dual clip (-c * A) bounds the loss
+    ratio: torch.Tensor          # [B, T]
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                        eps_low: float = 0.2, eps_high: float = 0.3,
+                        dual_clip: float | None = 3.0) -> PolicyLossOutput:
+    """PPO/GRPO clipped surrogate with asymmetric clip and dual clip, per token.
+
+    loss = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A),  ratio = exp(logp - old);
+    for A < 0 the loss is further bounded by -c * A (dual clip, Ye et al. 2020), c = ``dual_clip``.
+    logp, old_logp [B, T]; advantages [B] or [B, T].
+    """
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(logp)
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    clip_active = clipped > unclipped
+    dual = torch.zeros_like(clip_active)
+    if dual_clip is not None:
+        bound = -advantages * dual_clip
+        dual = (advantages < 0) & (loss > bound)
+        loss = torch.where(advantages < 0, torch.minimum(loss, bound), loss)
+    return PolicyLossOutput(
+        loss=loss, ratio=ratio, clipped_dual=dual,
+        clipped_high=clip_active & (advantages > 0),
+        clipped_low=clip_active & (advantages < 0) & ~dual)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float = KL_CLAMP) -> torch.Tensor:
+    """Reference KL per token, k3 ("low_var_kl") estimator (Schulman 2020):
+    d = ref - logp; kl = exp(d) - d - 1, clamped to [-clamp, clamp]. [B, T] -> [B, T]."""
+    d = ref_logp - logp
+    return torch.clamp(torch.exp(d) - d - 1.0, -clamp, clamp)
+
+
+def perception_kl(logp: torch.Tensor, masked_logp: torch.Tensor,
+                  logratio_clamp: float = PRCP_LOGRATIO_CLAMP, clamp: float = KL_CLAMP,
+                  clip: tuple[float, float] | None = None) -> torch.Tensor:
+    """PAPO's implicit perception KL per token, k3 form of KL(policy(original) || policy(masked)):
+    d = clamp(masked - logp, +-20); kl = clamp(exp(d) - d - 1, +-10); optionally clipped to
+    ``clip`` (the authors' [0, 0.2]). The loss MAXIMISES it (sign handled by the registry)."""
+    d = torch.clamp(masked_logp - logp, -logratio_clamp, logratio_clamp)
+    kl = torch.clamp(torch.exp(d) - d - 1.0, -clamp, clamp)
+    if clip is not None:
+        kl = torch.clamp(kl, clip[0], clip[1])
+    return kl
+
+
+def sampled_token_entropy(logp: torch.Tensor) -> torch.Tensor:
+    """The authors' entropy estimate per token: -log p(sampled token). [B, T] -> [B, T]."""
+    return -logp
+
+
+def exact_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Exact entropy of the full distribution per token: -sum_v p log p. [B, T, V] -> [B, T].
+    (Under TP, ``rl.logprobs`` computes it from vocab-parallel logits without gathering.)"""
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+    """Reduce per-token values [B, T] over the response tokens (``mask`` [B, T]) to a scalar.
+
+    token-mean: sum / number of tokens (the authors'); seq-mean-token-mean: mean over sequences of
+    each sequence's token mean; seq-mean-token-sum: mean over sequences of each sequence's sum.
+    Sequences without tokens are left out; an all-empty batch gives 0.
+    """
+    mask = mask.to(values.dtype)
+    if mode == "token-mean":
+        return (values * mask).sum() / mask.sum().clamp_min(1.0)
+    per_seq = (values * mask).sum(-1)
+    counts = mask.sum(-1)
+    has = counts > 0
+    if mode == "seq-mean-token-mean":
+        per_seq = per_seq / counts.clamp_min(1.0)
+    elif mode != "seq-mean-token-sum":
+        raise ValueError(f"loss aggregation {mode!r} is not one of {AGGREGATIONS}")
+    return per_seq[has].sum() / has.sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass
+class LossInputs:
+    """Everything a loss term may read. All [B, T] except ``advantages`` ([B] or [B, T])."""
+
+    logp: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor | None = None
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    masked_logp: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None         # per-token entropy, original image (exact option)
+    masked_entropy: torch.Tensor | None = None  # per-token entropy, masked image
+
+
+@dataclass
+class LossConfig:
+    """Coefficients and options of the combined loss. Validates itself."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.3
+    dual_clip: float | None = 3.0
+    kl_beta: float = 0.01             # reference KL weight (0 = no reference model)
+    prcp_gamma: float = 0.0           # implicit perception loss weight (PAPO: 0.01)
+    prcp_clip: bool = False           # clip KL_prcp to [0, 0.2]
+    entropy_eta_original: float = 0.0  # double entropy (PAPO_H): 0.03
+    entropy_eta_masked: float = 0.0
+    entropy_estimator: str = "sampled"  # "sampled" (authors) or "exact"
+    aggregation: str = "token-mean"
+
+    def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"rl.loss.aggregation={self.aggregation!r}: choose one of "
+                             f"{list(AGGREGATIONS)}")
+        if self.entropy_estimator not in ("sampled", "exact"):
+            raise ValueError(f"rl.loss.entropy_estimator={self.entropy_estimator!r}: choose "
+                             "'sampled' or 'exact'")
+        for name in ("eps_low", "eps_high", "kl_beta", "prcp_gamma", "entropy_eta_original",
+                     "entropy_eta_masked"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"rl.loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"rl.loss.dual_clip must be > 1 (authors: 3.0) or null, got "
+                             f"{self.dual_clip}")
+
+    @property
+    def needs_masked_branch(self) -> bool:
+        return self.prcp_gamma > 0 or self.entropy_eta_masked > 0
+
+
+@dataclass
+class Term:
+    """A registered loss term: per-token values, and its signed weight in the total loss."""
+
+    name: str
+    per_token: Callable[[LossInputs, LossConfig], torch.Tensor]
+    weight: Callable[[LossConfig], float]
+    needs: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _policy(x: LossInputs, c: LossConfig) -> torch.Tensor:
+    return clipped_policy_loss(x.logp, x.old_logp, x.advantages, c.eps_low, c.eps_high,
+                               c.dual_clip).loss
+
+
+def _entropy(logp, exact, c: LossConfig):
+    if c.entropy_estimator == "exact":
+        if exact is None:
+            raise ValueError("rl.loss.entropy_estimator=exact needs per-token entropies")
+        return exact
+    return sampled_token_entropy(logp)
+
+
+LOSS_TERMS: dict[str, Term] = {
+    "policy": Term("policy", _policy, lambda c: 1.0, ("old_logp", "advantages")),
+    "kl_ref": Term("kl_ref", lambda x, c: k3_kl(x.logp, x.ref_logp), lambda c: c.kl_beta,
+                   ("ref_logp",)),
+    # PAPO: maximise the perception KL -> negative weight
+    "kl_prcp": Term("kl_prcp", lambda x, c: perception_kl(
+        x.logp, x.masked_logp, clip=PRCP_CLIP if c.prcp_clip else None),
+        lambda c: -c.prcp_gamma, ("masked_logp",)),
+    # PAPO_H double entropy loss: both entropies pushed down
+    "entropy_original": Term("entropy_original", lambda x, c: _entropy(x.logp, x.entropy, c),
+                             lambda c: c.entropy_eta_original),
+    "entropy_masked": Term("entropy_masked",
+                           lambda x, c: _entropy(x.masked_logp, x.masked_entropy, c),
+                           lambda c: c.entropy_eta_masked, ("masked_logp",)),
+}
+
+
+def combined_loss(inputs: LossInputs, config: LossConfig) -> tuple[torch.Tensor, dict]:
+    """Sum of every registered term with a non-zero weight, each aggregated over response
+    tokens. Returns (loss, {term name: aggregated value (detached)})."""
+    total = inputs.logp.new_zeros(())
+    parts = {}
+    for term in LOSS_TERMS.values():
+        weight = term.weight(config)
+        if weight == 0 and term.name != "policy":
+            continue
+        missing = [n for n in term.needs if getattr(inputs, n) is None]
+        if missing:
+            raise ValueError(f"loss term '{term.name}' needs {missing} in the batch")
+        value = aggregate(term.per_token(inputs, config), inputs.mask, config.aggregation)
+        total = total + weight * value
+        parts[term.name] = value.detach()
+    return total, parts
+
+
+# The variants of the paper (README of the authors; PAPO_ALGORITHM.md table).
+PRESETS: dict[str, LossConfig] = {
+    "grpo": LossConfig(kl_beta=0.01),
+    "papo": LossConfig(kl_beta=0.01, prcp_gamma=0.01),
+    "papo_h": LossConfig(kl_beta=0.01, prcp_gamma=0.02, entropy_eta_original=0.03,
+                         entropy_eta_masked=0.03),
+    "papo_no_kl_ref": LossConfig(kl_beta=0.0, prcp_gamma=0.01, entropy_eta_original=0.03,
+                                 entropy_eta_masked=0.03),
+}
+
+
+def preset(name: str, **overrides) -> LossConfig:
+    if name not in PRESETS:
+        raise ValueError(f"rl.algorithm={name!r}: choose one of {sorted(PRESETS)}")
+    known = {f.name for f in fields(LossConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown rl.loss keys {sorted(unknown)}; known: {sorted(known)}")
+    return replace(PRESETS[name], **overrides)

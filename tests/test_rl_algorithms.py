@@ -1,0 +1,211 @@
+"""PAPO/GRPO loss terms vs independent float64 computations written here from the formulas
+(PAPO_ALGORITHM.md, arXiv 2507.06448), on random inputs with padding; the image masking."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from megatron_papo.rl import algorithms as A
+from megatron_papo.rl.masking import mask_image, patch_keep_mask
+
+B, T = 5, 7
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = logp + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref = logp + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    masked = logp + 2.0 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    masked[0, 0] = logp[0, 0] + 30.0   # exercise the [-20, 20] log-ratio clamp
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    adv[1] = -2.0
+    adv[0] = 1.0
+    old[1, 0] = logp[1, 0] - 1.5  # ratio 4.5 with A < 0: the dual clip binds
+    old[0, 1] = logp[0, 1] - 0.5  # ratio 1.65 with A > 0: the high clip binds
+    mask = torch.ones(B, T, dtype=torch.float64)
+    mask[2, 4:] = 0   # padding
+    mask[3, 1:] = 0
+    mask[4] = 0       # an empty response
+    return dict(logp=logp, old=old, ref=ref, masked=masked, adv=adv, mask=mask)
+
+
+def _tokens(mask):
+    return [(b, t) for b in range(B) for t in range(T) if mask[b, t] > 0]
+
+
+def ref_policy_token(lp, old, a, eps_low=0.2, eps_high=0.3, c=3.0):
+    ratio = math.exp(lp - old)
+    loss = max(-a * ratio, -a * min(max(ratio, 1 - eps_low), 1 + eps_high))
+    if a < 0:
+        loss = min(loss, -a * c)
+    return loss
+
+
+def ref_k3(lp, other, inner=None, outer=10.0):
+    d = other - lp
+    if inner is not None:
+        d = min(max(d, -inner), inner)
+    return min(max(math.exp(d) - d - 1, -outer), outer)
+
+
+def token_mean(values, mask):
+    toks = _tokens(mask)
+    return sum(values[b][t] for b, t in toks) / len(toks)
+
+
+def test_group_advantages_match_formula():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 1.0, 1.0, 0.2], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 1, 1, 2])
+    adv = A.group_advantages(rewards, groups)
+    for gid in (0, 1):
+        members = [i for i in range(6) if groups[i] == gid]
+        vals = [rewards[i].item() for i in members]
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+        for i in members:
+            assert adv[i].item() == pytest.approx((rewards[i].item() - mean) / (std + 1e-6),
+                                                  rel=1e-6, abs=1e-6)
+    assert adv[5].item() == 0.0  # a group of one
+
+
+def test_clipped_policy_loss_and_clip_fractions(batch):
+    out = A.clipped_policy_loss(batch["logp"], batch["old"], batch["adv"])
+    for b in range(B):
+        for t in range(T):
+            lp, old, a = batch["logp"][b, t].item(), batch["old"][b, t].item(), batch["adv"][b].item()
+            assert out.loss[b, t].item() == pytest.approx(ref_policy_token(lp, old, a), abs=1e-12)
+            ratio = math.exp(lp - old)
+            assert bool(out.clipped_high[b, t]) == (a > 0 and ratio > 1.3)
+            assert bool(out.clipped_dual[b, t]) == (a < 0 and -a * max(ratio, 0.8) > -a * 3.0)
+            assert bool(out.clipped_low[b, t]) == (a < 0 and ratio < 0.8
+                                                   and not bool(out.clipped_dual[b, t]))
+    assert out.clipped_dual.any() and out.clipped_high.any()
+
+
+def test_reference_kl_k3(batch):
+    kl = A.k3_kl(batch["logp"], batch["ref"])
+    for b, t in _tokens(batch["mask"]):
+        assert kl[b, t].item() == pytest.approx(
+            ref_k3(batch["logp"][b, t].item(), batch["ref"][b, t].item()), abs=1e-12)
+
+
+@pytest.mark.parametrize("clip", [None, (0.0, 0.2)])
+def test_perception_kl_with_clamps(batch, clip):
+    kl = A.perception_kl(batch["logp"], batch["masked"], clip=clip)
+    for b, t in _tokens(batch["mask"]):
+        want = ref_k3(batch["logp"][b, t].item(), batch["masked"][b, t].item(), inner=20.0)
+        if clip:
+            want = min(max(want, 0.0), 0.2)
+        assert kl[b, t].item() == pytest.approx(want, abs=1e-12)
+    assert kl[0, 0].item() == 10.0 if clip is None else 0.2  # clamped
+
+
+def test_entropies(batch):
+    assert torch.equal(A.sampled_token_entropy(batch["logp"]), -batch["logp"])
+    logits = torch.randn(2, 3, 11, dtype=torch.float64)
+    h = A.exact_entropy(logits)
+    for i in range(2):
+        for j in range(3):
+            z = [math.exp(v) for v in logits[i, j].tolist()]
+            p = [v / sum(z) for v in z]
+            assert h[i, j].item() == pytest.approx(-sum(q * math.log(q) for q in p), abs=1e-9)
+
+
+def test_aggregation_modes_ignore_padding_and_empty_sequences(batch):
+    v = torch.randn(B, T, dtype=torch.float64)
+    v[batch["mask"] == 0] = 1e6  # padding values must not leak
+    m = batch["mask"]
+    assert A.aggregate(v, m, "token-mean").item() == pytest.approx(token_mean(v.tolist(), m))
+    seqs = [b for b in range(B) if m[b].sum() > 0]
+    sums = [sum(v[b, t].item() for t in range(T) if m[b, t] > 0) for b in seqs]
+    counts = [m[b].sum().item() for b in seqs]
+    assert A.aggregate(v, m, "seq-mean-token-sum").item() == pytest.approx(sum(sums) / len(seqs))
+    assert A.aggregate(v, m, "seq-mean-token-mean").item() == pytest.approx(
+        sum(s / c for s, c in zip(sums, counts)) / len(seqs))
+    with pytest.raises(ValueError, match="token-mean"):
+        A.aggregate(v, m, "mean")
+
+
+@pytest.mark.parametrize("name", sorted(A.PRESETS))
+def test_combined_loss_equals_weighted_formula_sum(batch, name):
+    config = A.preset(name)
+    inputs = A.LossInputs(logp=batch["logp"], mask=batch["mask"], advantages=batch["adv"],
+                          old_logp=batch["old"], ref_logp=batch["ref"],
+                          masked_logp=batch["masked"])
+    loss, parts = A.combined_loss(inputs, config)
+    lp, m = batch["logp"].tolist(), batch["mask"]
+    pol = [[ref_policy_token(lp[b][t], batch["old"][b, t].item(), batch["adv"][b].item())
+            for t in range(T)] for b in range(B)]
+    kl = [[ref_k3(lp[b][t], batch["ref"][b, t].item()) for t in range(T)] for b in range(B)]
+    prcp = [[ref_k3(lp[b][t], batch["masked"][b, t].item(), inner=20.0) for t in range(T)]
+            for b in range(B)]
+    ent = [[-lp[b][t] for t in range(T)] for b in range(B)]
+    ent_m = [[-batch["masked"][b, t].item() for t in range(T)] for b in range(B)]
+    want = (token_mean(pol, m) + config.kl_beta * token_mean(kl, m)
+            - config.prcp_gamma * token_mean(prcp, m)
+            + config.entropy_eta_original * token_mean(ent, m)
+            + config.entropy_eta_masked * token_mean(ent_m, m))
+    assert loss.item() == pytest.approx(want, abs=1e-12)
+    assert ("kl_prcp" in parts) == (config.prcp_gamma > 0)
+    assert ("kl_ref" in parts) == (config.kl_beta > 0)
+
+
+def test_presets_follow_the_paper():
+    assert A.PRESETS["grpo"].prcp_gamma == 0 and A.PRESETS["grpo"].kl_beta == 0.01
+    assert A.PRESETS["papo"].prcp_gamma == 0.01
+    assert A.PRESETS["papo_h"].prcp_gamma == 0.02 and A.PRESETS["papo_h"].entropy_eta_masked == 0.03
+    assert A.PRESETS["papo_no_kl_ref"].kl_beta == 0.0
+    with pytest.raises(ValueError, match="rl.loss.aggregation"):
+        A.preset("papo", aggregation="mean")
+    with pytest.raises(ValueError, match="unknown rl.loss keys"):
+        A.preset("papo", gama=0.1)
+
+
+def test_missing_branch_is_a_clear_error(batch):
+    inputs = A.LossInputs(logp=batch["logp"], mask=batch["mask"], advantages=batch["adv"],
+                          old_logp=batch["old"], ref_logp=batch["ref"])
+    with pytest.raises(ValueError, match=r"kl_prcp.*masked_logp"):
+        A.combined_loss(inputs, A.preset("papo"))
+
+
+# --------------------------------------------------------------------------- masking
+
+
+def _random_image(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, 256, size=(h, w, 3), dtype=np.uint8)  # no black pixel to start with
+
+
+@pytest.mark.parametrize("h,w", [(140, 210), (150, 97)])
+def test_masking_blackens_whole_patches_only(h, w):
+    image = _random_image(h, w)
+    out = mask_image(image, ratio=0.6, patch=14, seed=3)
+    assert out.shape == image.shape and out.dtype == image.dtype
+    decisions = patch_keep_mask(h, w, 0.6, 14, 3)
+    for i in range(decisions.shape[0]):
+        for j in range(decisions.shape[1]):
+            block = out[i * 14:(i + 1) * 14, j * 14:(j + 1) * 14]
+            original = image[i * 14:(i + 1) * 14, j * 14:(j + 1) * 14]
+            if decisions[i, j]:
+                assert (block == 0).all()
+            else:
+                assert (block == original).all()
+
+
+def test_masking_rate_and_reproducibility():
+    decisions = patch_keep_mask(1400, 1400, ratio=0.6, patch=14, seed=11)  # 10,000 patches
+    assert abs(decisions.float().mean().item() - 0.6) < 0.02  # 4 standard deviations
+    assert torch.equal(decisions, patch_keep_mask(1400, 1400, 0.6, 14, 11))
+    assert not torch.equal(decisions, patch_keep_mask(1400, 1400, 0.6, 14, 12))
+
+
+def test_masking_pil_keeps_size_and_mode():
+    image = Image.fromarray(_random_image(56, 84))
+    out = mask_image(image, seed=1)
+    assert out.size == image.size and out.mode == image.mode
+    assert (np.array(out) == 0).all(-1).any()
