@@ -29,6 +29,7 @@ def patch_quiet_cpu_fallback_warnings() -> None:
 
 def patch_megatron_core() -> None:
     """Apply the megatron-core patches of ``cpu.py`` (imports megatron.core)."""
+    cpu.patch_triton_free_import()
     cpu.patch_megatron_cuda_calls()
     import megatron.core  # noqa: F401  (after the import hook, so its modules are redirected)
 

@@ -24,6 +24,7 @@ import functools
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import inspect
 import logging
 import sys
@@ -213,12 +214,33 @@ def _redirect_module(module: types.ModuleType) -> None:
         module.torch = _cpu_torch()
 
 
+# megatron-core modules replaced by a placeholder when a dependency is missing on CPU:
+# module name -> (missing dependency, function that fills the placeholder module).
+_PLACEHOLDERS: dict[str, tuple[str, Callable[[types.ModuleType], None]]] = {}
+
+
+class _PlaceholderLoader(importlib.abc.Loader):
+    def __init__(self, fill):
+        self._fill = fill
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        self._fill(module)
+
+
 class _MegatronImportHook(importlib.abc.MetaPathFinder):
-    """Redirects ``torch`` in megatron-core modules imported after the patch was applied."""
+    """Redirects ``torch`` in megatron-core modules imported after the patch was applied, and
+    serves registered placeholders for modules whose dependency is missing."""
 
     def find_spec(self, fullname, path, target=None):
         if not fullname.startswith("megatron.core"):
             return None
+        if fullname in _PLACEHOLDERS:
+            dependency, fill = _PLACEHOLDERS[fullname]
+            if importlib.util.find_spec(dependency) is None:
+                return importlib.util.spec_from_loader(fullname, _PlaceholderLoader(fill))
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
@@ -274,6 +296,31 @@ def patch_megatron_cuda_calls() -> None:
             _redirect_module(module)
     if not any(isinstance(f, _MegatronImportHook) for f in sys.meta_path):
         sys.meta_path.insert(0, _MegatronImportHook())
+
+
+def _fill_paged_stash_ops(module: types.ModuleType) -> None:
+    def kernel(*args, **kwargs):
+        raise RuntimeError("megatron-core's MoE paged-stash kernels need triton and CUDA; they are "
+                           "not available on this CPU-only install")
+
+    module.GLOBAL_BLOCK_SIZE = 1024
+    module.paged_stash_copy_kernel = kernel
+    module.paged_stash_pop_kernel = kernel
+    module.__all__ = ["GLOBAL_BLOCK_SIZE", "paged_stash_copy_kernel", "paged_stash_pop_kernel"]
+
+
+def patch_triton_free_import() -> None:
+    """Failure 1 (0.19.x; not 0.16.1): ``import megatron.core`` fails with ``No module named
+    'triton'``: ``pipeline_parallel/schedules.py`` imports ``transformer/moe/paged_stash.py``,
+    whose ``ops/paged_stash.py`` defines triton kernels at import time. triton is not installed on
+    CPU (1 GB, useless there).
+
+    Fix: when triton is absent, the import hook serves that one ops module as a placeholder
+    (same names; the kernels raise a clear error if MoE paged stashing is ever used on CPU).
+    """
+    _PLACEHOLDERS["megatron.core.transformer.moe.ops.paged_stash"] = ("triton",
+                                                                       _fill_paged_stash_ops)
+    patch_megatron_cuda_calls()  # make sure the hook is installed
 
 
 def patch_rng_tracker() -> None:

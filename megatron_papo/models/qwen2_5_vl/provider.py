@@ -1,0 +1,65 @@
+"""Config -> model chunks for this rank: the one place that builds Qwen2.5-VL for training,
+conversion and tests (DDP wrapping optional), and loads HF tensors into it through the table."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+from megatron_papo.conversion.engine import export_megatron_to_hf, load_hf_into_megatron
+from megatron_papo.parallel import check_pipeline_communication, default_batch_p2p_comm
+
+from .bridge import mapping_table, tensor_dims
+from .config import Qwen25VLTextSpec
+from .model import build_qwen25vl, language_transformer_config
+
+
+def build_model_chunks(spec: Qwen25VLTextSpec, tp: int = 1, pp: int = 1, vpp: int | None = None,
+                       sequence_parallel: bool = False, layer_spec: str = "local",
+                       params_dtype: torch.dtype = torch.float32, ddp: bool = True,
+                       use_distributed_optimizer: bool = False, **config_overrides) -> list:
+    """The model chunks of this rank (one per virtual stage), optionally wrapped in megatron-core
+    DDP (grads reduced in fp32; ``finalize_model_grads`` installed in the config)."""
+    config = language_transformer_config(spec, tp, pp, vpp, sequence_parallel, params_dtype,
+                                         **config_overrides)
+    if "batch_p2p_comm" not in config_overrides:
+        config.batch_p2p_comm = default_batch_p2p_comm(config)
+    check_pipeline_communication(config)
+    chunks = [build_qwen25vl(spec, config, layer_spec, vp_stage=v if vpp else None)
+              for v in range(vpp or 1)]
+    if not ddp:
+        return chunks
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer)
+    wrapped = [DistributedDataParallel(config, ddp_config, chunk) for chunk in chunks]
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def load_hf_weights(chunks: list, spec: Qwen25VLTextSpec, get_hf: Callable[[str], torch.Tensor]
+                    ) -> list[str]:
+    """Load canonical-named HF tensors into every chunk of this rank; returns the names used."""
+    table, dims = mapping_table(spec.tie_word_embeddings), tensor_dims(spec)
+    group = parallel_state.get_tensor_model_parallel_group()
+    used = []
+    for chunk in chunks:
+        used += load_hf_into_megatron(_unwrap(chunk), table, get_hf, dims, group)
+    return used
+
+
+def export_hf_weights(chunks: list, spec: Qwen25VLTextSpec, convention: str = "hf"):
+    """Yield (HF name, full tensor) for this rank's pipeline stage (TP shards gathered)."""
+    table, dims = mapping_table(spec.tie_word_embeddings), tensor_dims(spec)
+    group = parallel_state.get_tensor_model_parallel_group()
+    for chunk in chunks:
+        yield from export_megatron_to_hf(_unwrap(chunk), table, dims, table.convention(convention),
+                                         group)

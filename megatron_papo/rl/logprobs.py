@@ -1,0 +1,40 @@
+"""Per-token log-probabilities and entropies from vocab-parallel logits, without gathering the
+vocabulary (megatron-core's vocab-parallel cross-entropy pattern: local max / sum-exp / target
+pick, all-reduced over the tensor-parallel group). Differentiable."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position. logits [b, s, v/TP] (this rank's vocab shard), targets [b, s]
+    -> [b, s] (fp32)."""
+    loss = vocab_parallel_cross_entropy(logits.transpose(0, 1).float().contiguous(),
+                                        targets.transpose(0, 1).contiguous())
+    return -loss.transpose(0, 1)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Exact entropy -sum_v p log p per position from vocab-parallel logits [b, s, v/TP] -> [b, s].
+
+    H = log Z - sum_v p_v z_v with z = logits - max (the max is a constant for autograd: softmax is
+    shift-invariant); the sums over the vocabulary are all-reduced across the TP group, whose
+    backward is the identity, so every rank gets the gradient of its own shard."""
+    z = logits.float()
+    group = parallel_state.get_tensor_model_parallel_group()
+    local_max = z.max(dim=-1, keepdim=True).values.detach()
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX, group=group)
+        reduce = reduce_from_tensor_model_parallel_region
+    else:
+        def reduce(x):
+            return x
+    z = z - local_max
+    exp = z.exp()
+    sum_exp = reduce(exp.sum(-1))
+    weighted = reduce((exp * z).sum(-1))
+    return sum_exp.log() - weighted / sum_exp

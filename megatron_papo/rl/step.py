@@ -1,0 +1,321 @@
+"""The RL update on megatron-core: micro-batches from a rollout batch, forward-only passes for the
+old / reference / masked log-probs, and the PAPO policy update through megatron-core's
+``forward_backward_func`` (any PP), DDP, the (distributed) optimizer and grad clipping.
+
+Token alignment: every per-token tensor is [N, L] aligned with ``input_ids``; position t holds
+log p(input_ids[t] | input_ids[:t]) (position 0 holds 0). ``response_mask`` marks the response
+tokens, the only ones that enter the loss.
+
+Masked branch (PAPO's implicit perception loss):
+* ``frozen`` (the authors'): ``masked_logp`` computed once per rollout batch, with the rollout-time
+  weights and no gradient (:meth:`PolicyUpdater.compute_logprobs` with ``masked=True``);
+* ``live``: each micro-batch carries the original and the masked samples together (batch 2b; the
+  masked ones use ``masked_pixel_values``) so one pipelined forward/backward serves both and the
+  gradient flows through both branches; the pipeline schedule is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields, replace
+from typing import Iterable
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from .algorithms import LossConfig, LossInputs, clipped_policy_loss, combined_loss
+from .logprobs import token_entropy, token_logprobs
+
+log = logging.getLogger(__name__)
+
+MASKED_BRANCH_MODES = ("frozen", "live")
+
+
+@dataclass
+class RolloutBatch:
+    """N sequences (prompt + response), padded to length L. Images of all samples are
+    concatenated in sample order; ``images_per_sample`` [N] says how many each sample has."""
+
+    input_ids: torch.Tensor                 # [N, L]
+    attention_mask: torch.Tensor            # [N, L] 1 = token
+    position_ids: torch.Tensor              # [3, N, L]
+    response_mask: torch.Tensor             # [N, L] 1 = response token
+    advantages: torch.Tensor                # [N]
+    pixel_values: torch.Tensor | None = None          # [patches, C*T*P*P]
+    image_grid_thw: torch.Tensor | None = None        # [images, 3]
+    images_per_sample: torch.Tensor | None = None     # [N]
+    masked_pixel_values: torch.Tensor | None = None   # like pixel_values, masked images
+    old_logp: torch.Tensor | None = None    # [N, L]
+    ref_logp: torch.Tensor | None = None    # [N, L]
+    masked_logp: torch.Tensor | None = None  # [N, L] (frozen branch)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, start: int, end: int) -> "RolloutBatch":
+        """Samples [start, end) with their images."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                out[f.name] = None
+            elif f.name == "position_ids":
+                out[f.name] = value[:, start:end]
+            elif f.name in ("pixel_values", "masked_pixel_values", "image_grid_thw"):
+                continue
+            else:
+                out[f.name] = value[start:end]
+        if self.image_grid_thw is not None:
+            counts = self.images_per_sample.tolist()
+            first, last = sum(counts[:start]), sum(counts[:end])
+            patches = self.image_grid_thw.prod(-1).tolist()
+            p0, p1 = sum(patches[:first]), sum(patches[:last])
+            out["image_grid_thw"] = self.image_grid_thw[first:last]
+            out["pixel_values"] = self.pixel_values[p0:p1]
+            if self.masked_pixel_values is not None:
+                out["masked_pixel_values"] = self.masked_pixel_values[p0:p1]
+            if last == first:  # no image in this slice
+                out["image_grid_thw"] = out["pixel_values"] = out["masked_pixel_values"] = None
+        return RolloutBatch(**out)
+
+    def with_masked_images(self) -> "RolloutBatch":
+        """The same sequences with the masked images instead of the originals."""
+        if self.masked_pixel_values is None:
+            raise ValueError("the masked branch needs masked_pixel_values in the rollout batch "
+                             "(rl.masking must be on for PAPO)")
+        return replace(self, pixel_values=self.masked_pixel_values)
+
+    def paired(self) -> "RolloutBatch":
+        """Original and masked samples in one batch [2N, L] (live masked branch)."""
+        masked = self.with_masked_images()
+        cat = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(masked, f.name)
+            if a is None:
+                cat[f.name] = None
+            elif f.name == "position_ids":
+                cat[f.name] = torch.cat([a, b], dim=1)
+            else:
+                cat[f.name] = torch.cat([a, b], dim=0)
+        cat["masked_pixel_values"] = None
+        return RolloutBatch(**cat)
+
+
+def shift_to_tokens(per_position: torch.Tensor) -> torch.Tensor:
+    """Values computed at position t for token t+1 -> aligned with the tokens (position 0 = 0)."""
+    return torch.nn.functional.pad(per_position[:, :-1], (1, 0))
+
+
+def model_forward(model, mb: RolloutBatch) -> torch.Tensor:
+    return model(mb.input_ids, mb.position_ids, mb.attention_mask, mb.pixel_values,
+                 mb.image_grid_thw)
+
+
+def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token-aligned log-probs [N, L] from vocab-parallel logits [N, L, V/TP]."""
+    targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))
+    return shift_to_tokens(token_logprobs(logits, targets))
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+@dataclass
+class UpdateConfig:
+    micro_batch_size: int = 2
+    mini_batch_size: int = 4          # sequences per optimizer step
+    masked_branch: str = "frozen"     # "frozen" (authors') or "live"
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self):
+        if self.masked_branch not in MASKED_BRANCH_MODES:
+            raise ValueError(f"rl.masked_branch={self.masked_branch!r}: choose one of "
+                             f"{list(MASKED_BRANCH_MODES)}")
+        if self.mini_batch_size % self.micro_batch_size:
+            raise ValueError(f"rl.mini_batch_size={self.mini_batch_size} must be a multiple of "
+                             f"rl.micro_batch_size={self.micro_batch_size}")
+
+
+class PolicyUpdater:
+    """Runs forward-only log-prob passes and PAPO updates on megatron-core model chunks."""
+
+    def __init__(self, model_chunks: list, optimizer, config: UpdateConfig):
+        self.model = model_chunks
+        self.optimizer = optimizer
+        self.config = config
+
+    # ------------------------------------------------------------------ forward only
+    @torch.no_grad()
+    def compute_logprobs(self, batch: RolloutBatch, model_chunks: list | None = None,
+                         masked: bool = False) -> torch.Tensor | None:
+        """Token-aligned log-probs [N, L] of ``batch`` under ``model_chunks`` (default: the
+        policy; pass the reference model's chunks for ref_logp). ``masked=True`` uses the masked
+        images. Computed on the last pipeline stage and broadcast to every stage."""
+        chunks = model_chunks or self.model
+        if masked:
+            batch = batch.with_masked_images()
+        stored: list[torch.Tensor] = []
+        mbs = self.config.micro_batch_size
+        micro = [batch.select(i, min(i + mbs, len(batch))) for i in range(0, len(batch), mbs)]
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            output = model_forward(model, mb)
+
+            def keep(logits):
+                stored.append(logprobs_from_logits(logits, mb.input_ids))
+                return logits.sum() * 0.0, {}
+            return output, keep
+
+        for chunk in chunks:
+            chunk.eval()
+        try:
+            get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(micro), model=chunks,
+                num_microbatches=len(micro), seq_length=batch.input_ids.shape[1],
+                micro_batch_size=mbs, forward_only=True)
+        finally:
+            for chunk in chunks:
+                chunk.train()
+        if parallel_state.is_pipeline_last_stage():
+            result = torch.cat(stored, dim=0).float()
+        else:
+            result = torch.empty(batch.input_ids.shape, dtype=torch.float32)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.broadcast(
+                result, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group())
+        return result
+
+    # ------------------------------------------------------------------ the loss
+    def branch_logprobs(self, model, mb: RolloutBatch):
+        """(output of this stage, function logits -> (logp, masked_logp, entropy, masked_entropy))
+        for one micro-batch: live mode runs the paired batch, frozen the original only."""
+        live = self.config.masked_branch == "live" and self.config.loss.needs_masked_branch
+        run = mb.paired() if live else mb
+        output = model_forward(model, run)
+        exact = self.config.loss.entropy_estimator == "exact"
+        b = len(mb)
+
+        def split(logits):
+            logp = logprobs_from_logits(logits, run.input_ids)
+            entropy = shift_to_tokens(token_entropy(logits)) if exact else None
+            if live:
+                return (logp[:b], logp[b:], entropy[:b] if exact else None,
+                        entropy[b:] if exact else None)
+            return logp, mb.masked_logp, entropy, None
+        return output, split
+
+    def _loss_func(self, mb: RolloutBatch, split):
+        cfg = self.config.loss
+
+        def loss_func(logits):
+            logp, masked_logp, entropy, masked_entropy = split(logits)
+            inputs = LossInputs(logp=logp, mask=mb.response_mask, advantages=mb.advantages,
+                                old_logp=mb.old_logp, ref_logp=mb.ref_logp,
+                                masked_logp=masked_logp, entropy=entropy,
+                                masked_entropy=masked_entropy)
+            loss, parts = combined_loss(inputs, cfg)
+            pg = clipped_policy_loss(logp.detach(), mb.old_logp, mb.advantages, cfg.eps_low,
+                                     cfg.eps_high, cfg.dual_clip)
+            mask = mb.response_mask
+            metrics = {f"loss/{k}": v for k, v in parts.items()}
+            metrics.update({
+                "loss/total": loss.detach(),
+                "clip/high": _masked_mean(pg.clipped_high.float(), mask),
+                "clip/low": _masked_mean(pg.clipped_low.float(), mask),
+                "clip/dual": _masked_mean(pg.clipped_dual.float(), mask),
+                "entropy/original": _masked_mean(-logp.detach(), mask),
+                "response/length": mask.float().sum(-1).mean(),
+                "response/tokens": mask.float().sum(),
+            })
+            if masked_logp is not None:
+                metrics["entropy/masked"] = _masked_mean(-masked_logp.detach(), mask)
+            return loss, metrics
+        return loss_func
+
+    # ------------------------------------------------------------------ the update
+    def update(self, batch: RolloutBatch) -> list[dict]:
+        """One optimizer step per mini-batch of the rollout batch; returns the metrics of each."""
+        cfg = self.config
+        missing = [n for n in ("old_logp", "advantages") if getattr(batch, n) is None]
+        if cfg.loss.kl_beta > 0 and batch.ref_logp is None:
+            missing.append("ref_logp")
+        if (cfg.loss.needs_masked_branch and cfg.masked_branch == "frozen"
+                and batch.masked_logp is None):
+            missing.append("masked_logp")
+        if missing:
+            raise ValueError(f"rollout batch lacks {missing} needed by the loss")
+        results = []
+        for start in range(0, len(batch), cfg.mini_batch_size):
+            mini = batch.select(start, min(start + cfg.mini_batch_size, len(batch)))
+            results.append(self._step(mini))
+        return results
+
+    def _step(self, mini: RolloutBatch) -> dict:
+        cfg = self.config
+        mbs = cfg.micro_batch_size
+        micro = [mini.select(i, min(i + mbs, len(mini))) for i in range(0, len(mini), mbs)]
+        live = cfg.masked_branch == "live" and cfg.loss.needs_masked_branch
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            output, split = self.branch_logprobs(model, mb)
+            return output, self._loss_func(mb, split)
+
+        per_micro = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro), model=self.model,
+            num_microbatches=len(micro), seq_length=mini.input_ids.shape[1],
+            micro_batch_size=mbs * (2 if live else 1), forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        metrics = _mean_metrics(per_micro)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["update_ok"] = bool(ok)
+        return metrics
+
+
+def _mean_metrics(per_micro: Iterable[dict]) -> dict:
+    per_micro = list(per_micro)
+    if not per_micro:
+        return {}
+    return {k: float(torch.stack([torch.as_tensor(m[k]).float() for m in per_micro]).mean())
+            for k in per_micro[0]}
+
+
+class PerceptionHackingMonitor:
+    """Warns when the paper's symptoms of "KL_prcp hacking" appear together (Sec. on the Double
+    Entropy Loss): the perception KL collapses while the high-side clip fraction and the entropies
+    of both branches rise. Compares each step with the mean of the previous ``window`` steps."""
+
+    def __init__(self, window: int = 5, collapse: float = 0.5, rise: float = 1.2):
+        self.window, self.collapse, self.rise = window, collapse, rise
+        self.history: list[dict] = []
+
+    def check(self, metrics: dict) -> bool:
+        keys = ("loss/kl_prcp", "clip/high", "entropy/original", "entropy/masked")
+        if not all(k in metrics for k in keys):
+            return False
+        past = self.history[-self.window:]
+        self.history.append({k: metrics[k] for k in keys})
+        if len(past) < self.window:
+            return False
+        mean = {k: sum(p[k] for p in past) / len(past) for k in keys}
+        hacking = (metrics["loss/kl_prcp"] < self.collapse * mean["loss/kl_prcp"]
+                   and metrics["clip/high"] > self.rise * max(mean["clip/high"], 1e-8)
+                   and metrics["entropy/original"] > self.rise * mean["entropy/original"]
+                   and metrics["entropy/masked"] > self.rise * mean["entropy/masked"])
+        if hacking:
+            log.warning(
+                "KL_prcp hacking suspected: perception KL fell to %.3g (recent mean %.3g) while "
+                "the high-side clip fraction (%.3g) and both entropies (%.3g, %.3g) rose. "
+                "Lower rl.loss.prcp_gamma or enable the double entropy loss "
+                "(rl.loss.entropy_eta_original/masked, PAPO_H).",
+                metrics["loss/kl_prcp"], mean["loss/kl_prcp"], metrics["clip/high"],
+                metrics["entropy/original"], metrics["entropy/masked"])
+        return hacking

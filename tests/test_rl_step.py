@@ -1,0 +1,182 @@
+"""The PAPO update on megatron-core: TP/PP parity of a full update (frozen and live masked branch),
+and where the gradient of the masked branch goes."""
+
+import pytest
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+import qwen_utils as Q
+from megatron_papo.models.qwen2_5_vl import text_spec_from_hf
+from megatron_papo.models.qwen2_5_vl.provider import (
+    build_model_chunks,
+    export_hf_weights,
+    load_hf_weights,
+)
+from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
+from megatron_papo.parallel import initialize_model_parallel
+from megatron_papo.rl.algorithms import preset
+from megatron_papo.rl.logprobs import token_entropy, token_logprobs
+from megatron_papo.rl.step import (
+    PerceptionHackingMonitor,
+    PolicyUpdater,
+    RolloutBatch,
+    UpdateConfig,
+)
+from megatron_papo.testing import run_distributed
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def rollout_batch() -> RolloutBatch:
+    raw = Q.vl_batch("rollout")
+    g = torch.Generator().manual_seed(21)
+    mask = raw["attention_mask"]
+    response = torch.zeros_like(mask)
+    for i, length in enumerate(mask.sum(-1).tolist()):
+        response[i, length - 6:length] = 1  # the last 6 tokens of each sample are the response
+    return RolloutBatch(
+        input_ids=raw["input_ids"], attention_mask=mask,
+        position_ids=get_rope_index(raw["input_ids"], raw["image_grid_thw"], Q.IMAGE_TOKEN,
+                                    attention_mask=mask),
+        response_mask=response, advantages=torch.randn(4, generator=g),
+        pixel_values=raw["pixel_values"], image_grid_thw=raw["image_grid_thw"],
+        images_per_sample=torch.tensor([1, 0, 1, 1]),
+        masked_pixel_values=raw["pixel_values"] * (torch.rand(raw["pixel_values"].shape[0], 1,
+                                                              generator=g) > 0.6))
+
+
+def _policy(tp, pp, mode, algorithm="papo_h"):
+    hf_config = Q.tiny_hf_config()
+    sd = Q.reference_model(hf_config).state_dict()
+    spec = text_spec_from_hf(hf_config)
+    initialize_model_parallel(tp, pp)
+    chunks = build_model_chunks(spec, tp, pp, use_distributed_optimizer=True)
+    load_hf_weights(chunks, spec, sd.__getitem__)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.0, clip_grad=1.0,
+                        use_distributed_optimizer=True, params_dtype=torch.float32), chunks)
+    config = UpdateConfig(micro_batch_size=2, mini_batch_size=4, masked_branch=mode,
+                          loss=preset(algorithm))
+    return spec, chunks, PolicyUpdater(chunks, optimizer, config)
+
+
+def _one_update(tp, pp, mode):
+    spec, chunks, updater = _policy(tp, pp, mode)
+    # the frozen reference model: same initial weights, no DDP, never updated
+    reference = build_model_chunks(spec, tp, pp, ddp=False)
+    load_hf_weights(reference, spec, Q.reference_model(Q.tiny_hf_config()).state_dict().__getitem__)
+    batch = rollout_batch()
+    g = torch.Generator().manual_seed(5)
+    current = updater.compute_logprobs(batch)
+    ref_before = updater.compute_logprobs(batch, model_chunks=reference)
+    batch.old_logp = current + 0.3 * torch.randn(current.shape, generator=g)  # exercise clipping
+    batch.ref_logp = ref_before + 0.2 * torch.randn(current.shape, generator=g)
+    if mode == "frozen":
+        batch.masked_logp = updater.compute_logprobs(batch, masked=True)
+    (metrics,) = updater.update(batch)
+    weights = dict(export_hf_weights(chunks, spec))
+    return dict(metrics=metrics, weights=weights, current=current, ref_before=ref_before,
+                ref_after=updater.compute_logprobs(batch, model_chunks=reference),
+                policy_after=updater.compute_logprobs(batch),
+                last=parallel_state.is_pipeline_last_stage())
+
+
+@pytest.mark.parametrize("mode", ["frozen", "live"])
+def test_update_at_tp_pp_equals_tp1(mode):
+    """Two micro-batches, PAPO_H loss (policy + ref KL + perception KL + double entropy): loss,
+    grad norm and the updated weights at TP=2, PP=2 and TP=2 x PP=2 equal TP=1 (tol 1e-5)."""
+    (ref,) = run_distributed(_one_update, 1, 1, 1, mode)
+    assert ref["metrics"]["update_ok"] and ref["metrics"]["clip/high"] + ref["metrics"]["clip/low"] > 0
+    # the reference model is frozen; the policy moved
+    assert torch.equal(ref["ref_before"], ref["ref_after"])
+    assert torch.equal(ref["ref_before"], ref["current"])
+    assert not torch.allclose(ref["policy_after"], ref["current"])
+    for tp, pp in [(2, 1), (1, 2), (2, 2)]:
+        results = run_distributed(_one_update, tp * pp, tp, pp, mode)
+        weights = {}
+        for r in results:
+            torch.testing.assert_close(r["current"], ref["current"], **TOL)
+            assert r["metrics"]["grad_norm"] == pytest.approx(ref["metrics"]["grad_norm"], rel=1e-5)
+            if r["last"]:
+                for key in ("loss/total", "loss/kl_prcp", "loss/policy", "clip/high"):
+                    assert r["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5,
+                                                              abs=1e-7), key
+            weights.update(r["weights"])
+        assert weights.keys() == ref["weights"].keys()
+        for name, value in weights.items():
+            torch.testing.assert_close(value, ref["weights"][name], **TOL, msg=f"{name} {tp}x{pp}")
+
+
+def _masked_branch_gradient(mode):
+    spec, chunks, updater = _policy(1, 1, mode)
+    batch = rollout_batch().select(0, 2)
+    batch.masked_logp = torch.zeros(batch.input_ids.shape)  # what a frozen rollout would carry
+    model = chunks[0]
+    output, split = updater.branch_logprobs(model, batch)
+    _, masked_logp, _, _ = split(output)
+    vision = [p for n, p in model.module.named_parameters() if n.startswith("vision_model.")]
+    if not masked_logp.requires_grad:
+        return False, 0.0
+    grads = torch.autograd.grad((masked_logp * batch.response_mask).sum(), vision,
+                                allow_unused=True)
+    return True, sum(float(g.abs().sum()) for g in grads if g is not None)
+
+
+def test_frozen_branch_has_no_gradient_and_live_branch_has_one():
+    (frozen,) = run_distributed(_masked_branch_gradient, 1, "frozen")
+    (live,) = run_distributed(_masked_branch_gradient, 1, "live")
+    assert frozen == (False, 0.0)
+    assert live[0] and live[1] > 0  # reaches the vision tower through the masked images
+
+
+def _logprobs_and_entropy(tp):
+    initialize_model_parallel(tp, 1)
+    g = torch.Generator().manual_seed(1)
+    full = torch.randn(2, 5, 16, generator=g, dtype=torch.float32)
+    targets = torch.randint(0, 16, (2, 5), generator=g)
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    shard = full.chunk(tp, dim=-1)[rank].clone().requires_grad_(True)
+    logp, entropy = token_logprobs(shard, targets), token_entropy(shard)
+    (logp.sum() + 0.5 * entropy.sum()).backward()
+    return logp.detach(), entropy.detach(), shard.grad, full, targets, rank
+
+
+def test_vocab_parallel_logprobs_and_entropy_match_full_vocab():
+    """TP=2 shards give the full-vocabulary log-probs, exact entropy and their gradients."""
+    results = run_distributed(_logprobs_and_entropy, 2, 2)
+    full, targets = results[0][3].clone().requires_grad_(True), results[0][4]
+    logsm = torch.log_softmax(full, -1)
+    logp = logsm.gather(-1, targets[..., None])[..., 0]
+    entropy = -(logsm.exp() * logsm).sum(-1)
+    (logp.sum() + 0.5 * entropy.sum()).backward()
+    grads = torch.cat([r[2] for r in sorted(results, key=lambda r: r[5])], dim=-1)
+    for r in results:
+        torch.testing.assert_close(r[0], logp.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r[1], entropy.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads, full.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_hacking_monitor_needs_all_symptoms(caplog):
+    calm = {"loss/kl_prcp": 0.1, "clip/high": 0.01, "entropy/original": 1.0,
+            "entropy/masked": 1.2}
+    monitor = PerceptionHackingMonitor(window=3)
+    assert not any(monitor.check(dict(calm)) for _ in range(3))
+    assert not monitor.check({**calm, "loss/kl_prcp": 0.01})  # one symptom alone: no warning
+    with caplog.at_level("WARNING"):
+        hacked = {"loss/kl_prcp": 0.01, "clip/high": 0.05, "entropy/original": 2.0,
+                  "entropy/masked": 2.5}
+        assert monitor.check(hacked)
+    assert "KL_prcp hacking suspected" in caplog.text and "prcp_gamma" in caplog.text
+
+
+def test_rollout_batch_select_keeps_images_with_their_samples():
+    batch = rollout_batch()
+    part = batch.select(1, 3)  # sample 1 (no image), sample 2 (one 4x8 image)
+    assert part.image_grid_thw.tolist() == [[1, 4, 8]]
+    first = 8 * 8
+    assert torch.equal(part.pixel_values, batch.pixel_values[first:first + 32])
+    assert batch.select(1, 2).pixel_values is None
+    paired = part.paired()
+    assert paired.input_ids.shape[0] == 4 and paired.image_grid_thw.shape[0] == 2
+    assert torch.equal(paired.pixel_values[32:], part.masked_pixel_values)
