@@ -111,7 +111,7 @@ def _roundtrip(tied, convention):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("convention", ["hf", "hf_legacy"])
+@pytest.mark.parametrize("convention", ["hf", "hf_v5"])
 def test_hf_megatron_hf_roundtrip_is_bit_exact_at_tp2_pp2(tied, convention):
     """Catches: a wrong interleave/concat order, lost or duplicated tensors, dtype changes."""
     results = run_distributed(_roundtrip, 4, tied, convention)

@@ -1,8 +1,9 @@
 """Qwen2.5-VL HF <-> Megatron name mapping: the ONLY place that knows HF tensor names.
 
-Canonical HF names are transformers 5's (``model.language_model.*``, ``model.visual.*``,
-``lm_head``); the released checkpoints' older names (``model.*``, ``visual.*``) are the
-``hf_legacy`` convention and are accepted on load and selectable on export.
+The table's canonical HF names are transformers 5's module names (``model.language_model.*``,
+``model.visual.*``, ``lm_head``: the ``hf_v5`` convention); the released checkpoints and
+transformers' ``save_pretrained`` use ``model.*``/``visual.*`` (the ``hf`` convention). Both are
+read on load and selectable on export.
 """
 
 from __future__ import annotations
@@ -81,15 +82,15 @@ TE_ALIASES = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
 
-CANONICAL = HFConvention("hf")
-LEGACY = HFConvention("hf_legacy", (("model.visual.", "visual."),
+CANONICAL = HFConvention("hf_v5")
+LEGACY = HFConvention("hf", (("model.visual.", "visual."),
                                     ("model.language_model.", "model.")))
 
 
 def _detect(names: list[str]) -> str:
     legacy = any(n.startswith("visual.") or (n.startswith("model.") and not n.startswith(
         ("model.language_model.", "model.visual."))) for n in names)
-    return "hf_legacy" if legacy else "hf"
+    return "hf" if legacy else "hf_v5"
 
 
 def mapping_table(tied: bool) -> MappingTable:
@@ -111,3 +112,23 @@ def tensor_dims(spec: Qwen25VLTextSpec) -> dict:
         dims["patch_embed_shape"] = (v["hidden_size"], v.get("in_channels", 3),
                                      v.get("temporal_patch_size", 2), patch, patch)
     return dims
+
+
+def expected_hf_names(spec: Qwen25VLTextSpec) -> list[str]:
+    """Every canonical HF tensor name a full checkpoint of this config has (lm_head only when
+    untied), derived from the table rows and the layer counts."""
+    layers = {"language_model": spec.transformer["num_layers"],
+              "vision_model": int(spec.vision.get("depth", 0)) if spec.vision else 0}
+    names = []
+    for row in mapping_table(spec.tie_word_embeddings).rows:
+        if not row.export:
+            continue
+        owner = row.megatron.split(".", 1)[0]
+        if owner == "vision_model" and not spec.vision:
+            continue
+        if "*" in row.megatron:
+            for i in range(layers[owner]):
+                names += row.hf_names((str(i),))
+        else:
+            names += row.hf_names(())
+    return names

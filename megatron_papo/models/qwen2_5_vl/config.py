@@ -74,6 +74,7 @@ class Qwen25VLTextSpec:
     image_token_id: int = 151655
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
     vision: dict[str, Any] = field(default_factory=dict)
 
 
@@ -126,6 +127,7 @@ def text_spec_from_hf(hf: dict) -> Qwen25VLTextSpec:
         image_token_id=int(hf.get("image_token_id", 151655)),
         video_token_id=int(hf.get("video_token_id", 151656)),
         vision_start_token_id=int(hf.get("vision_start_token_id", 151652)),
+        vision_end_token_id=int(hf.get("vision_end_token_id", 151653)),
         vision=dict(hf.get("vision_config") or {}),
     )
 

@@ -63,3 +63,41 @@ def export_hf_weights(chunks: list, spec: Qwen25VLTextSpec, convention: str = "h
     for chunk in chunks:
         yield from export_megatron_to_hf(_unwrap(chunk), table, dims, table.convention(convention),
                                          group)
+
+
+@torch.no_grad()
+def forward_logits(chunks: list, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None, pixel_values=None,
+                   image_grid_thw=None, gather_vocab: bool = True) -> torch.Tensor | None:
+    """Logits [b, s, vocab] of one batch through megatron-core's forward-only schedule (any PP).
+    Returned on the last pipeline stage (the full vocabulary gathered across TP unless
+    ``gather_vocab=False``); None on other stages."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    stored = []
+    batch = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                 pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+
+    def forward_step(data_iterator, model):
+        b = next(data_iterator)
+        out = model(b["input_ids"], b["position_ids"], b["attention_mask"], b["pixel_values"],
+                    b["image_grid_thw"])
+
+        def keep(logits):
+            stored.append(logits.detach())
+            return logits.sum() * 0.0, {}
+        return out, keep
+
+    for chunk in chunks:
+        chunk.eval()
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([batch]), model=chunks,
+        num_microbatches=1, seq_length=input_ids.shape[1], micro_batch_size=input_ids.shape[0],
+        forward_only=True)
+    if not stored:
+        return None
+    logits = stored[0]
+    if gather_vocab and parallel_state.get_tensor_model_parallel_world_size() > 1:
+        logits = gather_from_tensor_model_parallel_region(logits)
+    return logits

@@ -19,12 +19,13 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import sharded_state_dict_default
 
 from .config import ModelConfigError
 
@@ -201,6 +202,23 @@ class Qwen25VisionModel(MegatronModule):
              for i in range(config.num_layers)])
         self.merger = PatchMerger(config, self.merge, int(vision["out_hidden_size"]),
                                   spec.submodules.input_layernorm)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> dict:
+        """Per-layer keys with each layer's own TP sharding (the default handler would treat the
+        plain layer container as TP-replicated and save only one TP rank's shards)."""
+        out = {}
+        for i, layer in enumerate(self.decoder.layers):
+            out.update(layer.sharded_state_dict(prefix=f"{prefix}decoder.layers.{i}.",
+                                                sharded_offsets=sharded_offsets,
+                                                metadata=metadata))
+        # the TP group must be passed: without it megatron-core's default handler gives every TP
+        # rank replica id 0 for replicated tensors ("Invalid access pattern" on save)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        out.update(sharded_state_dict_default(self.patch_embed, f"{prefix}patch_embed.",
+                                              sharded_offsets, metadata, tp_group=tp_group))
+        out.update(self.merger.sharded_state_dict(f"{prefix}merger.", sharded_offsets, metadata))
+        return out
 
     def rotary(self, grid_thw: torch.Tensor) -> torch.Tensor:
         """Per-patch rotary angles [n_patches, head_dim]: (h * inv_freq, w * inv_freq), twice."""

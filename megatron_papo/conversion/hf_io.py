@@ -1,0 +1,133 @@
+"""HF checkpoint folders: lazy safetensors reading, sharded streaming writing, and the small
+files (config, generation config, tokenizer, processor) that travel with the weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Files other than weights that belong to a usable HF folder (transformers, vLLM).
+SIDECAR_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+    "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json",
+)
+
+
+class HFCheckpointError(ValueError):
+    """An HF folder that cannot be read; names the file and the fix."""
+
+
+class HFCheckpointReader:
+    """Reads tensors one at a time from an HF folder (``model.safetensors`` or sharded files
+    with ``model.safetensors.index.json``), keeping at most the open file handles in memory."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        index = os.path.join(folder, INDEX_FILE)
+        single = os.path.join(folder, SINGLE_FILE)
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not weight_map:
+                raise HFCheckpointError(f"{index} has no 'weight_map'")
+            self.files = {name: os.path.join(folder, file) for name, file in weight_map.items()}
+        elif os.path.exists(single):
+            with safe_open(single, framework="pt") as f:
+                self.files = {name: single for name in f.keys()}
+        else:
+            raise HFCheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}: pass an HF "
+                                    "checkpoint folder with safetensors weights")
+        missing = sorted({p for p in self.files.values() if not os.path.exists(p)})
+        if missing:
+            raise HFCheckpointError(f"the index of {folder} names missing files: {missing}")
+        self._handles: dict[str, object] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self.files)
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.files[name]  # KeyError for an absent tensor, reported by the caller
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path].get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        return tuple(self._handles[path].get_slice(name).get_shape())
+
+
+class ShardedSafetensorsWriter:
+    """Writes (name, tensor) pairs into safetensors files of at most ``max_shard_bytes`` each
+    (a tensor larger than that gets a file of its own). Files are named with a per-writer
+    ``prefix``; :func:`finalize_shards` renames them to ``model-0000i-of-0000N`` and writes the
+    index once every writer is done."""
+
+    def __init__(self, folder: str, prefix: str, max_shard_bytes: int, dtype: torch.dtype | None):
+        self.folder, self.prefix, self.max = folder, prefix, max_shard_bytes
+        self.dtype = dtype
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffer_bytes = 0
+        self.written: list[tuple[str, list[str], int]] = []  # (file, names, bytes)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self.dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        tensor = tensor.detach().to("cpu").contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if self.buffer and self.buffer_bytes + size > self.max:
+            self.flush()
+        self.buffer[name] = tensor.clone() if tensor.untyped_storage().size() != size else tensor
+        self.buffer_bytes += size
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        file = f"{self.prefix}-{len(self.written):05d}.safetensors"
+        save_file(self.buffer, os.path.join(self.folder, file), metadata={"format": "pt"})
+        self.written.append((file, list(self.buffer), self.buffer_bytes))
+        self.buffer, self.buffer_bytes = {}, 0
+
+
+def finalize_shards(folder: str, parts: Iterable[tuple[str, list[str], int]]) -> dict:
+    """Rename the parts written by all writers to model-0000i-of-0000N.safetensors (or
+    model.safetensors if there is one) and write the index. Returns the index dict."""
+    parts = sorted(parts, key=lambda p: p[0])
+    total = sum(p[2] for p in parts)
+    weight_map = {}
+    for i, (file, names, _) in enumerate(parts):
+        final = SINGLE_FILE if len(parts) == 1 else f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        os.replace(os.path.join(folder, file), os.path.join(folder, final))
+        weight_map.update({n: final for n in names})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    if len(parts) > 1:
+        with open(os.path.join(folder, INDEX_FILE), "w") as f:
+            json.dump(index, f, indent=2)
+    return index
+
+
+def copy_sidecar_files(src: str, dst: str) -> list[str]:
+    """Copy config / tokenizer / processor files that exist in ``src``; returns their names."""
+    copied = []
+    for name in SIDECAR_FILES:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            shutil.copy2(path, os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+def iter_hf_tensors(reader: HFCheckpointReader, names: Iterable[str]) -> Iterator:
+    for name in names:
+        yield name, reader.get(name)

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Convert Qwen2.5-VL checkpoints between HF and Megatron (dist checkpoint), at any TP/PP.
+
+  hf-to-mcore   HF folder (safetensors + config.json + tokenizer/processor files)
+                -> Megatron dist checkpoint, loadable by training at ANY TP/PP
+  mcore-to-hf   Megatron checkpoint (converted, or a training checkpoint with optimizer state)
+                -> HF folder that transformers and vLLM load
+  verify        max abs logit difference of transformers (HF folder) vs our model (Megatron
+                checkpoint at --tp/--pp) on a text+image sample; exits 1 above --tolerance
+
+Runs as one process or under torchrun (world size = a multiple of TP x PP), e.g.
+  torchrun --nproc-per-node 4 tools/convert_checkpoint.py hf-to-mcore --hf Qwen2.5-VL-3B \\
+      --out ckpt/qwen3b --tp 2 --pp 2
+Outputs are written atomically (a crash never leaves a complete-looking folder) and are never
+overwritten without --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def parallel(p):
+        p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+        p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+
+    a = sub.add_parser("hf-to-mcore", help="HF folder -> Megatron dist checkpoint")
+    a.add_argument("--hf", required=True, help="HF checkpoint folder")
+    a.add_argument("--out", required=True, help="output checkpoint folder (must not exist)")
+    parallel(a)
+    a.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="parameter dtype of the Megatron checkpoint (default bf16)")
+    a.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    b = sub.add_parser("mcore-to-hf", help="Megatron checkpoint -> HF folder")
+    b.add_argument("--ckpt", required=True, help="Megatron checkpoint folder")
+    b.add_argument("--out", required=True, help="output HF folder (must not exist)")
+    parallel(b)
+    b.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="dtype of the HF weights (default: the checkpoint's)")
+    b.add_argument("--naming", default="hf", choices=["hf", "hf_v5"],
+                   help="tensor names: 'hf' = model.*/visual.* (the released checkpoints and "
+                        "what transformers' save_pretrained writes; default), 'hf_v5' = "
+                        "model.language_model.*/model.visual.* (transformers 5 module names)")
+    b.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)")
+    b.add_argument("--hf-config", default=None,
+                   help="folder with config.json/tokenizer to use instead of the checkpoint's hf/")
+    b.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    c = sub.add_parser("verify", help="compare logits: transformers(HF) vs ours(Megatron)")
+    c.add_argument("--hf", required=True, help="HF checkpoint folder")
+    c.add_argument("--ckpt", required=True, help="Megatron checkpoint folder")
+    parallel(c)
+    c.add_argument("--tolerance", type=float, default=1e-3,
+                   help="max abs logit difference allowed (default 1e-3; fp32 both sides)")
+    return parser
+
+
+def _size(text: str) -> int:
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "B": 1}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def _init_distributed() -> None:
+    import torch
+    import torch.distributed as dist
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from megatron_papo.compat import apply_cpu_patches
+
+    apply_cpu_patches()
+    import torch.distributed as dist
+
+    from megatron_papo.conversion import checkpoint as ck
+    from megatron_papo.conversion.atomic import OutputExistsError
+    from megatron_papo.conversion.hf_io import HFCheckpointError
+    from megatron_papo.conversion.table import MappingError
+    from megatron_papo.models.qwen2_5_vl import ModelConfigError
+    from megatron_papo.parallel import ParallelConfigError
+
+    user_errors = (ck.ConversionError, OutputExistsError, HFCheckpointError, MappingError,
+                   ModelConfigError, ParallelConfigError)
+    _init_distributed()
+    code = 0
+    try:
+        if args.command == "hf-to-mcore":
+            ck.hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.dtype, args.force)
+        elif args.command == "mcore-to-hf":
+            ck.mcore_to_hf(args.ckpt, args.out, args.tp, args.pp, args.dtype, args.naming,
+                           _size(args.max_shard_size), args.force, args.hf_config)
+        else:
+            diff = ck.verify_conversion(args.hf, args.ckpt, args.tp, args.pp)
+            ok = diff <= args.tolerance
+            if dist.get_rank() == 0:
+                print(f"[verify] max abs logit difference {diff:.3e} "
+                      f"({'OK' if ok else 'ABOVE'} tolerance {args.tolerance:g})", flush=True)
+            code = 0 if ok else 1
+    except user_errors as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        code = 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
