@@ -79,10 +79,22 @@ def _log(message: str) -> None:
         print(f"[convert] {message}", flush=True)
 
 
+def _own_peak_rss() -> int:
+    """Peak RSS of this process: VmHWM (per address space, so not inherited from a parent that
+    forked us, unlike getrusage's ru_maxrss); getrusage where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports KiB), max over ranks."""
-    value = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024],
-                         dtype=torch.float64)
+    """This process's peak resident set size, max over ranks."""
+    value = torch.tensor([_own_peak_rss()], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return int(value.item())
@@ -169,7 +181,9 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "b
          f"; building TP={tp} PP={pp} shards in {dtype}")
 
     initialize_model_parallel(tp, pp)
-    chunks = build_model_chunks(spec, tp, pp, ddp=False, params_dtype=params_dtype)
+    # no random initialisation: every weight is overwritten from the HF tensors
+    chunks = build_model_chunks(spec, tp, pp, ddp=False, params_dtype=params_dtype,
+                                perform_initialization=False)
     tick = _progress(max(len(on_disk) // pp, 1), "read HF tensors (rank 0's shard)")
 
     def get(name: str) -> torch.Tensor:
@@ -218,7 +232,8 @@ def load_mcore_model(ckpt: str, tp: int, pp: int, params_dtype: torch.dtype | No
     spec = _spec_and_layout(hf_config, tp, pp)
     dtype = params_dtype or _dtype(meta.get("dtype", "fp32"))
     initialize_model_parallel(tp, pp)
-    chunks = build_model_chunks(spec, tp, pp, ddp=ddp, params_dtype=dtype)
+    chunks = build_model_chunks(spec, tp, pp, ddp=ddp, params_dtype=dtype,
+                                perform_initialization=False)
     model = getattr(chunks[0], "module", chunks[0])
     state = dist_checkpointing.load({"model": model.sharded_state_dict()},
                                     os.path.join(ckpt, WEIGHTS_DIR))

@@ -10,7 +10,6 @@ from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -50,54 +49,78 @@ class HFCheckpointReader:
         missing = sorted({p for p in self.files.values() if not os.path.exists(p)})
         if missing:
             raise HFCheckpointError(f"the index of {folder} names missing files: {missing}")
-        self._handles: dict[str, object] = {}
 
     def names(self) -> list[str]:
         return sorted(self.files)
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, copied out of the file. The file is mapped only for this call: pages of
+        a kept-open mapping would stay resident and count in the process's RSS."""
         path = self.files[name]  # KeyError for an absent tensor, reported by the caller
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path].get_tensor(name)
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(name)
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        return tuple(self._handles[path].get_slice(name).get_shape())
+
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+_COPY_CHUNK = 64 * 2**20
 
 
 class ShardedSafetensorsWriter:
     """Writes (name, tensor) pairs into safetensors files of at most ``max_shard_bytes`` each
-    (a tensor larger than that gets a file of its own). Files are named with a per-writer
-    ``prefix``; :func:`finalize_shards` renames them to ``model-0000i-of-0000N`` and writes the
-    index once every writer is done."""
+    (a tensor larger than that gets a file of its own), holding at most one tensor in memory:
+    tensor bytes go to a raw spill file as they come; a shard is closed by writing the
+    safetensors header and copying the spilled bytes behind it in chunks. Files are named with a
+    per-writer ``prefix``; :func:`finalize_shards` renames them to ``model-0000i-of-0000N`` and
+    writes the index once every writer is done."""
 
     def __init__(self, folder: str, prefix: str, max_shard_bytes: int, dtype: torch.dtype | None):
         self.folder, self.prefix, self.max = folder, prefix, max_shard_bytes
         self.dtype = dtype
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffer_bytes = 0
+        self.entries: dict[str, dict] = {}
+        self.bytes = 0
+        self.spill = None
         self.written: list[tuple[str, list[str], int]] = []  # (file, names, bytes)
+
+    def _spill_path(self) -> str:
+        return os.path.join(self.folder, f"{self.prefix}.spill")
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self.dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(self.dtype)
         tensor = tensor.detach().to("cpu").contiguous()
         size = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffer_bytes + size > self.max:
+        if self.entries and self.bytes + size > self.max:
             self.flush()
-        self.buffer[name] = tensor.clone() if tensor.untyped_storage().size() != size else tensor
-        self.buffer_bytes += size
+        if self.spill is None:
+            self.spill = open(self._spill_path(), "wb")
+        raw = tensor.reshape(-1).view(torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+        self.spill.write(memoryview(raw.numpy()))
+        self.entries[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+                              "shape": list(tensor.shape),
+                              "data_offsets": [self.bytes, self.bytes + size]}
+        self.bytes += size
 
     def flush(self) -> None:
-        if not self.buffer:
+        if not self.entries:
             return
+        self.spill.close()
+        self.spill = None
+        header = {"__metadata__": {"format": "pt"}, **self.entries}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
         file = f"{self.prefix}-{len(self.written):05d}.safetensors"
-        save_file(self.buffer, os.path.join(self.folder, file), metadata={"format": "pt"})
-        self.written.append((file, list(self.buffer), self.buffer_bytes))
-        self.buffer, self.buffer_bytes = {}, 0
+        with open(os.path.join(self.folder, file), "wb") as out, \
+                open(self._spill_path(), "rb") as spilled:
+            out.write(len(blob).to_bytes(8, "little"))
+            out.write(blob)
+            shutil.copyfileobj(spilled, out, _COPY_CHUNK)
+        os.remove(self._spill_path())
+        self.written.append((file, list(self.entries), self.bytes))
+        self.entries, self.bytes = {}, 0
 
 
 def finalize_shards(folder: str, parts: Iterable[tuple[str, list[str], int]]) -> dict:
