@@ -1,36 +1,19 @@
-"""Tiny random Qwen2.5-VL configs and reference (transformers) models for the parity tests."""
+"""Test inputs for the Qwen2.5-VL parity tests; the tiny configs and reference models live in
+megatron_papo.testing.tiny (the default training config uses them too)."""
 
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-VOCAB = 256
-IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 250, 251, 248, 249
-
-
-def tiny_hf_config(tied: bool = False, layers: int = 4) -> dict:
-    """transformers-5 (nested) layout of a tiny Qwen2.5-VL config."""
-    return {
-        "model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-        "text_config": {
-            "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": layers,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
-            "rms_norm_eps": 1e-6, "hidden_act": "silu", "max_position_embeddings": 512,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
-                                "mrope_section": [2, 3, 3]},
-            "bos_token_id": 0, "eos_token_id": 1,
-        },
-        "vision_config": {
-            "depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
-            "out_hidden_size": 64, "patch_size": 14, "temporal_patch_size": 2,
-            "spatial_merge_size": 2, "window_size": 56, "fullatt_block_indexes": [1],
-            "in_channels": 3,
-        },
-        "image_token_id": IMAGE_TOKEN, "video_token_id": VIDEO_TOKEN,
-        "vision_start_token_id": VISION_START, "vision_end_token_id": VISION_END,
-        "tie_word_embeddings": tied,
-    }
+from megatron_papo.testing.tiny import (  # noqa: F401  (re-exported for the tests)
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    VISION_END,
+    VISION_START,
+    VOCAB,
+    reference_model,
+    tiny_hf_config,
+)
 
 
 def flat_hf_config(tied: bool = False) -> dict:
@@ -41,19 +24,6 @@ def flat_hf_config(tied: bool = False) -> dict:
     return {**{k: v for k, v in nested.items() if k != "text_config"}, **text,
             "rope_theta": rope["rope_theta"],
             "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}}
-
-
-def reference_model(hf_config: dict, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_config)).eval()
-    # random (not constant) norm weights and biases, so a mapping mistake cannot hide
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name or name.endswith("ln_q.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-    return model
 
 
 def text_batch(batch: int = 2, seq: int = 12, seed: int = 3) -> torch.Tensor:

@@ -21,15 +21,15 @@ from megatron_papo.models.qwen2_5_vl import ModelConfigError, load_hf_config, te
 from megatron_papo.models.qwen2_5_vl.provider import forward_logits, load_hf_weights
 from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
 from megatron_papo.testing import run_distributed
+from megatron_papo.testing.tiny import write_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "convert_checkpoint.py")
 
 
 def write_hf(folder, tied=False, dtype=torch.bfloat16, max_shard_size="200KB"):
-    model = Q.reference_model(Q.tiny_hf_config(tied=tied)).to(dtype)
-    model.save_pretrained(folder, max_shard_size=max_shard_size)  # several shards + index
-    return model
+    """A complete tiny HF folder (several weight shards + index, tokenizer, processor)."""
+    return write_tiny_checkpoint(folder, tied=tied, dtype=dtype, max_shard_size=max_shard_size)
 
 
 def hf_tensors(folder):
@@ -45,7 +45,7 @@ def _roundtrip(hf_dir, mc_dir, out_dir, tp, pp):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_roundtrip_tp2_pp2_is_bit_exact_and_loads_in_transformers(tmp_path, tied):
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     hf_dir, mc, out = (str(tmp_path / n) for n in ("hf", "mc", "out"))
     write_hf(hf_dir, tied)
@@ -64,6 +64,10 @@ def test_roundtrip_tp2_pp2_is_bit_exact_and_loads_in_transformers(tmp_path, tied
         logits = [AutoModelForImageTextToText.from_pretrained(d, dtype=torch.bfloat16).eval()(
             **batch).logits for d in (hf_dir, out)]
     assert torch.equal(logits[0], logits[1])
+    processor = AutoProcessor.from_pretrained(out)  # tokenizer and processor files carried over
+    assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") == Q.IMAGE_TOKEN
+    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
+    assert os.path.exists(os.path.join(out, "generation_config.json"))
 
 
 def _logits_from(source, tp, pp, hf_dir=None):

@@ -1,0 +1,140 @@
+"""Tiny Qwen2.5-VL checkpoints built locally (no hub): random weights, a BPE tokenizer trained on
+generated text with Qwen2-VL's special tokens and chat template, and a Qwen2.5-VL processor, so
+that ``from_pretrained`` of transformers, ``AutoProcessor`` and vLLM work offline. Used by the
+tests and by the default (CPU) training config."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+
+import torch
+
+VOCAB = 320  # 256 byte tokens + 54 BPE merges + the special tokens (+ 3 unused rows)
+# ids of the special tokens in the tiny vocabulary (the real model: 151643...)
+SPECIAL_TOKENS = {
+    "<|vision_start|>": 310, "<|vision_end|>": 311, "<|image_pad|>": 312, "<|video_pad|>": 313,
+    "<|endoftext|>": 314, "<|im_start|>": 315, "<|im_end|>": 316,
+}
+IMAGE_TOKEN, VIDEO_TOKEN = SPECIAL_TOKENS["<|image_pad|>"], SPECIAL_TOKENS["<|video_pad|>"]
+VISION_START, VISION_END = SPECIAL_TOKENS["<|vision_start|>"], SPECIAL_TOKENS["<|vision_end|>"]
+EOS, IM_START, IM_END = (SPECIAL_TOKENS[t] for t in ("<|endoftext|>", "<|im_start|>",
+                                                      "<|im_end|>"))
+
+# Qwen2-VL's chat template, shortened to what images + text need.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_BASE_CONFIG = {
+    "model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "text_config": {
+        "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
+        "rms_norm_eps": 1e-6, "hidden_act": "silu", "max_position_embeddings": 2048,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                            "mrope_section": [2, 3, 3]},
+        "bos_token_id": EOS, "eos_token_id": IM_END, "pad_token_id": EOS,
+    },
+    "vision_config": {
+        "depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
+        "out_hidden_size": 64, "patch_size": 14, "temporal_patch_size": 2,
+        "spatial_merge_size": 2, "window_size": 56, "fullatt_block_indexes": [1],
+        "in_channels": 3, "tokens_per_second": 2,
+    },
+    "image_token_id": IMAGE_TOKEN, "video_token_id": VIDEO_TOKEN,
+    "vision_start_token_id": VISION_START, "vision_end_token_id": VISION_END,
+    "tie_word_embeddings": False,
+}
+
+
+def tiny_hf_config(tied: bool = False, layers: int = 4, **text_overrides) -> dict:
+    """transformers-5 (nested) layout of a tiny Qwen2.5-VL config (depth-2 vision tower whose
+    window (56 px = 2x2 merge units) and ``fullatt_block_indexes`` [1] exercise both attention
+    kinds)."""
+    config = copy.deepcopy(_BASE_CONFIG)
+    config["tie_word_embeddings"] = tied
+    config["text_config"]["num_hidden_layers"] = layers
+    config["text_config"].update(text_overrides)
+    return config
+
+
+def _corpus(n: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = ["the", "area", "of", "triangle", "is", "answer", "boxed", "circle", "radius",
+             "angle", "degrees", "think", "so", "we", "get", "image", "shows", "value", "sum"]
+    lines = []
+    for _ in range(n):
+        body = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
+        lines.append(f"{body} {rng.randint(0, 999)} <think>{body}</think> \\boxed{{{rng.randint(0, 99)}}}")
+    return lines
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer with VOCAB - len(SPECIAL_TOKENS) - 1 learned tokens and the
+    special tokens at the ids of :data:`SPECIAL_TOKENS`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    learned = min(SPECIAL_TOKENS.values())
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=learned, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    assert tok.get_vocab_size() <= learned, tok.get_vocab_size()
+    while tok.get_vocab_size() < learned:  # pad the learned part so special ids are fixed
+        tok.add_tokens([f"<|unused{tok.get_vocab_size()}|>"])
+    for token, token_id in sorted(SPECIAL_TOKENS.items(), key=lambda kv: kv[1]):
+        tok.add_special_tokens([token])
+        assert tok.token_to_id(token) == token_id, (token, tok.token_to_id(token))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", bos_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_processor(tokenizer=None, min_pixels: int = 56 * 56, max_pixels: int = 224 * 224):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tokenizer = tokenizer or build_tokenizer()
+    image = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
+                                  temporal_patch_size=2, merge_size=2)
+    video = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    return Qwen2_5_VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                               chat_template=CHAT_TEMPLATE)
+
+
+def reference_model(hf_config: dict, seed: int = 0):
+    """transformers' Qwen2.5-VL with random weights (norm weights and biases random too, so that
+    a mapping mistake cannot hide behind ones and zeros)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_config)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name or name.endswith("ln_q.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    return model
+
+
+def write_tiny_checkpoint(folder: str, tied: bool = False, dtype: torch.dtype = torch.bfloat16,
+                          seed: int = 0, max_shard_size: str = "50MB", **config_overrides):
+    """A complete HF folder: config, generation config, weights, tokenizer and processor."""
+    model = reference_model(tiny_hf_config(tied, **config_overrides), seed).to(dtype)
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    build_processor().save_pretrained(folder)
+    return model
