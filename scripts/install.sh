@@ -47,6 +47,12 @@ else
   pip_install -r requirements-gpu.txt
 fi
 pip_install --no-deps -e .
+if [ "$TARGET" = cpu ]; then
+  # Start-up hook: makes the torchvision fix run in every interpreter of this venv before
+  # torchvision's first import (vLLM's model-inspection subprocess, torchrun workers...).
+  # See megatron_papo/_startup.py; opt out with MEGATRON_PAPO_NO_STARTUP_HOOK=1.
+  "$PY" -m megatron_papo._startup "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+fi
 
 echo "[install] checking imports"
 "$PY" - <<'PY'

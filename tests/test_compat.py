@@ -1,5 +1,6 @@
 """The CPU compat module: each patch does its job, stays scoped to megatron-core, and is idempotent."""
 
+import os
 import subprocess
 import sys
 
@@ -105,8 +106,18 @@ def test_fresh_interpreter_imports_vllm_megatron_and_the_vl_processor_stack():
     assert "IMPORTS-OK" in out.stdout, out.stderr[-3000:]
 
 
-def test_torchvision_fails_without_the_patch():
-    """Documents why patch_torchvision_meta_registrations exists (the pinned CUDA torchvision)."""
-    out = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode != 0 and "torchvision::nms does not exist" in out.stderr
+def test_startup_hook_fixes_torchvision_in_foreign_interpreters():
+    """Processes we do not start ourselves (vLLM's model-inspection subprocess) import
+    torchvision without calling apply_cpu_patches: the .pth start-up hook written by the install
+    script covers them. Without it the pinned CUDA torchvision fails to import."""
+    code = "import torchvision.transforms.v2; print('TV-OK')"
+    hooked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert "TV-OK" in hooked.stdout, hooked.stderr[-2000:]
+    unhooked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "MEGATRON_PAPO_NO_STARTUP_HOOK": "1"})
+    assert unhooked.returncode != 0 and "torchvision::nms does not exist" in unhooked.stderr
+    start = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"],
+                           capture_output=True, text=True, timeout=60)
+    assert "megatron_papo._startup" in start.stderr and "torch" not in {
+        line.rsplit("|", 1)[-1].strip() for line in start.stderr.splitlines()}

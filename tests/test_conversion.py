@@ -174,14 +174,14 @@ def test_config_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
     hf_dir, mc = str(tmp_path / "hf"), str(tmp_path / "mc")
     write_hf(hf_dir)
     config = json.load(open(os.path.join(hf_dir, "config.json")))
-    config["text_config"]["intermediate_size"] = 128  # the weights have 96
+    config["text_config"]["intermediate_size"] = 256  # the weights have 192
     json.dump(config, open(os.path.join(hf_dir, "config.json"), "w"))
     with pytest.raises(AssertionError) as info:
         run_distributed(_convert_mismatched, 1, hf_dir, mc)
     message = str(info.value)
     assert "MappingError: shape mismatch for megatron 'language_model.decoder.layers.0.mlp." \
         "linear_fc1.weight'" in message
-    assert "[(96, 64), (96, 64)]" in message and "(256, 64)" in message
+    assert "[(192, 128), (192, 128)]" in message and "(512, 128)" in message
     assert not os.path.exists(mc)
 
 
@@ -214,3 +214,45 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
         ck.read_meta(str(tmp_path))
     with pytest.raises(ValueError, match="no model.safetensors or model.safetensors.index.json"):
         HFCheckpointReader(str(tmp_path))
+
+
+VLLM_SCRIPT = r"""
+import json, os, sys
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+from megatron_papo.compat import apply_cpu_patches
+apply_cpu_patches()
+import numpy as np
+from PIL import Image
+from vllm import LLM, SamplingParams
+image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (84, 112, 3), dtype=np.uint8))
+prompt = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is the area"
+          "<|im_end|>\n<|im_start|>assistant\n")
+llm = LLM(model=sys.argv[1], dtype="float32", kv_cache_memory_bytes=64 * 2**20,
+          max_model_len=512, enforce_eager=True, limit_mm_per_prompt={"image": 1})
+out = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": image}}],
+                   SamplingParams(max_tokens=8, temperature=0.0))
+print("TOKENS", json.dumps(list(out[0].outputs[0].token_ids)))
+"""
+
+
+def _vllm_tokens(folder):
+    done = subprocess.run([sys.executable, "-c", VLLM_SCRIPT, folder], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    lines = [l for l in done.stdout.splitlines() if l.startswith("TOKENS ")]
+    assert lines, done.stderr[-4000:]
+    return json.loads(lines[0][len("TOKENS "):])
+
+
+def _to_mcore_and_back(hf_dir, mc, out):
+    ck.hf_to_mcore(hf_dir, mc, dtype="fp32")
+    parallel_state.destroy_model_parallel()
+    ck.mcore_to_hf(mc, out)
+
+
+def test_converted_folder_loads_in_vllm_with_the_same_greedy_output(tmp_path):
+    hf_dir, mc, out = (str(tmp_path / n) for n in ("hf", "mc", "out"))
+    write_hf(hf_dir, dtype=torch.float32)
+    run_distributed(_to_mcore_and_back, 1, hf_dir, mc, out)
+    original, converted = _vllm_tokens(hf_dir), _vllm_tokens(out)
+    assert len(converted) == 8 and converted == original

@@ -36,16 +36,17 @@ CHAT_TEMPLATE = (
 _BASE_CONFIG = {
     "model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"],
     "text_config": {
-        "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+        # head_dim 32: vLLM's CPU attention kernels do not take 16
+        "hidden_size": 128, "intermediate_size": 192, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
         "rms_norm_eps": 1e-6, "hidden_act": "silu", "max_position_embeddings": 2048,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
-                            "mrope_section": [2, 3, 3]},
+                            "mrope_section": [4, 6, 6]},
         "bos_token_id": EOS, "eos_token_id": IM_END, "pad_token_id": EOS,
     },
     "vision_config": {
         "depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
-        "out_hidden_size": 64, "patch_size": 14, "temporal_patch_size": 2,
+        "out_hidden_size": 128, "patch_size": 14, "temporal_patch_size": 2,
         "spatial_merge_size": 2, "window_size": 56, "fullatt_block_indexes": [1],
         "in_channels": 3, "tokens_per_second": 2,
     },
