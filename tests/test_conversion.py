@@ -3,6 +3,7 @@ the CLI (one process and torchrun), and every validation error's message."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -256,3 +257,54 @@ def test_converted_folder_loads_in_vllm_with_the_same_greedy_output(tmp_path):
     run_distributed(_to_mcore_and_back, 1, hf_dir, mc, out)
     original, converted = _vllm_tokens(hf_dir), _vllm_tokens(out)
     assert len(converted) == 8 and converted == original
+
+
+def _training_checkpoint(hf_dir, ckpt, out):
+    """A checkpoint as training writes it (model AND distributed-optimizer state, TP=2), then
+    mcore-to-hf at TP=1 x PP=2: only the model is read, resharded."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks, export_hf_weights
+    from megatron_papo.parallel import initialize_model_parallel
+
+    spec = text_spec_from_hf(load_hf_config(hf_dir))
+    initialize_model_parallel(2, 1)
+    chunks = build_model_chunks(spec, 2, 1, use_distributed_optimizer=True)
+    reader = HFCheckpointReader(hf_dir)
+    from megatron_papo.models.qwen2_5_vl import mapping_table
+
+    conv = mapping_table(False).detect_convention(reader.names())
+    load_hf_weights(chunks, spec, lambda n: reader.get(conv.from_canonical(n)))
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-3, use_distributed_optimizer=True,
+                        params_dtype=torch.float32), chunks)
+    for p in chunks[0].parameters():  # a step so that the optimizer state is not empty
+        p.main_grad.fill_(0.01)
+    optimizer.step()
+    model_sd = chunks[0].module.sharded_state_dict()
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(os.path.join(ckpt, "weights"))
+        shutil.copytree(hf_dir, os.path.join(ckpt, "hf"))
+        json.dump({"format": ck.FORMAT, "kind": "training", "dtype": "fp32", "iteration": 1,
+                   "written_at": {"tp": 2, "pp": 1}}, open(os.path.join(ckpt, ck.META_FILE), "w"))
+    torch.distributed.barrier()
+    dist_checkpointing.save(
+        {"model": model_sd, "optimizer": optimizer.sharded_state_dict(
+            model_sd, metadata={"distrib_optim_sharding_type": "fully_reshardable"})},
+        os.path.join(ckpt, "weights"))
+    trained = dict(export_hf_weights(chunks, spec))
+    parallel_state.destroy_model_parallel()
+    ck.mcore_to_hf(ckpt, out, tp=1, pp=2)
+    return trained
+
+
+def test_training_checkpoint_with_optimizer_state_converts_to_hf(tmp_path):
+    hf_dir, ckpt, out = (str(tmp_path / n) for n in ("hf", "ckpt", "out"))
+    write_hf(hf_dir, dtype=torch.float32)
+    trained = run_distributed(_training_checkpoint, 2, hf_dir, ckpt, out)[0]
+    exported = hf_tensors(out)
+    assert sorted(exported) == sorted(trained)
+    for name, tensor in trained.items():
+        assert torch.equal(exported[name], tensor), name
+    assert not torch.equal(exported["lm_head.weight"], hf_tensors(hf_dir)["lm_head.weight"])
