@@ -17,9 +17,8 @@ import qwen_utils as Q
 from megatron_papo.conversion import checkpoint as ck
 from megatron_papo.conversion.atomic import OutputExistsError, atomic_output_dir
 from megatron_papo.conversion.hf_io import HFCheckpointReader
-from megatron_papo.conversion.table import MappingError
 from megatron_papo.models.qwen2_5_vl import ModelConfigError, load_hf_config, text_spec_from_hf
-from megatron_papo.models.qwen2_5_vl.provider import forward_logits, load_hf_weights
+from megatron_papo.models.qwen2_5_vl.provider import forward_logits
 from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
 from megatron_papo.testing import run_distributed
 from megatron_papo.testing.tiny import write_tiny_checkpoint
@@ -83,13 +82,7 @@ def _logits_from(source, tp, pp, hf_dir=None):
         spec = text_spec_from_hf(load_hf_config(hf_dir))
         initialize_model_parallel(tp, pp)
         chunks = build_model_chunks(spec, tp, pp, ddp=False)
-        reader = HFCheckpointReader(hf_dir)
-        names = {n: n for n in reader.names()}
-        from megatron_papo.models.qwen2_5_vl import mapping_table
-
-        conv = mapping_table(spec.tie_word_embeddings).detect_convention(names)
-        canonical = {conv.to_canonical(n): n for n in names}
-        load_hf_weights(chunks, spec, lambda n: reader.get(canonical[n]))
+        ck.load_hf_folder(chunks, spec, hf_dir)
     positions = get_rope_index(batch["input_ids"], batch["image_grid_thw"], Q.IMAGE_TOKEN)
     return forward_logits(chunks, batch["input_ids"], positions, None, batch["pixel_values"],
                           batch["image_grid_thw"])
@@ -271,11 +264,7 @@ def _training_checkpoint(hf_dir, ckpt, out):
     spec = text_spec_from_hf(load_hf_config(hf_dir))
     initialize_model_parallel(2, 1)
     chunks = build_model_chunks(spec, 2, 1, use_distributed_optimizer=True)
-    reader = HFCheckpointReader(hf_dir)
-    from megatron_papo.models.qwen2_5_vl import mapping_table
-
-    conv = mapping_table(False).detect_convention(reader.names())
-    load_hf_weights(chunks, spec, lambda n: reader.get(conv.from_canonical(n)))
+    ck.load_hf_folder(chunks, spec, hf_dir)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-3, use_distributed_optimizer=True,
                         params_dtype=torch.float32), chunks)

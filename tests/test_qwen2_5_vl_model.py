@@ -5,7 +5,6 @@ Tolerance: max abs logit difference <= 1e-4 (seen: ~1e-6)."""
 import pytest
 import torch
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 import qwen_utils as Q
 from megatron_papo.conversion.engine import export_megatron_to_hf, load_hf_into_megatron
@@ -18,6 +17,11 @@ from megatron_papo.models.qwen2_5_vl import (
     preset_hf_config,
     tensor_dims,
     text_spec_from_hf,
+)
+from megatron_papo.models.qwen2_5_vl.provider import (
+    build_model_chunks,
+    forward_logits,
+    load_hf_weights,
 )
 from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
 from megatron_papo.parallel import initialize_model_parallel
@@ -33,34 +37,16 @@ def _text_positions(input_ids):
 
 def _megatron_logits(hf_config, sd, batch, tp, pp, sp=False):
     """Logits of our model on ``batch`` (input_ids, position_ids, optional attention_mask,
-    pixel_values, image_grid_thw) through megatron-core's schedule (works at any PP)."""
+    pixel_values, image_grid_thw) through megatron-core's schedule (works at any PP); this TP
+    rank's vocabulary shard on the last stage."""
     spec = text_spec_from_hf(hf_config)
     initialize_model_parallel(tp, pp)
-    config = language_transformer_config(spec, tp, pp, sequence_parallel=sp)
-    model = build_qwen25vl(spec, config).eval()
-    load_hf_into_megatron(model, mapping_table(spec.tie_word_embeddings), lambda n: sd[n],
-                          tensor_dims(spec), parallel_state.get_tensor_model_parallel_group())
-    input_ids = batch["input_ids"]
-    stored = []
-
-    def forward_step(data_iterator, m):
-        b = next(data_iterator)
-        out = m(b["input_ids"], b["position_ids"], b.get("attention_mask"), b.get("pixel_values"),
-                b.get("image_grid_thw"))
-
-        def keep(output):
-            stored.append(output.detach())
-            return output.sum() * 0.0, {}
-        return out, keep
-
-    with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter([batch]),
-            model=[model], num_microbatches=1, seq_length=input_ids.shape[1],
-            micro_batch_size=input_ids.shape[0], forward_only=True)
-    return dict(logits=stored[0] if stored else None,
-                tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+    chunks = build_model_chunks(spec, tp, pp, sequence_parallel=sp, ddp=False)
+    load_hf_weights(chunks, spec, lambda n: sd[n])
+    logits = forward_logits(chunks, batch["input_ids"], batch["position_ids"],
+                            batch.get("attention_mask"), batch.get("pixel_values"),
+                            batch.get("image_grid_thw"), gather_vocab=False)
+    return dict(logits=logits, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                 last=parallel_state.is_pipeline_last_stage())
 
 

@@ -150,6 +150,26 @@ def validate_hf_tensors(spec, reader: HFCheckpointReader, table) -> dict[str, st
     return canonical
 
 
+def hf_folder_reader(hf_dir: str, spec) -> tuple[dict[str, str], HFCheckpointReader]:
+    """Validated access to an HF folder's tensors: (canonical name -> on-disk name, reader)."""
+    reader = HFCheckpointReader(hf_dir)
+    return validate_hf_tensors(spec, reader, mapping_table(spec.tie_word_embeddings)), reader
+
+
+def load_hf_folder(chunks: list, spec, hf_dir: str, on_read=None) -> int:
+    """Load an HF folder into this rank's chunks (any TP/PP), reading one tensor group at a time.
+    Returns the number of HF tensors in the folder."""
+    on_disk, reader = hf_folder_reader(hf_dir, spec)
+
+    def get(name: str) -> torch.Tensor:
+        if on_read is not None:
+            on_read()
+        return reader.get(on_disk[name])
+
+    load_hf_weights(chunks, spec, get)
+    return len(on_disk)
+
+
 def _progress(total: int, what: str):
     state = {"done": 0, "next": 0.1}
 
@@ -174,9 +194,8 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "b
     params_dtype = _dtype(dtype)
     hf_config = load_hf_config(hf_dir)
     spec = _spec_and_layout(hf_config, tp, pp)
-    reader = HFCheckpointReader(hf_dir)
+    on_disk, _ = hf_folder_reader(hf_dir, spec)  # refuses missing/unexpected tensors up front
     table = mapping_table(spec.tie_word_embeddings)
-    on_disk = validate_hf_tensors(spec, reader, table)
     _log(f"{hf_dir}: {len(on_disk)} tensors, naming '{table.detect_convention(on_disk.values()).name}'"
          f"; building TP={tp} PP={pp} shards in {dtype}")
 
@@ -184,13 +203,8 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "b
     # no random initialisation: every weight is overwritten from the HF tensors
     chunks = build_model_chunks(spec, tp, pp, ddp=False, params_dtype=params_dtype,
                                 perform_initialization=False)
-    tick = _progress(max(len(on_disk) // pp, 1), "read HF tensors (rank 0's shard)")
-
-    def get(name: str) -> torch.Tensor:
-        tick()
-        return reader.get(on_disk[name])
-
-    load_hf_weights(chunks, spec, get)
+    load_hf_folder(chunks, spec, hf_dir,
+                   on_read=_progress(max(len(on_disk) // pp, 1), "read HF tensors (rank 0's shard)"))
 
     with atomic_output_dir(out, force) as tmp:
         weights = os.path.join(tmp, WEIGHTS_DIR)
