@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 
 
@@ -64,9 +63,3 @@ def check_pipeline_communication(config) -> None:
             "batch_p2p_comm=True with virtual pipeline stages (virtual_pipeline_model_parallel_size="
             f"{config.virtual_pipeline_model_parallel_size}) gives wrong results on the gloo "
             "backend: set model.batch_p2p_comm=false (exact on gloo) or run on NCCL")
-
-
-def current_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

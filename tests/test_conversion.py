@@ -233,7 +233,7 @@ print("TOKENS", json.dumps(list(out[0].outputs[0].token_ids)))
 def _vllm_tokens(folder):
     done = subprocess.run([sys.executable, "-c", VLLM_SCRIPT, folder], capture_output=True,
                           text=True, timeout=600, cwd=ROOT)
-    lines = [l for l in done.stdout.splitlines() if l.startswith("TOKENS ")]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("TOKENS ")]
     assert lines, done.stderr[-4000:]
     return json.loads(lines[0][len("TOKENS "):])
 

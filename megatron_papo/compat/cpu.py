@@ -34,7 +34,6 @@ from typing import Any, Callable, Iterator
 import torch
 
 _MARK = "_megatron_papo_cpu_patched"
-_CUDA_DEVICE_STRINGS = ("cuda",)
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -43,7 +42,7 @@ def _is_cuda_device(device: Any) -> bool:
     if isinstance(device, torch.device):
         return device.type == "cuda"
     if isinstance(device, str):
-        return device.split(":")[0] in _CUDA_DEVICE_STRINGS
+        return device.split(":")[0] == "cuda"
     if isinstance(device, int):  # torch.cuda.current_device() results, passed as `device=`
         return True
     return False

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -149,8 +149,3 @@ def copy_sidecar_files(src: str, dst: str) -> list[str]:
             shutil.copy2(path, os.path.join(dst, name))
             copied.append(name)
     return copied
-
-
-def iter_hf_tensors(reader: HFCheckpointReader, names: Iterable[str]) -> Iterator:
-    for name in names:
-        yield name, reader.get(name)

@@ -26,7 +26,6 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
-import sys
 import tempfile
 import time
 import traceback
@@ -317,13 +316,3 @@ def shutdown_worker_pools() -> None:
 
 
 atexit.register(shutdown_worker_pools)
-
-
-def rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank()
-
-
-if sys.platform == "win32":  # pragma: no cover
-    raise ImportError("the multi-process harness needs POSIX signals")

@@ -74,7 +74,8 @@ def _corpus(n: int = 400, seed: int = 0) -> list[str]:
     lines = []
     for _ in range(n):
         body = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
-        lines.append(f"{body} {rng.randint(0, 999)} <think>{body}</think> \\boxed{{{rng.randint(0, 99)}}}")
+        answer = rng.randint(0, 99)
+        lines.append(f"{body} {rng.randint(0, 999)} <think>{body}</think> \\boxed{{{answer}}}")
     return lines
 
 
