@@ -146,7 +146,7 @@ def test_image_logits_match_transformers(case):
 
 
 @pytest.mark.parametrize("tp,pp,sp", [(2, 1, False), (2, 1, True), (1, 2, False),
-                                      (2, 2, False)])
+                                      (2, 2, False), (2, 2, True)])
 def test_padded_image_batch_matches_transformers_in_parallel(tp, pp, sp):
     """TP, PP, TP x PP, and TP + sequence parallel (scattered after the image merge)."""
     results = run_distributed(_vl_parity, tp * pp, tp, pp, "padded_mixed_batch", pad_left=True,

@@ -29,7 +29,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def rollout_batch() -> RolloutBatch:
-    raw = Q.vl_batch("rollout")
+    raw = Q.vl_batch("rollout", multiple=2)  # even length: sequence parallelism at TP=2
     g = torch.Generator().manual_seed(21)
     mask = raw["attention_mask"]
     response = torch.zeros_like(mask)
@@ -46,12 +46,12 @@ def rollout_batch() -> RolloutBatch:
                                                               generator=g) > 0.6))
 
 
-def _policy(tp, pp, mode, algorithm="papo_h"):
+def _policy(tp, pp, mode, algorithm="papo_h", sp=False):
     hf_config = Q.tiny_hf_config()
     sd = Q.reference_model(hf_config).state_dict()
     spec = text_spec_from_hf(hf_config)
     initialize_model_parallel(tp, pp)
-    chunks = build_model_chunks(spec, tp, pp, use_distributed_optimizer=True)
+    chunks = build_model_chunks(spec, tp, pp, sequence_parallel=sp, use_distributed_optimizer=True)
     load_hf_weights(chunks, spec, sd.__getitem__)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.0, clip_grad=1.0,
@@ -61,10 +61,10 @@ def _policy(tp, pp, mode, algorithm="papo_h"):
     return spec, chunks, PolicyUpdater(chunks, optimizer, config)
 
 
-def _one_update(tp, pp, mode):
-    spec, chunks, updater = _policy(tp, pp, mode)
+def _one_update(tp, pp, mode, sp=False):
+    spec, chunks, updater = _policy(tp, pp, mode, sp=sp)
     # the frozen reference model: same initial weights, no DDP, never updated
-    reference = build_model_chunks(spec, tp, pp, ddp=False)
+    reference = build_model_chunks(spec, tp, pp, sequence_parallel=sp, ddp=False)
     load_hf_weights(reference, spec, Q.reference_model(Q.tiny_hf_config()).state_dict().__getitem__)
     batch = rollout_batch()
     g = torch.Generator().manual_seed(5)
@@ -85,15 +85,16 @@ def _one_update(tp, pp, mode):
 @pytest.mark.parametrize("mode", ["frozen", "live"])
 def test_update_at_tp_pp_equals_tp1(mode):
     """Two micro-batches, PAPO_H loss (policy + ref KL + perception KL + double entropy): loss,
-    grad norm and the updated weights at TP=2, PP=2 and TP=2 x PP=2 equal TP=1 (tol 1e-5)."""
+    grad norm and the updated weights at TP=2, TP=2 + sequence parallel (norm-weight grads must be
+    all-reduced across TP), PP=2 and TP=2 x PP=2 equal TP=1 (tol 1e-5)."""
     (ref,) = run_distributed(_one_update, 1, 1, 1, mode)
     assert ref["metrics"]["update_ok"] and ref["metrics"]["clip/high"] + ref["metrics"]["clip/low"] > 0
     # the reference model is frozen; the policy moved
     assert torch.equal(ref["ref_before"], ref["ref_after"])
     assert torch.equal(ref["ref_before"], ref["current"])
     assert not torch.allclose(ref["policy_after"], ref["current"])
-    for tp, pp in [(2, 1), (1, 2), (2, 2)]:
-        results = run_distributed(_one_update, tp * pp, tp, pp, mode)
+    for tp, pp, sp in [(2, 1, False), (2, 1, True), (1, 2, False), (2, 2, False)]:
+        results = run_distributed(_one_update, tp * pp, tp, pp, mode, sp=sp)
         weights = {}
         for r in results:
             torch.testing.assert_close(r["current"], ref["current"], **TOL)
