@@ -7,10 +7,13 @@ embedding; RMSNorm; gated SiLU MLP with bias) -> patch merger (RMSNorm, 2x2 spat
 GELU) -> original order. Attention and MLPs are tensor-parallel like the language model's; the
 tower is not pipelined (it lives on the first stage) and runs without sequence parallelism.
 
-Variable-length attention segments travel as ``PackedSeqParams(qkv_format="sbhd",
-cu_seqlens_q=...)`` with batch 1: megatron-core then applies the per-patch rotary embedding to the
-whole sequence, and the core attention (``SegmentAttention`` here, SDPA per segment) honours the
-segment boundaries.
+Variable-length attention segments (windows, or whole images at full-attention layers) travel as
+``PackedSeqParams`` with batch 1 and per-patch rotary angles:
+* local spec: ``qkv_format="sbhd"``: megatron-core applies the rotary embedding to the whole
+  sequence and :class:`SegmentAttention` runs SDPA per segment (CPU and GPU);
+* TE spec: ``qkv_format="thd"``: TE's packed (cuDNN/flash) kernel with ``cu_seqlens``; megatron-core
+  (>= 0.16) maps rotary angles given for every token exactly ("freqs.size(0) == cu_seqlens[-1]").
+  Written against megatron-core's ``TEDotProductAttention``; NOT yet exercised on a GPU.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import sharded_state_dict_default
 
 from .config import ModelConfigError
+from .specs import RMSNorm
 
 
 # --------------------------------------------------------------------------- index helpers
@@ -109,19 +113,28 @@ class SegmentAttention(MegatronModule):
 
 
 def vision_layer_spec(name: str = "local") -> ModuleSpec:
-    """The vision block: the GPT layer spec with bidirectional, segment-confined attention.
-
-    Both specs use :class:`SegmentAttention` for the core attention for now (SDPA per segment; on
-    GPU it runs on CUDA). TE's packed (THD) kernel would apply megatron-core's THD rotary path,
-    which restarts positions in every segment: wrong for per-patch 2-D positions, so it needs its
-    own wrapper (not written yet)."""
+    """The vision block: the GPT layer spec with bidirectional, segment-confined attention
+    (local: :class:`SegmentAttention`; te: TE's attention on the packed THD layout, where
+    megatron-core turns ``no_mask`` into TE's ``padding`` mask over ``cu_seqlens``)."""
     from .specs import language_layer_spec
 
     spec = copy.deepcopy(language_layer_spec(name))
     attention = spec.submodules.self_attention
     attention.params = {**attention.params, "attn_mask_type": AttnMaskType.no_mask}
-    attention.submodules.core_attention = SegmentAttention
+    if name == "local":
+        attention.submodules.core_attention = SegmentAttention
     return spec
+
+
+PACKED_FORMAT = {"local": "sbhd", "te": "thd"}
+
+
+def segments(bounds: torch.Tensor, qkv_format: str, device) -> PackedSeqParams:
+    """Attention segments [bounds[i], bounds[i+1]) of one packed sequence."""
+    bounds = bounds.to(device=device, dtype=torch.int32)
+    longest = int((bounds[1:] - bounds[:-1]).max()) if bounds.numel() > 1 else 0
+    return PackedSeqParams(qkv_format=qkv_format, cu_seqlens_q=bounds, cu_seqlens_kv=bounds,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 def vision_transformer_config(vision: dict, tp: int = 1, params_dtype=torch.float32,
@@ -196,12 +209,13 @@ class Qwen25VisionModel(MegatronModule):
         inv_freq = 1.0 / (10000.0 ** (torch.arange(0, quarter, 2, dtype=torch.float) / quarter))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         spec = vision_layer_spec(layer_spec)
+        self.packed_format = PACKED_FORMAT[layer_spec]
         self.decoder = torch.nn.Module()
         self.decoder.layers = torch.nn.ModuleList(
             [build_module(spec, config=config, layer_number=i + 1)
              for i in range(config.num_layers)])
-        self.merger = PatchMerger(config, self.merge, int(vision["out_hidden_size"]),
-                                  spec.submodules.input_layernorm)
+        # our RMSNorm in both specs: the TE spec's input_layernorm is fused into linear_qkv
+        self.merger = PatchMerger(config, self.merge, int(vision["out_hidden_size"]), RMSNorm)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None) -> dict:
@@ -231,10 +245,9 @@ class Qwen25VisionModel(MegatronModule):
         unit = self.merge * self.merge
         window_index, window_bounds = vision_window_index(grid_thw, self.merge, self.window_size,
                                                           self.patch_size)
-        full = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=vision_cu_seqlens(grid_thw),
-                               cu_seqlens_kv=vision_cu_seqlens(grid_thw))
-        windowed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=window_bounds,
-                                   cu_seqlens_kv=window_bounds)
+        device = pixel_values.device
+        full = segments(vision_cu_seqlens(grid_thw), self.packed_format, device)
+        windowed = segments(window_bounds, self.packed_format, device)
 
         def to_windows(x):
             return x.reshape(-1, unit, x.shape[-1])[window_index].reshape(-1, x.shape[-1])
