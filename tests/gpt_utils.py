@@ -3,7 +3,6 @@ and to reassemble full tensors from per-rank shards. Used by the foundation's pa
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 
 import torch
@@ -11,6 +10,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+
+from megatron_papo.conversion.engine import global_megatron_name
 
 VOCAB, SEQ, MBS = 128, 16, 2
 
@@ -45,14 +46,11 @@ def reference_weights(tied=False, seed=1234):
 
 
 def global_name(model, local_name: str) -> str:
-    """Name of a local parameter in the full TP=1/PP=1 model."""
-    m = re.match(r"decoder\.layers\.(\d+)\.(.*)", local_name)
-    if m:
-        layer = model.decoder.layers[int(m.group(1))]
-        return f"decoder.layers.{layer.layer_number - 1}.{m.group(2)}"
+    """Name of a local parameter in the full TP=1/PP=1 model (the last stage's copy of a tied
+    embedding is the embedding)."""
     if local_name == "output_layer.weight" and model.share_embeddings_and_output_weights:
         return "embedding.word_embeddings.weight"
-    return local_name
+    return global_megatron_name(model, local_name)
 
 
 def tp_slice(param, full):

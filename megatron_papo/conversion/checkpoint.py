@@ -274,9 +274,7 @@ def mcore_to_hf(ckpt: str, out: str, tp: int = 1, pp: int = 1, dtype: str | None
     with atomic_output_dir(out, force) as tmp:
         writer = ShardedSafetensorsWriter(tmp, f"part-pp{pp_rank:04d}", max_shard_bytes,
                                           out_dtype)
-        count = 0
         for name, tensor in export_hf_weights(chunks, spec, naming):
-            count += 1
             tick()
             if writer_rank:
                 writer.add(name, tensor)

@@ -50,9 +50,6 @@ class Row:
     def hf_names(self, indices: Sequence[str]) -> list[str]:
         return [_fill(h, indices) for h in self.hf]
 
-    def megatron_name(self, indices: Sequence[str]) -> str:
-        return _fill(self.megatron, indices)
-
     # -- tensors ----------------------------------------------------------------------------
     def merge(self, hf_tensors: list[torch.Tensor], dims: dict) -> torch.Tensor:
         (t,) = hf_tensors
