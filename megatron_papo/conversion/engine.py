@@ -75,19 +75,21 @@ def load_hf_into_megatron(model: torch.nn.Module, table: MappingTable,
 def export_megatron_to_hf(model: torch.nn.Module, table: MappingTable, dims: dict,
                           convention: HFConvention | None = None, tp_group=None,
                           value: Callable[[torch.nn.Parameter], torch.Tensor] | None = None,
+                          skip: Callable[[str], bool] | None = None,
                           ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full tensor)`` for every parameter of this rank's pipeline stage.
 
     TP shards are all-gathered within ``tp_group`` (every TP rank then yields the same tensors;
     the caller picks who writes). Rows marked ``export=False`` (the last stage's copy of a tied
     embedding) are skipped. ``value`` picks what is exported per parameter (default: the weight;
-    ``lambda p: p.grad`` exports gradients under HF names).
+    ``lambda p: p.grad`` exports gradients under HF names). ``skip(canonical HF name)`` leaves a
+    parameter out (before its TP gather) when it is true for all the row's HF names.
     """
     rank, size = _tp_info(tp_group)
     for local_name, param in model.named_parameters():
         gname = global_megatron_name(model, local_name)
         row, idx = table.find(gname)
-        if not row.export:
+        if not row.export or (skip is not None and all(skip(n) for n in row.hf_names(idx))):
             continue
         tensor = param.detach() if value is None else value(param)
         if row.tp_dim is not None and size > 1:

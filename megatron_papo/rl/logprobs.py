@@ -10,6 +10,33 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 
+# The logit given to suppressed ids when scoring: exp() of it underflows to exactly 0 in fp32
+# (probability 0, as the engine's -inf), yet it stays finite, so log-probs at prompt positions
+# whose target is a suppressed id (the image pads) never turn a masked sum into NaN.
+SUPPRESSED_LOGIT = -1.0e4
+
+
+def sampling_logits(logits: torch.Tensor, temperature: float = 1.0,
+                    suppressed_token_ids=()) -> torch.Tensor:
+    """The logits of the distribution the rollout engine samples from: this rank's vocab shard
+    [b, s, v/TP] in fp32, divided by ``temperature`` (0 = greedy is scored at 1), with the
+    suppressed ids (vision special tokens, padding rows; global ids) set to a logit whose
+    probability is exactly 0. Differentiable."""
+    z = logits.float()
+    if temperature > 0 and temperature != 1.0:
+        z = z / temperature
+    if len(suppressed_token_ids):
+        local = z.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * local
+        ids = torch.as_tensor(list(suppressed_token_ids), dtype=torch.long)
+        ids = ids[(ids >= start) & (ids < start + local)] - start
+        if ids.numel():
+            mask = torch.zeros(local, dtype=torch.bool, device=z.device)
+            mask[ids.to(z.device)] = True
+            z = z.masked_fill(mask, SUPPRESSED_LOGIT)
+    return z
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) per position. logits [b, s, v/TP] (this rank's vocab shard), targets [b, s]
     -> [b, s] (fp32)."""

@@ -25,7 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from .algorithms import LossConfig, LossInputs, clipped_policy_loss, combined_loss
-from .logprobs import token_entropy, token_logprobs
+from .logprobs import sampling_logits, token_entropy, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class RolloutBatch:
     old_logp: torch.Tensor | None = None    # [N, L]
     ref_logp: torch.Tensor | None = None    # [N, L]
     masked_logp: torch.Tensor | None = None  # [N, L] (frozen branch)
+    rollout_logp: torch.Tensor | None = None  # [N, L] the engine's log-probs (diagnostics)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -113,7 +114,8 @@ def model_forward(model, mb: RolloutBatch) -> torch.Tensor:
 
 
 def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Token-aligned log-probs [N, L] from vocab-parallel logits [N, L, V/TP]."""
+    """Token-aligned log-probs [N, L] from vocab-parallel logits [N, L, V/TP] (already passed
+    through :func:`sampling_logits` where the sampling distribution matters)."""
     targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))
     return shift_to_tokens(token_logprobs(logits, targets))
 
@@ -129,6 +131,9 @@ class UpdateConfig:
     mini_batch_size: int = 4          # sequences per optimizer step
     masked_branch: str = "frozen"     # "frozen" (authors') or "live"
     loss: LossConfig = field(default_factory=LossConfig)
+    # the rollout's sampling distribution: logits / temperature, suppressed ids at p = 0
+    temperature: float = 1.0
+    suppressed_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.masked_branch not in MASKED_BRANCH_MODES:
@@ -137,6 +142,9 @@ class UpdateConfig:
         if self.mini_batch_size % self.micro_batch_size:
             raise ValueError(f"rl.mini_batch_size={self.mini_batch_size} must be a multiple of "
                              f"rl.micro_batch_size={self.micro_batch_size}")
+        if self.temperature < 0:
+            raise ValueError(f"rl.temperature={self.temperature} must be >= 0 (the rollout's)")
+        self.suppressed_token_ids = tuple(self.suppressed_token_ids)
 
 
 class PolicyUpdater:
@@ -166,7 +174,7 @@ class PolicyUpdater:
             output = model_forward(model, mb)
 
             def keep(logits):
-                stored.append(logprobs_from_logits(logits, mb.input_ids))
+                stored.append(logprobs_from_logits(self.sampling_logits(logits), mb.input_ids))
                 return logits.sum() * 0.0, {}
             return output, keep
 
@@ -190,6 +198,9 @@ class PolicyUpdater:
                 group=parallel_state.get_pipeline_model_parallel_group())
         return result
 
+    def sampling_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return sampling_logits(logits, self.config.temperature, self.config.suppressed_token_ids)
+
     # ------------------------------------------------------------------ the loss
     def branch_logprobs(self, model, mb: RolloutBatch):
         """(output of this stage, function logits -> (logp, masked_logp, entropy, masked_entropy))
@@ -201,6 +212,7 @@ class PolicyUpdater:
         b = len(mb)
 
         def split(logits):
+            logits = self.sampling_logits(logits)
             logp = logprobs_from_logits(logits, run.input_ids)
             entropy = shift_to_tokens(token_entropy(logits)) if exact else None
             if live:

@@ -56,13 +56,15 @@ def load_hf_weights(chunks: list, spec: Qwen25VLTextSpec, get_hf: Callable[[str]
     return used
 
 
-def export_hf_weights(chunks: list, spec: Qwen25VLTextSpec, convention: str = "hf"):
-    """Yield (HF name, full tensor) for this rank's pipeline stage (TP shards gathered)."""
+def export_hf_weights(chunks: list, spec: Qwen25VLTextSpec, convention: str = "hf",
+                      skip: Callable[[str], bool] | None = None):
+    """Yield (HF name, full tensor) for this rank's pipeline stage (TP shards gathered).
+    ``skip(canonical HF name)`` leaves tensors out before they are gathered."""
     table, dims = mapping_table(spec.tie_word_embeddings), tensor_dims(spec)
     group = parallel_state.get_tensor_model_parallel_group()
     for chunk in chunks:
         yield from export_megatron_to_hf(_unwrap(chunk), table, dims, table.convention(convention),
-                                         group)
+                                         group, skip=skip)
 
 
 @torch.no_grad()

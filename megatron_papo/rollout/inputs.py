@@ -1,0 +1,163 @@
+"""Prompts -> the exact inputs both sides see: the chat-templated text the engine gets, and the
+token ids, pixel values and image grids the trainer scores with, from ONE processor (the model
+folder's, with the run's min/max pixels). Bad prompts are refused here, before any generation,
+with an error that names the prompt, the field and the fix.
+
+A prompt is a list of chat messages in the HF format; images are content items
+``{"type": "image", "image": <PIL.Image | path | bytes>}``::
+
+    [{"role": "user", "content": [{"type": "image", "image": img},
+                                  {"type": "text", "text": "How many circles?"}]}]
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+# The vision special tokens of Qwen2-VL / Qwen2.5-VL. A sampled one breaks the next forward (an
+# image-pad token without an image), so rollouts never sample them and scoring gives them p = 0.
+VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                         "<|image_pad|>", "<|video_pad|>")
+MAX_ASPECT_RATIO = 200  # the processor's smart_resize refuses more
+
+
+class RolloutInputError(ValueError):
+    """A prompt or sampling setting that cannot be rolled out; the message names the field."""
+
+
+@dataclass
+class EncodedPrompt:
+    """One prompt as the engine and the trainer see it."""
+
+    text: str                                   # chat-templated, generation prompt appended
+    images: list = field(default_factory=list)  # PIL RGB images, in prompt order
+    input_ids: torch.Tensor | None = None       # [S] long: image pads expanded
+    pixel_values: torch.Tensor | None = None    # [patches, C*T*P*P] or None
+    image_grid_thw: torch.Tensor | None = None  # [images, 3] or None
+
+
+def _load_image(value, where: str) -> Image.Image:
+    if value is None:
+        raise RolloutInputError(f"{where}: the image is missing (None); give a PIL image, a path "
+                                "or bytes, or drop the image item")
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, (str, os.PathLike)):
+            if not os.path.exists(value):
+                raise RolloutInputError(f"{where}: image file '{value}' does not exist")
+            image = Image.open(value)
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, dict) and value.get("bytes") is not None:  # HF datasets Image()
+            image = Image.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, dict) and value.get("path"):
+            return _load_image(value["path"], where)
+        else:
+            raise RolloutInputError(f"{where}: cannot read an image from a {type(value).__name__}; "
+                                    "give a PIL image, a path or bytes")
+        image.load()
+        return image.convert("RGB")
+    except RolloutInputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - PIL raises many kinds for corrupt data
+        raise RolloutInputError(f"{where}: the image cannot be decoded ({type(err).__name__}: "
+                                f"{err}); fix or drop this row") from None
+
+
+class PromptEncoder:
+    """Applies the chat template and the processor of ``model_path`` (min/max pixels of the run).
+
+    ``min_side`` is the processor's smallest usable side: patch size x merge size (28 px for
+    Qwen2.5-VL); smaller images are refused instead of being silently blown up."""
+
+    def __init__(self, model_path: str, min_pixels: int | None = None,
+                 max_pixels: int | None = None, max_images_per_prompt: int = 1):
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(model_path)
+        image_processor = self.processor.image_processor
+        self.min_pixels = min_pixels or image_processor.size["shortest_edge"]
+        self.max_pixels = max_pixels or image_processor.size["longest_edge"]
+        if self.min_pixels > self.max_pixels:
+            raise RolloutInputError(f"rollout.min_pixels={self.min_pixels} is larger than "
+                                    f"rollout.max_pixels={self.max_pixels}")
+        self.min_side = image_processor.patch_size * image_processor.merge_size
+        self.max_images_per_prompt = max_images_per_prompt
+        self.tokenizer = self.processor.tokenizer
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    # the kwargs both the engine's and our processor calls get
+    @property
+    def processor_kwargs(self) -> dict:
+        return {"size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}
+
+    def suppressed_token_ids(self, vocab_size: int) -> list[int]:
+        """Ids that are never sampled and get probability 0 when scoring: the vision special
+        tokens, and the padding rows of the output layer beyond the tokenizer's vocabulary."""
+        vocab = self.tokenizer.get_vocab()
+        ids = {vocab[t] for t in VISION_SPECIAL_TOKENS if t in vocab}
+        ids.update(range(len(self.tokenizer), vocab_size))
+        return sorted(i for i in ids if i < vocab_size)
+
+    def encode(self, prompts: list) -> list[EncodedPrompt]:
+        """Validate and encode every prompt (raises :class:`RolloutInputError` on the first bad
+        one, before anything is generated)."""
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise RolloutInputError("prompts must be a non-empty list of chat-message lists")
+        return [self.encode_one(p, i) for i, p in enumerate(prompts)]
+
+    def _images(self, messages, index: int) -> list[Image.Image]:
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise RolloutInputError(f"prompt {index}: expected a non-empty list of chat messages "
+                                    f"({{'role': ..., 'content': ...}}), got {type(messages).__name__}")
+        images = []
+        for m, message in enumerate(messages):
+            if not isinstance(message, dict) or "content" not in message:
+                raise RolloutInputError(f"prompt {index}, message {m}: a chat message needs "
+                                        "'role' and 'content'")
+            content = message["content"]
+            if isinstance(content, str):
+                continue
+            for c, item in enumerate(content):
+                if isinstance(item, dict) and (item.get("type") == "image" or "image" in item):
+                    where = f"prompt {index}, message {m}, content {c} ('image')"
+                    image = _load_image(item.get("image"), where)
+                    w, h = image.size
+                    if min(w, h) < self.min_side:
+                        raise RolloutInputError(
+                            f"{where}: image {w}x{h} px is below the processor's minimum side "
+                            f"of {self.min_side} px (patch x merge size); upscale or pad it, or "
+                            "drop this row")
+                    if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+                        raise RolloutInputError(
+                            f"{where}: image {w}x{h} px has an aspect ratio above "
+                            f"{MAX_ASPECT_RATIO}, which the processor refuses; crop it or drop "
+                            "this row")
+                    images.append(image)
+        if len(images) > self.max_images_per_prompt:
+            raise RolloutInputError(
+                f"prompt {index}: {len(images)} images, more than "
+                f"rollout.max_images_per_prompt={self.max_images_per_prompt}; raise it")
+        return images
+
+    def encode_one(self, messages, index: int) -> EncodedPrompt:
+        images = self._images(messages, index)
+        text = self.processor.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+        encoded = self.processor(text=[text], images=images or None, return_tensors="pt",
+                                 **(self.processor_kwargs if images else {}))
+        return EncodedPrompt(
+            text=text, images=images, input_ids=encoded["input_ids"][0].long(),
+            pixel_values=encoded.get("pixel_values") if images else None,
+            image_grid_thw=encoded.get("image_grid_thw") if images else None)
+
+    def pixel_values(self, images: list) -> torch.Tensor:
+        """Pixel values of already validated images (e.g. their masked copies)."""
+        return self.processor.image_processor(images=images, return_tensors="pt",
+                                              **self.processor_kwargs)["pixel_values"]

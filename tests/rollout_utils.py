@@ -1,0 +1,68 @@
+"""Shared pieces of the rollout tests: prompts with images of several sizes, a policy built from
+an HF folder at any TP/PP, an engine, greedy generation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from megatron_papo.conversion import checkpoint as ck
+from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
+from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
+from megatron_papo.parallel import initialize_model_parallel
+from megatron_papo.rollout import EngineConfig, RolloutEngine, SamplingConfig
+
+KV_BYTES = 16 * 2**20
+
+
+def image(height: int, width: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def user(text: str, *images) -> list:
+    content = [{"type": "image", "image": img} for img in images]
+    content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+def prompts() -> list:
+    """Text-only and image prompts; images of several sizes and aspect ratios."""
+    return [
+        user("what is the area of the triangle", image(84, 112, 1)),
+        [{"role": "user", "content": "the sum of the angle is"}],
+        user("the circle radius", image(150, 61, 2)),
+        user("so we get the value", image(56, 56, 3)),
+    ]
+
+
+def policy(hf_dir: str, tp: int = 1, pp: int = 1):
+    """(spec, model chunks without DDP) of the HF folder at TP x PP."""
+    spec = text_spec_from_hf(load_hf_config(hf_dir))
+    initialize_model_parallel(tp, pp)
+    chunks = build_model_chunks(spec, tp, pp, ddp=False)
+    ck.load_hf_folder(chunks, spec, hf_dir)
+    return spec, chunks
+
+
+def engine(hf_dir: str, **overrides) -> RolloutEngine:
+    config = dict(model_path=hf_dir, max_model_len=512,
+                  kv_cache_bytes=KV_BYTES, min_pixels=28 * 28, max_pixels=112 * 112)
+    config.update(overrides)
+    return RolloutEngine(EngineConfig(**config))
+
+
+GREEDY = SamplingConfig(n=1, temperature=0.0, max_new_tokens=10)
+
+
+def greedy(eng: RolloutEngine, batch: list | None = None):
+    """(greedy tokens, their log-probs) of every prompt (the whole batch on every rank)."""
+    out = eng.generate(batch or prompts(), GREEDY, dp_rank=0, dp_size=1)
+    return ([r.responses[0].token_ids for r in out],
+            torch.tensor([r.responses[0].logprobs for r in out]))
+
+
+def set_weights(chunks, spec, hf_dir: str) -> None:
+    with torch.no_grad():
+        ck.load_hf_folder(chunks, spec, hf_dir)
