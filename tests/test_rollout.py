@@ -34,6 +34,12 @@ def _fresh_engine_tokens(hf_dir):
         eng.close()
 
 
+@pytest.fixture(scope="module")
+def fresh(folders):
+    """Greedy (tokens, log-probs) of a fresh engine loaded from each HF folder."""
+    return [run_distributed(_fresh_engine_tokens, 1, folder)[0] for folder in folders]
+
+
 def _push_and_generate(hf0, hf1, tp, pp):
     spec, chunks = R.policy(hf0, tp, pp)
     eng = R.engine(hf1)  # starts with the OTHER weights: the first push must replace them
@@ -53,13 +59,12 @@ def _push_and_generate(hf0, hf1, tp, pp):
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_pushed_weights_generate_like_a_fresh_engine(folders, tp, pp):
+def test_pushed_weights_generate_like_a_fresh_engine(folders, fresh, tp, pp):
     """Greedy tokens (text and image prompts) after a push from TP x PP equal a fresh engine's on
     the HF folder of the same weights; a push of other weights changes them (to that folder's
     tokens); pushing the originals back restores them exactly (no stale prefix/encoder cache)."""
     hf0, hf1 = folders
-    (want0,) = run_distributed(_fresh_engine_tokens, 1, hf0)
-    (want1,) = run_distributed(_fresh_engine_tokens, 1, hf1)
+    want0, want1 = fresh
     assert want0[0] != want1[0] and all(len(t) == 10 for t in want0[0])
     for r in run_distributed(_push_and_generate, tp * pp, hf0, hf1, tp, pp, timeout=600):
         assert r["before"][0] == want1[0]
@@ -226,3 +231,155 @@ def test_engine_and_trainer_see_identical_inputs(folders):
         pixels = r["ours_grid"][0, 1] * r["ours_grid"][0, 2] * 14 * 14
         assert 28 * 28 <= pixels <= 112 * 112  # the run's min/max pixels were applied
     assert len(grids) >= 4
+
+
+def _rollout_tp2(hf0, hf1, tp):
+    from megatron_papo.rl.step import PolicyUpdater, UpdateConfig
+    from megatron_papo.rollout import SamplingConfig, build_rollout_batch
+
+    spec, chunks = R.policy(hf1, tp, 1)  # the policy holds the OTHER weights at first
+    eng = R.engine(hf0, tensor_parallel_size=2)  # ONE engine sharded over both ranks
+    try:
+        from vllm.distributed import parallel_state as vps
+        engine_tp = vps.get_tp_group().world_size
+        eng.load_weights(iter_hf_weights(chunks, spec, torch.float32, SMALL_BUCKET))
+        pushed_other = R.greedy(eng)
+        R.set_weights(chunks, spec, hf0)
+        eng.load_weights(iter_hf_weights(chunks, spec, torch.float32, SMALL_BUCKET))
+        pushed = R.greedy(eng)
+        sampling = SamplingConfig(n=2, temperature=0.7, max_new_tokens=10, seed=3)
+        batch_prompts = R.prompts()
+        rollouts = eng.generate(batch_prompts, sampling)
+        batch = build_rollout_batch(batch_prompts, rollouts, eng.encoder, pad_multiple=tp)
+        updater = PolicyUpdater(chunks, None, UpdateConfig(
+            micro_batch_size=4, mini_batch_size=4, temperature=0.7,
+            suppressed_token_ids=eng.suppressed_token_ids))
+        mask = batch.response_mask.bool()
+        ours, engine_logp = updater.compute_logprobs(batch)[mask], batch.rollout_logp[mask]
+    finally:
+        eng.close()
+    return dict(engine_tp=engine_tp, pushed_other=pushed_other, pushed=pushed, ours=ours,
+                engine=engine_logp, indices=[r.index for r in rollouts])
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_rollout_tensor_parallel_engine_over_the_world(folders, fresh, tp):
+    """Rollout TP 2 through vLLM's external launcher (the GPU cluster path, on CPU): one engine
+    sharded over both ranks, fed from training TP=1 (DP 2: each rank pushes the full model) or
+    TP=2. Greedy tokens after pushes equal a fresh engine's on the same weights; sampled log-probs
+    equal our recomputation (T 0.7, tol 1e-3); results arrive in the training layout."""
+    hf0, hf1 = folders
+    want0, want1 = fresh
+    results = run_distributed(_rollout_tp2, 2, hf0, hf1, tp, timeout=600)
+    for r in results:
+        assert r["engine_tp"] == 2
+        assert r["pushed_other"][0] == want1[0] and r["pushed"][0] == want0[0]
+        torch.testing.assert_close(r["pushed"][1], want0[1], rtol=0, atol=1e-4)
+        assert r["ours"].numel() > 10
+        torch.testing.assert_close(r["ours"], r["engine"], rtol=0, atol=1e-3)
+    expected = [[0, 1], [2, 3]] if tp == 1 else [[0, 1, 2, 3]] * 2
+    assert [r["indices"] for r in results] == expected
+
+
+def _bad_inputs(hf0):
+    from megatron_papo.rollout import RolloutInputError, SamplingConfig
+
+    eng = R.engine(hf0, max_model_len=128)
+    calls = []
+    real_generate = eng.llm.generate
+    eng.llm.generate = lambda *a, **k: calls.append(1) or real_generate(*a, **k)
+    good = R.prompts()
+    cases = {
+        "missing": R.user("x", None),
+        "unreadable": R.user("x", b"not an image at all"),
+        "no_file": R.user("x", "/nonexistent/image.png"),
+        "tiny": R.user("x", R.image(20, 64)),
+        "too_long": [{"role": "user", "content": "the area " * 200}],
+        "not_messages": "just a string",
+    }
+    errors = {}
+    try:
+        for name, bad in cases.items():
+            batch = good[:3] + [bad]  # the bad prompt sits in the LAST rank's share
+            try:
+                eng.generate(batch, R.GREEDY)
+                errors[name] = None
+            except RolloutInputError as err:
+                errors[name] = str(err)
+        for key, kwargs in {"n": dict(n=0), "temperature": dict(temperature=-0.5),
+                            "top_p": dict(top_p=0.0), "max_new_tokens": dict(max_new_tokens=0)
+                            }.items():
+            try:
+                SamplingConfig(**kwargs)
+                errors[key] = None
+            except RolloutInputError as err:
+                errors[key] = str(err)
+        generated_before = len(calls)
+        still_works = R.greedy(eng)[0]
+    finally:
+        eng.close()
+    return dict(errors=errors, generated_before=generated_before, still_works=still_works)
+
+
+def test_bad_inputs_fail_before_generation_naming_the_field(folders):
+    """Every rank raises the same one-line error before any generation (the bad prompt is in
+    rank 1's share; rank 0 must not hang or generate); the engine stays usable."""
+    results = run_distributed(_bad_inputs, 2, folders[0], timeout=600)
+    assert results[0]["errors"] == results[1]["errors"]
+    errors = results[0]["errors"]
+    expect = {
+        "missing": "prompt 3, message 0, content 0 ('image'): the image is missing",
+        "unreadable": "prompt 3, message 0, content 0 ('image'): the image cannot be decoded",
+        "no_file": "image file '/nonexistent/image.png' does not exist",
+        "tiny": "image 64x20 px is below the processor's minimum side of 28 px",
+        "too_long": "exceed rollout.max_model_len=128",
+        "not_messages": "prompt 3: expected a non-empty list of chat messages",
+        "n": "rollout.sampling.n=0",
+        "temperature": "rollout.sampling.temperature=-0.5",
+        "top_p": "rollout.sampling.top_p=0.0",
+        "max_new_tokens": "rollout.sampling.max_new_tokens=0",
+    }
+    for name, fragment in expect.items():
+        assert errors[name] is not None and fragment in errors[name], (name, errors[name])
+        assert "\n" not in errors[name]
+    for r in results:
+        assert r["generated_before"] == 0
+        assert len(r["still_works"]) == 4
+
+
+def _push_memory(folder, tp, pp, bucket):
+    from megatron_papo.rollout import PushStats
+
+    spec, chunks = R.policy(folder, tp, pp)
+    for _ in iter_hf_weights(chunks, spec, torch.float32, bucket):  # warm: first-call caches
+        pass
+    stats = PushStats()
+    with R.PeakLive() as streamed:
+        for _, tensor in iter_hf_weights(chunks, spec, torch.float32, bucket, stats=stats):
+            streamed.sample()
+            tensor = None
+    with R.PeakLive() as kept:  # the control: materialise the whole model at once
+        everything = [(n, t.clone()) for n, t in iter_hf_weights(chunks, spec, torch.float32,
+                                                                  bucket)]
+    total = sum(t.numel() * t.element_size() for _, t in everything)
+    largest = max(t.numel() * t.element_size() for _, t in everything)
+    return dict(streamed=streamed.peak, kept=kept.peak, total=total, stats=stats,
+                largest=largest)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_push_memory_is_bounded_by_the_bucket(tmp_path, tp, pp):
+    """A 35 MB (fp32) model pushed in 1 MiB buckets: the peak of live memory a push adds on any
+    rank (TP gathers, bucket packing, the PP broadcast and receive) stays within one bucket plus
+    the largest tensor (+1 MiB for the interpreter and gloo); keeping the whole model, the
+    control, exceeds that bound (so the measurement can see a leak)."""
+    folder = str(tmp_path / "hf_big")
+    write_tiny_checkpoint(folder, dtype=torch.float32, layers=8, intermediate_size=2048,
+                          vocab_size=8192)
+    bucket = 2**20
+    for r in run_distributed(_push_memory, tp * pp, folder, tp, pp, bucket, timeout=600):
+        bound = bucket + r["largest"] + 2**20
+        assert r["stats"].largest_bucket_bytes <= bucket
+        assert r["stats"].bytes == r["total"] > 3 * bound
+        assert r["streamed"] <= bound, (r["streamed"], bound)
+        assert r["kept"] > bound, (r["kept"], bound)

@@ -14,9 +14,10 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from .table import HFConvention, MappingError, MappingTable
+from .table import HFConvention, MappingError, MappingTable, Row
 
 _LAYER = re.compile(r"^(.*?\.layers)\.(\d+)\.(.*)$")
+DEFAULT_GATHER_CHUNK_BYTES = 64 * 2**20  # per rank and TP-gather piece
 
 
 def global_megatron_name(model: torch.nn.Module, local_name: str) -> str:
@@ -76,6 +77,7 @@ def export_megatron_to_hf(model: torch.nn.Module, table: MappingTable, dims: dic
                           convention: HFConvention | None = None, tp_group=None,
                           value: Callable[[torch.nn.Parameter], torch.Tensor] | None = None,
                           skip: Callable[[str], bool] | None = None,
+                          gather_chunk_bytes: int = DEFAULT_GATHER_CHUNK_BYTES,
                           ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full tensor)`` for every parameter of this rank's pipeline stage.
 
@@ -83,7 +85,8 @@ def export_megatron_to_hf(model: torch.nn.Module, table: MappingTable, dims: dic
     the caller picks who writes). Rows marked ``export=False`` (the last stage's copy of a tied
     embedding) are skipped. ``value`` picks what is exported per parameter (default: the weight;
     ``lambda p: p.grad`` exports gradients under HF names). ``skip(canonical HF name)`` leaves a
-    parameter out (before its TP gather) when it is true for all the row's HF names.
+    parameter out (before its TP gather) when it is true for all the row's HF names. TP gathers run
+    in pieces of ``gather_chunk_bytes`` per rank.
     """
     rank, size = _tp_info(tp_group)
     for local_name, param in model.named_parameters():
@@ -93,10 +96,37 @@ def export_megatron_to_hf(model: torch.nn.Module, table: MappingTable, dims: dic
             continue
         tensor = param.detach() if value is None else value(param)
         if row.tp_dim is not None and size > 1:
-            shards = [torch.empty_like(tensor) for _ in range(size)]
-            dist.all_gather(shards, tensor.contiguous(), group=tp_group)
-            full = row.unshard(shards)
+            full = _gather_tp(row, tensor, size, tp_group, gather_chunk_bytes)
         else:
             full = tensor
-        for name, part in zip(row.hf_names(idx), row.split(full, dims)):
-            yield (convention.from_canonical(name) if convention else name), part.contiguous()
+        parts = [part.contiguous() for part in row.split(full, dims)]
+        full = tensor = None  # only the exported parts stay alive (a push's memory bound)
+        for name, part in zip(row.hf_names(idx), parts):
+            yield (convention.from_canonical(name) if convention else name), part
+        parts = part = None
+
+
+def _gather_tp(row, tensor: torch.Tensor, size: int, tp_group,
+               chunk_bytes: int = DEFAULT_GATHER_CHUNK_BYTES) -> torch.Tensor:
+    """The full tensor of a TP-sharded row, gathered in pieces of at most ``chunk_bytes`` per rank
+    (the collective's own buffers stay small). One full-size allocation where the row is a plain
+    concatenation along dim 0 (embeddings, output layer, QKV: the largest tensors), two otherwise
+    (the row's own ``unshard`` reorders the gathered shards)."""
+    tensor = tensor.contiguous()
+    local = tensor.shape[0]
+    plain = row.tp_dim == 0 and type(row).unshard is Row.unshard
+    out = torch.empty((size * local, *tensor.shape[1:]) if plain else (size, *tensor.shape),
+                      dtype=tensor.dtype, device=tensor.device)
+    stacked = out.view(size, local, *tensor.shape[1:])
+    row_bytes = max(1, tensor[:1].numel() * tensor.element_size())
+    step = max(1, chunk_bytes // row_bytes)
+    for a in range(0, local, step):
+        b = min(local, a + step)
+        piece = torch.empty((size * (b - a), *tensor.shape[1:]), dtype=tensor.dtype,
+                            device=tensor.device)
+        dist.all_gather_into_tensor(piece, tensor[a:b], group=tp_group)
+        stacked[:, a:b].copy_(piece.view(size, b - a, *tensor.shape[1:]))
+        piece = None
+    if plain:
+        return out
+    return row.unshard(list(stacked.unbind(0)))

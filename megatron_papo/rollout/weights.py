@@ -3,14 +3,15 @@ engine of the world.
 
 Per pipeline stage in turn, the stage's ranks export their chunks through THE name table
 (``provider.export_hf_weights``: TP shards all-gathered, fused rows split, names made global) and
-pack the tensors, cast to the engine dtype, into flat byte buckets of ``bucket_bytes``; with PP > 1
+copy the tensors, cast to the engine dtype, into flat byte buckets of ``bucket_bytes``; with PP > 1
 each bucket is broadcast over the pipeline group so that every rank's engine receives every
 stage's tensors. Consumers get views into the current bucket.
 
 Memory: a bucket is closed only between "units" (the HF tensors that vLLM fuses into one module:
 q/k/v, gate/up, a weight and its bias), so vLLM's layer-wise reload never holds a view into an
-older bucket; peak extra memory is one bucket plus the largest unit being gathered (in practice
-the largest tensor), not the model size.
+older bucket. Live at any time: one bucket plus the unit being gathered (in practice the largest
+tensor) plus the TP-gather pieces (a quarter of a bucket), not the model. A unit larger than a bucket travels alone, as it is; if the training and
+engine dtypes differ its cast copy adds its size once more.
 """
 
 from __future__ import annotations
@@ -64,43 +65,75 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def _pack(units, dtype, bucket_bytes: int, stats: PushStats):
-    """Yield (header, buffer): header [(name, shape, dtype, offset, nbytes)], buffer uint8."""
-    pending, size = [], 0
-    for unit in units:
-        need = sum(_aligned(t.numel() * (dtype or t.dtype).itemsize) for _, t in unit)
-        if pending and size + need > bucket_bytes:
-            yield _fill(pending, size, dtype, stats)
-            pending, size = [], 0
-        pending.append(unit)
-        size += need
-        if size >= bucket_bytes:
-            yield _fill(pending, size, dtype, stats)
-            pending, size = [], 0
-    if pending:
-        yield _fill(pending, size, dtype, stats)
+def _nbytes(tensor: torch.Tensor, dtype) -> int:
+    return tensor.numel() * (dtype or tensor.dtype).itemsize
 
 
-def _fill(units, size: int, dtype, stats: PushStats):
-    buffer = torch.empty(size, dtype=torch.uint8)
-    header, offset = [], 0
+def _buckets(units, dtype, bucket_bytes: int, stats: PushStats):
+    """Yield (header, buffer): header [(name, shape, dtype, offset, nbytes)], buffer a flat uint8
+    tensor (a view of the used part of the bucket) or, for a unit larger than a bucket, None with
+    the unit's tensors themselves in the header (no copy when the dtypes match).
+
+    Each unit is copied into the open bucket as soon as it arrives (its gathered tensors are then
+    dropped); a unit that does not fit closes the bucket first. Live at any time: one bucket plus
+    the unit being gathered."""
+    buffer, header, used = None, [], 0
     for unit in units:
-        for name, tensor in unit:
-            t_dtype = dtype or tensor.dtype
-            nbytes = tensor.numel() * t_dtype.itemsize
-            buffer[offset:offset + nbytes].view(t_dtype).view(tensor.shape).copy_(tensor)
-            header.append((name, tuple(tensor.shape), t_dtype, offset, nbytes))
+        need = sum(_aligned(_nbytes(t, dtype)) for _, t in unit)
+        if header and used + need > bucket_bytes:
+            stats.largest_bucket_bytes = max(stats.largest_bucket_bytes, used)
+            yield header, buffer[:used]
+            buffer, header, used = None, [], 0
+        for _, tensor in unit:
             stats.largest_tensor_bytes = max(stats.largest_tensor_bytes,
                                              tensor.numel() * tensor.element_size())
-            offset += _aligned(nbytes)
-    units.clear()  # drop the gathered tensors before the bucket goes out
-    stats.largest_bucket_bytes = max(stats.largest_bucket_bytes, size)
-    return header, buffer
+        if need > bucket_bytes:  # alone, sent as it is
+            yield [(name, tensor.to(dtype) if dtype else tensor) for name, tensor in unit], None
+            continue
+        if buffer is None:
+            buffer = torch.empty(bucket_bytes, dtype=torch.uint8)  # pages touched only as filled
+        for name, tensor in unit:
+            t_dtype = dtype or tensor.dtype
+            nbytes = _nbytes(tensor, dtype)
+            buffer[used:used + nbytes].view(t_dtype).view(tensor.shape).copy_(tensor)
+            header.append((name, tuple(tensor.shape), t_dtype, used, nbytes))
+            used += _aligned(nbytes)
+        unit.clear()
+    if header:
+        stats.largest_bucket_bytes = max(stats.largest_bucket_bytes, used)
+        yield header, buffer[:used]
 
 
 def _views(header, buffer) -> Iterator[tuple[str, torch.Tensor]]:
+    if buffer is None:
+        yield from header
+        return
     for name, shape, t_dtype, offset, nbytes in header:
         yield name, buffer[offset:offset + nbytes].view(t_dtype).view(shape)
+
+
+def _broadcast_item(item, source: int, group):
+    """Send (source) or receive one bucket over the pipeline group; None ends the stage."""
+    if item is None:
+        meta = None
+    elif item[1] is None:  # a lone unit: its tensors one by one
+        meta = ("tensors", [(name, tuple(t.shape), t.dtype) for name, t in item[0]])
+    else:
+        meta = ("bucket", item[0], item[1].numel())
+    box = [meta]
+    dist.broadcast_object_list(box, src=source, group=group)
+    meta = box[0]
+    if meta is None:
+        return None
+    if meta[0] == "tensors":
+        tensors = item[0] if item is not None else [
+            (name, torch.empty(shape, dtype=t_dtype)) for name, shape, t_dtype in meta[1]]
+        for _, tensor in tensors:
+            dist.broadcast(tensor.contiguous(), src=source, group=group)
+        return tensors, None
+    buffer = item[1] if item is not None else torch.empty(meta[2], dtype=torch.uint8)
+    dist.broadcast(buffer, src=source, group=group)
+    return meta[1], buffer
 
 
 def iter_hf_weights(chunks: list, spec, dtype: torch.dtype | None = None,
@@ -117,43 +150,35 @@ def iter_hf_weights(chunks: list, spec, dtype: torch.dtype | None = None,
         raise ValueError(f"rollout.weight_bucket_bytes={bucket_bytes} must be >= 1")
     stats = stats if stats is not None else PushStats()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
     stage = parallel_state.get_pipeline_model_parallel_rank()
     group = parallel_state.get_pipeline_model_parallel_group() if pp > 1 else None
     ranks = dist.get_process_group_ranks(group) if pp > 1 else None
     skip = None if include_vision else (lambda name: name.startswith("visual."))
 
     for source in range(pp):
+        local = None
         if source == stage:
-            tensors = export_hf_weights(chunks, spec, skip=skip)
-            buckets = _pack(_units(tensors), dtype, bucket_bytes, stats)
-        else:
-            buckets = None
+            # TP-gather pieces: all ranks' pieces together a quarter of a bucket
+            tensors = export_hf_weights(chunks, spec, skip=skip,
+                                        gather_chunk_bytes=max(4096, bucket_bytes // (4 * tp)))
+            local = _buckets(_units(tensors), dtype, bucket_bytes, stats)
         while True:
-            if source == stage:
-                item = next(buckets, None)
-                if pp > 1:
-                    dist.broadcast_object_list([None if item is None else item[0]],
-                                               src=ranks[source], group=group)
-                    if item is not None:
-                        dist.broadcast(item[1], src=ranks[source], group=group)
-            else:
-                box = [None]
-                dist.broadcast_object_list(box, src=ranks[source], group=group)
-                item = None
-                if box[0] is not None:
-                    header = box[0]
-                    size = max(off + _aligned(n) for *_, off, n in header)
-                    buffer = torch.empty(size, dtype=torch.uint8)
-                    dist.broadcast(buffer, src=ranks[source], group=group)
-                    stats.largest_bucket_bytes = max(stats.largest_bucket_bytes, size)
-                    item = (header, buffer)
+            item = next(local, None) if local is not None else None
+            if pp > 1:
+                received = _broadcast_item(item, ranks[source], group)
+                if source != stage:
+                    item = received
+                    if item is not None and item[1] is not None:
+                        stats.largest_bucket_bytes = max(stats.largest_bucket_bytes,
+                                                         item[1].numel())
             if item is None:
                 break
             header, buffer = item
-            item = None
+            item = received = None
             stats.buckets += 1
             for name, view in _views(header, buffer):
                 stats.tensors += 1
                 stats.bytes += view.numel() * view.element_size()
                 yield name, view
-            header = buffer = view = None  # the bucket is freed before the next one
+            header = buffer = view = None  # the bucket is freed before the next one is filled

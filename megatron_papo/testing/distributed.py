@@ -26,6 +26,7 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -75,6 +76,27 @@ def _reset_global_state() -> None:
     except Exception:  # noqa: BLE001
         pass
     torch.set_default_dtype(torch.float32)
+    _close_vllm()
+
+
+def _close_vllm() -> None:
+    """Engines a failed test left open, and vLLM's own groups (the default group stays)."""
+    engine = sys.modules.get("megatron_papo.rollout.engine")
+    if engine is not None:
+        try:
+            engine.close_all_engines()
+        except Exception:  # noqa: BLE001
+            pass
+    vps = sys.modules.get("vllm.distributed.parallel_state")
+    if vps is not None and vps._WORLD is not None:
+        from megatron_papo.compat.vllm import engine_shutdown_keeps_process_group
+
+        try:
+            with engine_shutdown_keeps_process_group():
+                vps.destroy_model_parallel()
+                vps.destroy_distributed_environment()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _worker_main(rank: int, world_size: int, store_port: int, conn, dump_path: str, threads: int):

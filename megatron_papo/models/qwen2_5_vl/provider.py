@@ -57,14 +57,15 @@ def load_hf_weights(chunks: list, spec: Qwen25VLTextSpec, get_hf: Callable[[str]
 
 
 def export_hf_weights(chunks: list, spec: Qwen25VLTextSpec, convention: str = "hf",
-                      skip: Callable[[str], bool] | None = None):
+                      skip: Callable[[str], bool] | None = None, **gather):
     """Yield (HF name, full tensor) for this rank's pipeline stage (TP shards gathered).
-    ``skip(canonical HF name)`` leaves tensors out before they are gathered."""
+    ``skip(canonical HF name)`` leaves tensors out before they are gathered; ``gather``:
+    ``gather_chunk_bytes`` of the TP gathers."""
     table, dims = mapping_table(spec.tie_word_embeddings), tensor_dims(spec)
     group = parallel_state.get_tensor_model_parallel_group()
     for chunk in chunks:
         yield from export_megatron_to_hf(_unwrap(chunk), table, dims, table.convention(convention),
-                                         group, skip=skip)
+                                         group, skip=skip, **gather)
 
 
 @torch.no_grad()
