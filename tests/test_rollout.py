@@ -383,3 +383,43 @@ def test_push_memory_is_bounded_by_the_bucket(tmp_path, tp, pp):
         assert r["stats"].bytes == r["total"] > 3 * bound
         assert r["streamed"] <= bound, (r["streamed"], bound)
         assert r["kept"] > bound, (r["kept"], bound)
+
+
+def _checksums(worker):
+    model = worker.get_model()
+    sums = {"visual": 0.0, "language": 0.0}
+    for name, p in model.named_parameters():
+        sums["visual" if name.startswith("visual.") else "language"] += float(
+            p.detach().double().sum())
+    return sums
+
+
+def _language_only_push(hf0, hf1):
+    from megatron_papo.rollout import PushStats
+
+    spec, chunks = R.policy(hf0, 1, 1)
+    eng = R.engine(hf1)
+    try:
+        (before,) = eng.llm.collective_rpc(_checksums)
+        stats = PushStats()
+        eng.load_weights(iter_hf_weights(chunks, spec, torch.float32, SMALL_BUCKET,
+                                         include_vision=False, stats=stats))
+        (after,) = eng.llm.collective_rpc(_checksums)
+        tokens = R.greedy(eng)
+    finally:
+        eng.close()
+    return dict(before=before, after=after, tokens=tokens, stats=stats)
+
+
+def test_language_model_only_push_leaves_the_vision_tower(folders, fresh):
+    """include_vision=False (frozen vision tower): no visual.* tensor travels, the engine's vision
+    weights stay bit-identical, its language model takes the pushed weights (a text prompt then
+    generates exactly like a fresh engine on those weights)."""
+    (r,) = run_distributed(_language_only_push, 1, *folders)
+    assert r["after"]["visual"] == r["before"]["visual"]
+    assert r["after"]["language"] != r["before"]["language"]
+    text_prompt = 1
+    assert r["tokens"][0][text_prompt] == fresh[0][0][text_prompt]
+    torch.testing.assert_close(r["tokens"][1][text_prompt], fresh[0][1][text_prompt], rtol=0,
+                               atol=1e-4)
+    assert r["stats"].tensors == 4 * 12 + 3  # 4 layers x 12, embeddings, final norm, lm_head

@@ -161,6 +161,28 @@ def _training_dp() -> tuple[int, int]:
     return 0, 1
 
 
+class _QuietExpectedWarnings(logging.Filter):
+    """Drop vLLM warnings that are expected in a colocated engine and would bury real output:
+    the layer-wise reload's "Failed to load weights" for layers a push does not carry (buffers
+    such as rotary caches and the input normalisation, which it keeps; the vision tower when only
+    the language model is pushed) and the CPU worker's note, repeated at every call, that it
+    ignores ``torch.set_num_threads`` after binding its threads."""
+
+    PATTERNS = ("Failed to load weights", "doesn't allow to use `torch.set_num_threads`")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p in message for p in self.PATTERNS)
+
+
+def _quiet_vllm_logs() -> None:
+    for name in ("vllm.model_executor.model_loader.reload.layerwise",
+                 "vllm.v1.worker.cpu_worker"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietExpectedWarnings) for f in logger.filters):
+            logger.addFilter(_QuietExpectedWarnings())
+
+
 def _suppress_processor_class():
     from vllm.v1.sample.logits_processor import LogitsProcessor
 
@@ -218,6 +240,7 @@ class RolloutEngine:
             torch._dynamo.config.disable = True
         from vllm import LLM
 
+        _quiet_vllm_logs()
         c = self.config
         kwargs = dict(
             model=c.model_path, dtype=c.dtype, max_model_len=c.max_model_len,

@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_papo.models.qwen2_5_vl.bridge import HF_VIS
 from megatron_papo.models.qwen2_5_vl.provider import export_hf_weights
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
@@ -154,7 +155,7 @@ def iter_hf_weights(chunks: list, spec, dtype: torch.dtype | None = None,
     stage = parallel_state.get_pipeline_model_parallel_rank()
     group = parallel_state.get_pipeline_model_parallel_group() if pp > 1 else None
     ranks = dist.get_process_group_ranks(group) if pp > 1 else None
-    skip = None if include_vision else (lambda name: name.startswith("visual."))
+    skip = None if include_vision else (lambda name: name.startswith(HF_VIS + "."))
 
     for source in range(pp):
         local = None
