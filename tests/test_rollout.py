@@ -478,3 +478,53 @@ def test_seeded_batch_larger_than_a_scheduler_step(folders):
     first, second, prompt_tokens = r
     assert prompt_tokens > 8192
     assert first == second and len(first) == 48 and all(len(s) == 4 for s in first)
+
+
+def test_rollout_batch_layout_and_masked_images(folders):
+    """build_rollout_batch on a hand-made rollout (no engine needed): every response is a sample
+    with its prompt's images (in order), the length is padded to the TP multiple, the response
+    mask and engine log-probs sit on the response tokens, positions are the 3-D MRoPE index, and
+    the masked images are rl.masking's black patches on the RAW image run through the same
+    processor (same grid, different pixels). Selecting samples keeps images with them."""
+    from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
+    from megatron_papo.rl.masking import mask_image
+    from megatron_papo.rollout import PromptEncoder, PromptRollout, Response, build_rollout_batch
+    from megatron_papo.rollout.batch import MAX_IMAGES_SEED_STRIDE
+
+    encoder = PromptEncoder(folders[0], min_pixels=28 * 28, max_pixels=112 * 112)
+    prompts = R.prompts()
+    rollouts = []
+    for index in (0, 1, 2):
+        (encoded,) = encoder.encode([prompts[index]])
+        responses = [Response([40 + k, 41, 42][:k + 1], [-0.5 - k, -1.0, -1.5][:k + 1], "stop")
+                     for k in range(3)]
+        rollouts.append(PromptRollout(index, encoded.input_ids.tolist(), responses))
+    batch = build_rollout_batch(prompts, rollouts, encoder, pad_multiple=4, mask_ratio=0.6,
+                                mask_seed=9)
+    assert len(batch) == 9 and batch.input_ids.shape[1] % 4 == 0
+    assert batch.images_per_sample.tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 1]
+    lengths = batch.attention_mask.sum(-1).tolist()
+    for i, (r, k) in enumerate((r, k) for r in rollouts for k in range(3)):
+        n_prompt = len(r.prompt_ids)
+        assert lengths[i] == n_prompt + k + 1
+        assert batch.input_ids[i, :n_prompt].tolist() == r.prompt_ids
+        assert batch.response_mask[i].nonzero().flatten().tolist() == list(
+            range(n_prompt, n_prompt + k + 1))
+        assert batch.rollout_logp[i, n_prompt:n_prompt + k + 1].tolist() == r.responses[k].logprobs
+    assert torch.equal(batch.position_ids, get_rope_index(
+        batch.input_ids, batch.image_grid_thw, encoder.image_token_id, 2, batch.attention_mask))
+    (first,) = encoder.encode([prompts[0]])
+    (third,) = encoder.encode([prompts[2]])
+    masked = [encoder.pixel_values([mask_image(e.images[0], 0.6, 14, seed=9 + i *
+                                                MAX_IMAGES_SEED_STRIDE)])
+              for i, e in ((0, first), (2, third))]
+    p0, p2 = first.pixel_values.shape[0], third.pixel_values.shape[0]
+    assert batch.pixel_values.shape[0] == 3 * p0 + 3 * p2
+    assert torch.equal(batch.pixel_values[:p0], first.pixel_values)
+    assert torch.equal(batch.masked_pixel_values[:p0], masked[0])
+    assert torch.equal(batch.masked_pixel_values[-p2:], masked[1])
+    assert not torch.equal(batch.masked_pixel_values, batch.pixel_values)
+    part = batch.select(5, 8)  # text sample, then two samples of the third prompt
+    assert part.images_per_sample.tolist() == [0, 1, 1]
+    assert torch.equal(part.pixel_values, torch.cat([third.pixel_values] * 2))
+    assert torch.equal(part.masked_pixel_values, torch.cat([masked[1]] * 2))
