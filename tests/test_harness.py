@@ -67,3 +67,17 @@ def test_dying_rank_is_reported_and_pool_recovers():
         run_distributed(_rank0_dies, 2, timeout=60)
     assert "rank 0: process died (exit code 7)" in str(info.value)
     assert [r[2] for r in run_distributed(_rank_and_allreduce, 2, 1)] == [3.0, 3.0]
+
+
+def _make_groups_and_count_threads():
+    from megatron_papo.parallel import initialize_model_parallel
+
+    initialize_model_parallel(1, 2)
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_process_groups_of_a_call_do_not_outlive_it():
+    """Each call builds megatron-core's groups; without the harness destroying them between calls
+    a reused worker gained ~50 gloo threads per call (900 after a full suite, slowing it down)."""
+    counts = [run_distributed(_make_groups_and_count_threads, 2)[0] for _ in range(4)]
+    assert counts[-1] <= counts[0] + 2, counts

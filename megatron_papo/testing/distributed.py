@@ -77,6 +77,26 @@ def _reset_global_state() -> None:
         pass
     torch.set_default_dtype(torch.float32)
     _close_vllm()
+    _destroy_subgroups()
+
+
+def _destroy_subgroups() -> None:
+    """Every process group but the default one. megatron-core's ``destroy_model_parallel`` only
+    forgets its groups and a vLLM engine makes a dozen more: in a worker reused by many tests the
+    gloo groups (two polling threads per peer each) piled up to ~900 threads per process and
+    slowed every later test."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    if not dist.is_initialized():
+        return
+    default = c10d._get_default_group()
+    for group in list(c10d._world.pg_map):
+        if group is not default:
+            try:
+                dist.destroy_process_group(group)
+            except Exception:  # noqa: BLE001 - best effort
+                pass
 
 
 def _close_vllm() -> None:
