@@ -46,7 +46,7 @@ def rollout_batch() -> RolloutBatch:
                                                               generator=g) > 0.6))
 
 
-def _policy(tp, pp, mode, algorithm="papo_h", sp=False):
+def _policy(tp, pp, mode, algorithm="papo_h", sp=False, micro=2, mini=4, aggregation=None):
     hf_config = Q.tiny_hf_config()
     sd = Q.reference_model(hf_config).state_dict()
     spec = text_spec_from_hf(hf_config)
@@ -56,8 +56,9 @@ def _policy(tp, pp, mode, algorithm="papo_h", sp=False):
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.0, clip_grad=1.0,
                         use_distributed_optimizer=True, params_dtype=torch.float32), chunks)
-    config = UpdateConfig(micro_batch_size=2, mini_batch_size=4, masked_branch=mode,
-                          loss=preset(algorithm))
+    loss = preset(algorithm, **({"aggregation": aggregation} if aggregation else {}))
+    config = UpdateConfig(micro_batch_size=micro, mini_batch_size=mini, masked_branch=mode,
+                          loss=loss)
     return spec, chunks, PolicyUpdater(chunks, optimizer, config)
 
 
@@ -107,6 +108,42 @@ def test_update_at_tp_pp_equals_tp1(mode):
         assert weights.keys() == ref["weights"].keys()
         for name, value in weights.items():
             torch.testing.assert_close(value, ref["weights"][name], **TOL, msg=f"{name} {tp}x{pp}")
+
+
+def _update_split(micro, mode, aggregation):
+    """One update of the 4-sample mini-batch, each DP rank holding its contiguous share."""
+    dp = torch.distributed.get_world_size()
+    spec, chunks, updater = _policy(1, 1, mode, micro=micro, mini=4 // dp,
+                                    aggregation=aggregation)
+    batch = rollout_batch()
+    batch.response_mask.zero_()
+    for i, (length, n) in enumerate(zip(batch.attention_mask.sum(-1).tolist(), (2, 7, 4, 5))):
+        batch.response_mask[i, length - n:length] = 1  # responses of different lengths
+    g = torch.Generator().manual_seed(5)
+    current = updater.compute_logprobs(batch)
+    batch.old_logp = current + 0.3 * torch.randn(current.shape, generator=g)
+    batch.ref_logp = current + 0.2 * torch.randn(current.shape, generator=g)
+    if mode == "frozen":
+        batch.masked_logp = updater.compute_logprobs(batch, masked=True)
+    rank, share = parallel_state.get_data_parallel_rank(), 4 // dp
+    (metrics,) = updater.update(batch.select(rank * share, (rank + 1) * share))
+    return dict(grad_norm=metrics["grad_norm"], weights=dict(export_hf_weights(chunks, spec)))
+
+
+@pytest.mark.parametrize("mode,aggregation", [("frozen", "token-mean"), ("live", "token-mean"),
+                                              ("frozen", "seq-mean-token-mean")])
+def test_update_is_invariant_to_micro_batch_size_and_dp(mode, aggregation):
+    """The same 4-sample mini-batch (samples of different response lengths would weigh
+    differently if each micro-batch were averaged on its own): micro-batch 1, 2 and 4 at DP=1
+    and micro-batch 1 and 2 at DP=2 give the same grad norm and updated weights (tol 1e-5)."""
+    (ref,) = run_distributed(_update_split, 1, 4, mode, aggregation)
+    runs = [run_distributed(_update_split, 1, m, mode, aggregation) for m in (1, 2)]
+    runs += [run_distributed(_update_split, 2, m, mode, aggregation) for m in (1, 2)]
+    for results in runs:
+        for r in results:
+            assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+            for name, value in r["weights"].items():
+                torch.testing.assert_close(value, ref["weights"][name], **TOL, msg=name)
 
 
 def _masked_branch_gradient(mode):

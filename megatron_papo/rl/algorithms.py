@@ -124,16 +124,23 @@ def exact_entropy(logits: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- aggregation
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
+              denominator: float | torch.Tensor | None = None) -> torch.Tensor:
     """Reduce per-token values [B, T] over the response tokens (``mask`` [B, T]) to a scalar.
 
     token-mean: sum / number of tokens (the authors'); seq-mean-token-mean: mean over sequences of
     each sequence's token mean; seq-mean-token-sum: mean over sequences of each sequence's sum.
     Sequences without tokens are left out; an all-empty batch gives 0.
+
+    ``denominator`` replaces this batch's own count (tokens, or sequences with tokens): pass the
+    count of the WHOLE mini-batch (all micro-batches, all data-parallel ranks, see
+    :func:`aggregation_count`) and the sum of the micro-batches' values is the mini-batch's
+    aggregate, whatever the micro-batch size and DP.
     """
     mask = mask.to(values.dtype)
     if mode == "token-mean":
-        return (values * mask).sum() / mask.sum().clamp_min(1.0)
+        count = mask.sum().clamp_min(1.0) if denominator is None else denominator
+        return (values * mask).sum() / count
     per_seq = (values * mask).sum(-1)
     counts = mask.sum(-1)
     has = counts > 0
@@ -141,7 +148,17 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
         per_seq = per_seq / counts.clamp_min(1.0)
     elif mode != "seq-mean-token-sum":
         raise ValueError(f"loss aggregation {mode!r} is not one of {AGGREGATIONS}")
-    return per_seq[has].sum() / has.sum().clamp_min(1)
+    count = has.sum().clamp_min(1) if denominator is None else denominator
+    return per_seq[has].sum() / count
+
+
+def aggregation_count(mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+    """What ``mode`` divides by, for ``mask`` [B, T]: response tokens (token-mean) or sequences
+    with at least one response token (the seq-mean modes). Sum it over micro-batches and ranks
+    to get the ``denominator`` of :func:`aggregate`."""
+    if mode == "token-mean":
+        return mask.float().sum()
+    return (mask.sum(-1) > 0).float().sum()
 
 
 # --------------------------------------------------------------------------- the registry
@@ -236,9 +253,11 @@ LOSS_TERMS: dict[str, Term] = {
 }
 
 
-def combined_loss(inputs: LossInputs, config: LossConfig) -> tuple[torch.Tensor, dict]:
+def combined_loss(inputs: LossInputs, config: LossConfig,
+                  denominator: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Sum of every registered term with a non-zero weight, each aggregated over response
-    tokens. Returns (loss, {term name: aggregated value (detached)})."""
+    tokens (``denominator``: see :func:`aggregate`). Returns (loss, {term name: aggregated value
+    (detached)})."""
     total = inputs.logp.new_zeros(())
     parts = {}
     for term in LOSS_TERMS.values():
@@ -248,7 +267,8 @@ def combined_loss(inputs: LossInputs, config: LossConfig) -> tuple[torch.Tensor,
         missing = [n for n in term.needs if getattr(inputs, n) is None]
         if missing:
             raise ValueError(f"loss term '{term.name}' needs {missing} in the batch")
-        value = aggregate(term.per_token(inputs, config), inputs.mask, config.aggregation)
+        value = aggregate(term.per_token(inputs, config), inputs.mask, config.aggregation,
+                          denominator)
         total = total + weight * value
         parts[term.name] = value.detach()
     return total, parts

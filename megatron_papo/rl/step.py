@@ -24,7 +24,13 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from .algorithms import LossConfig, LossInputs, clipped_policy_loss, combined_loss
+from .algorithms import (
+    LossConfig,
+    LossInputs,
+    aggregation_count,
+    clipped_policy_loss,
+    combined_loss,
+)
 from .logprobs import sampling_logits, token_entropy, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -81,7 +87,10 @@ class RolloutBatch:
         return RolloutBatch(**out)
 
     def with_masked_images(self) -> "RolloutBatch":
-        """The same sequences with the masked images instead of the originals."""
+        """The same sequences with the masked images instead of the originals (a slice without
+        images is its own masked copy)."""
+        if self.pixel_values is None:
+            return self
         if self.masked_pixel_values is None:
             raise ValueError("the masked branch needs masked_pixel_values in the rollout batch "
                              "(rl.masking must be on for PAPO)")
@@ -221,7 +230,10 @@ class PolicyUpdater:
             return logp, mb.masked_logp, entropy, None
         return output, split
 
-    def _loss_func(self, mb: RolloutBatch, split):
+    def _loss_func(self, mb: RolloutBatch, split, denominator: float, scale: float):
+        """``denominator``: the mini-batch's aggregation count over all micro-batches and DP
+        ranks; ``scale`` undoes megatron-core's averaging over micro-batches and DP ranks, so that
+        the gradient is that of the mini-batch's aggregate (micro-batch size and DP invariant)."""
         cfg = self.config.loss
 
         def loss_func(logits):
@@ -230,7 +242,9 @@ class PolicyUpdater:
                                 old_logp=mb.old_logp, ref_logp=mb.ref_logp,
                                 masked_logp=masked_logp, entropy=entropy,
                                 masked_entropy=masked_entropy)
-            loss, parts = combined_loss(inputs, cfg)
+            loss, parts = combined_loss(inputs, cfg, denominator)
+            loss = loss * scale
+            parts = {k: v * scale for k, v in parts.items()}
             pg = clipped_policy_loss(logp.detach(), mb.old_logp, mb.advantages, cfg.eps_low,
                                      cfg.eps_high, cfg.dual_clip)
             mask = mb.response_mask
@@ -276,10 +290,20 @@ class PolicyUpdater:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
 
+        # megatron-core divides each micro-batch's loss by their number and DDP averages the
+        # gradients over DP: dividing by the whole mini-batch's count (summed over DP) and scaling
+        # by micro-batches x DP makes the update that of the mini-batch aggregate.
+        dp = parallel_state.get_data_parallel_world_size()
+        count = aggregation_count(mini.response_mask, cfg.loss.aggregation)
+        if dp > 1:
+            torch.distributed.all_reduce(count, group=parallel_state.get_data_parallel_group())
+        denominator = count.clamp_min(1.0)
+        scale = float(len(micro) * dp)
+
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             output, split = self.branch_logprobs(model, mb)
-            return output, self._loss_func(mb, split)
+            return output, self._loss_func(mb, split, denominator, scale)
 
         per_micro = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro), model=self.model,
