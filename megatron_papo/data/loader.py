@@ -1,0 +1,150 @@
+"""Prompt datasets from HF ``datasets`` files (parquet or JSON/JSONL, as the authors' ViRL39K and
+MMK12 ship them): an image column (bytes, paths, PIL images, HF image dicts, or a list of them),
+a problem column and an answer column, names configurable. Each row becomes chat messages in the
+authors' prompt format (think inside <think></think>, final answer in \\boxed{}).
+
+Bad rows (missing or corrupt image, empty problem, missing answer) are skipped and counted; more
+than ``max_bad_fraction`` of them is an error naming the file and the first bad rows."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+# The authors' instruction (EasyR1's math format prompt), appended to each problem.
+PROMPT_TEMPLATE = (
+    "{problem} You FIRST think about the reasoning process as an internal monologue and then "
+    "provide the final answer. The reasoning process MUST BE enclosed within <think> </think> "
+    "tags. The final answer MUST BE put in \\boxed{{}}.")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message names the file, the column or the rows."""
+
+
+@dataclass
+class DataConfig:
+    """``data.*``: one file per split; column names; the prompt template (``{problem}``)."""
+
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    image_key: str = "image"
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    prompt_template: str = PROMPT_TEMPLATE
+    max_bad_fraction: float = 0.05
+
+    def __post_init__(self):
+        if "{problem}" not in self.prompt_template:
+            raise DataError("data.prompt_template must contain '{problem}'")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise DataError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+
+
+@dataclass
+class Example:
+    messages: list            # chat messages, images as PIL
+    answer: str
+    source: str               # "file:row"
+
+
+@dataclass
+class LoadSummary:
+    file: str
+    rows: int
+    kept: int
+    bad: dict[str, list[int]] = field(default_factory=dict)   # reason -> row numbers
+
+    def line(self) -> str:
+        skipped = self.rows - self.kept
+        reasons = ", ".join(f"{len(rows)} {why}" for why, rows in self.bad.items())
+        return (f"[data] {self.file}: {self.kept}/{self.rows} rows kept"
+                + (f", {skipped} skipped ({reasons})" if skipped else ""))
+
+
+def _read(path: str):
+    import datasets
+
+    if not os.path.exists(path):
+        raise DataError(f"data file '{path}' does not exist")
+    kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}.get(
+        os.path.splitext(path)[1].lower())
+    if kind is None:
+        raise DataError(f"data file '{path}': use .parquet, .json or .jsonl")
+    return datasets.load_dataset(kind, data_files=path, split="train")
+
+
+def _image(value) -> Image.Image:
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict) and value.get("bytes") is not None:
+        image = Image.open(io.BytesIO(value["bytes"]))
+    elif isinstance(value, dict) and value.get("path"):
+        image = Image.open(value["path"])
+    elif isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        image = Image.open(value)
+    else:
+        raise ValueError(f"no image in a {type(value).__name__}")
+    image.load()
+    return image.convert("RGB")
+
+
+def load_examples(path: str, config: DataConfig) -> tuple[list[Example], LoadSummary]:
+    table = _read(path)
+    columns = table.column_names
+    for key in ("image_key", "problem_key", "answer_key"):
+        name = getattr(config, key)
+        if name not in columns:
+            raise DataError(f"data.{key}='{name}' is not a column of '{path}' (columns: "
+                            f"{columns})")
+    summary = LoadSummary(path, len(table), 0)
+    examples = []
+    for i, row in enumerate(table):
+        problem, answer, raw = (row[config.problem_key], row[config.answer_key],
+                                row[config.image_key])
+        reason = None
+        if not isinstance(problem, str) or not problem.strip():
+            reason = "empty problem"
+        elif answer is None or not str(answer).strip():
+            reason = "missing answer"
+        else:
+            raws = raw if isinstance(raw, list) else [raw]
+            try:
+                if not raws or any(r is None for r in raws):
+                    raise ValueError("missing")
+                images = [_image(r) for r in raws]
+            except Exception:  # noqa: BLE001 - a corrupt or absent image of any kind
+                reason = "missing or corrupt image"
+        if reason:
+            summary.bad.setdefault(reason, []).append(i)
+            continue
+        text = config.prompt_template.format(problem=problem.strip())
+        content = [{"type": "image", "image": im} for im in images]
+        content.append({"type": "text", "text": text})
+        examples.append(Example([{"role": "user", "content": content}], str(answer).strip(),
+                                f"{path}:{i}"))
+    summary.kept = len(examples)
+    bad = summary.rows - summary.kept
+    if summary.rows and bad / summary.rows > config.max_bad_fraction:
+        first = sorted(r for rows in summary.bad.values() for r in rows)[:5]
+        raise DataError(f"'{path}': {bad} of {summary.rows} rows are bad ({summary.line()}); "
+                        f"more than data.max_bad_fraction={config.max_bad_fraction}; first bad "
+                        f"rows: {first}")
+    if not examples:
+        raise DataError(f"'{path}' has no usable rows")
+    return examples, summary
+
+
+def load_split(files: list[str], config: DataConfig, log=print) -> list[Example]:
+    """All examples of a split's files, with one summary line per file."""
+    examples = []
+    for path in files:
+        part, summary = load_examples(path, config)
+        log(summary.line())
+        examples += part
+    return examples

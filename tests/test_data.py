@@ -1,0 +1,102 @@
+"""Datasets: the synthetic counting task really shows the counted shapes; HF datasets files
+(parquet, JSON with image paths) load into chat prompts; bad rows are skipped and counted, too
+many of them or a wrong column name stop with an error naming the file/key."""
+
+import io
+import json
+from collections import deque
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from megatron_papo.data import DataConfig, DataError, counting_rows, load_examples, load_split
+from megatron_papo.data.synthetic import QUESTION
+
+
+def _blobs(image: Image.Image) -> int:
+    """Connected components of non-white pixels (4-neighbourhood)."""
+    ink = (np.asarray(image.convert("RGB")).astype(int).sum(-1) < 700)
+    seen = np.zeros_like(ink)
+    count = 0
+    for y, x in zip(*np.nonzero(ink)):
+        if seen[y, x]:
+            continue
+        count += 1
+        queue = deque([(y, x)])
+        seen[y, x] = True
+        while queue:
+            cy, cx = queue.popleft()
+            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                if 0 <= ny < ink.shape[0] and 0 <= nx < ink.shape[1] and ink[ny, nx] \
+                        and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+    return count
+
+
+def test_counting_images_show_the_answer():
+    rows = counting_rows(40, seed=3)
+    answers = [int(r["answer"]) for r in rows]
+    assert set(answers) == {1, 2, 3, 4} and all(r["problem"] == QUESTION for r in rows)
+    for row in rows:
+        image = Image.open(io.BytesIO(row["image"]))
+        assert image.size == (56, 56)
+        assert _blobs(image) == int(row["answer"])
+    assert counting_rows(5, seed=3) == rows[:5]  # deterministic
+
+
+def _write(tmp_path, rows, name="train.parquet"):
+    path = str(tmp_path / name)
+    datasets.Dataset.from_list(rows).to_parquet(path)
+    return path
+
+
+def test_parquet_rows_become_prompts_and_bad_rows_are_counted(tmp_path):
+    good = counting_rows(8, seed=1)
+    bad = [dict(good[0], image=None), dict(good[1], image=b"not a png"),
+           dict(good[2], problem="  "), dict(good[3], answer=None)]
+    path = _write(tmp_path, good + bad)
+    examples, summary = load_examples(path, DataConfig(max_bad_fraction=0.4))
+    assert summary.rows == 12 and summary.kept == 8 and len(examples) == 8
+    assert summary.bad == {"missing or corrupt image": [8, 9], "empty problem": [10],
+                           "missing answer": [11]}
+    assert "8/12 rows kept, 4 skipped" in summary.line()
+    first = examples[0]
+    content = first.messages[0]["content"]
+    assert isinstance(content[0]["image"], Image.Image) and content[0]["type"] == "image"
+    assert content[1]["text"].startswith(QUESTION) and "\\boxed{}" in content[1]["text"]
+    assert first.answer == good[0]["answer"] and first.source == f"{path}:0"
+    with pytest.raises(DataError, match=r"4 of 12 rows are bad .*data.max_bad_fraction=0.1; "
+                                        r"first bad rows: \[8, 9, 10, 11\]"):
+        load_examples(path, DataConfig(max_bad_fraction=0.1))
+
+
+def test_json_with_image_paths_and_custom_columns(tmp_path):
+    rows = counting_rows(3, seed=2)
+    records = []
+    for i, row in enumerate(rows):
+        image_path = tmp_path / f"{i}.png"
+        image_path.write_bytes(row["image"])
+        records.append({"images": [str(image_path)], "question": "count", "solution": row["answer"]})
+    path = tmp_path / "val.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    config = DataConfig(image_key="images", problem_key="question", answer_key="solution",
+                        prompt_template="{problem}?")
+    lines = []
+    examples = load_split([str(path)], config, log=lines.append)
+    assert [e.answer for e in examples] == [r["answer"] for r in rows]
+    assert examples[0].messages[0]["content"][-1]["text"] == "count?"
+    assert lines == [f"[data] {path}: 3/3 rows kept"]
+
+
+def test_wrong_column_or_file_is_a_clear_error(tmp_path):
+    path = _write(tmp_path, counting_rows(2))
+    with pytest.raises(DataError, match=r"data.image_key='images' is not a column of .*"
+                                        r"columns: \['image', 'problem', 'answer'\]"):
+        load_examples(path, DataConfig(image_key="images"))
+    with pytest.raises(DataError, match="does not exist"):
+        load_examples(str(tmp_path / "missing.parquet"), DataConfig())
+    with pytest.raises(DataError, match="data.prompt_template must contain"):
+        DataConfig(prompt_template="no placeholder")
