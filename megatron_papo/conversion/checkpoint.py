@@ -264,8 +264,23 @@ def mcore_to_hf(ckpt: str, out: str, tp: int = 1, pp: int = 1, dtype: str | None
     check_output(out, force)
     out_dtype = _dtype(dtype)
     spec, chunks, meta = load_mcore_model(ckpt, tp, pp, hf_config_dir=hf_config_dir)
+    write_hf_folder(chunks, spec, out, hf_config_dir or os.path.join(ckpt, HF_DIR),
+                    out_dtype or _dtype(meta.get("dtype", "fp32")), out_dtype, naming,
+                    max_shard_bytes, force)
+    stats = ConversionStats(time.time() - start, peak_rss_bytes(), len(expected_hf_names(spec)))
+    _log(stats.report())
+    return stats
+
+
+def write_hf_folder(chunks: list, spec, out: str, sidecar_dir: str, config_dtype: torch.dtype,
+                    out_dtype: torch.dtype | None = None, naming: str = "hf",
+                    max_shard_bytes: int = 5 * 2**30, force: bool = False) -> None:
+    """Write model chunks (any TP/PP; every rank calls it) as an HF folder: sharded safetensors
+    + index, config, generation config, tokenizer and processor files copied from
+    ``sidecar_dir``. The folder appears atomically."""
     table = mapping_table(spec.tie_word_embeddings)
     table.convention(naming)  # refuse an unknown naming before writing
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
     writer_rank = (parallel_state.get_tensor_model_parallel_rank() == 0
                    and parallel_state.get_data_parallel_rank() == 0)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -288,15 +303,11 @@ def mcore_to_hf(ckpt: str, out: str, tp: int = 1, pp: int = 1, dtype: str | None
         if _rank() == 0:
             flat = [p for rank_parts in parts for p in rank_parts]
             index = finalize_shards(tmp, flat)
-            src = hf_config_dir or os.path.join(ckpt, HF_DIR)
-            copy_sidecar_files(src, tmp)
-            _write_configs(tmp, out_dtype or _dtype(meta.get("dtype", "fp32")))
+            copy_sidecar_files(sidecar_dir, tmp)
+            _write_configs(tmp, config_dtype)
             n = len(index["weight_map"])
             if n != total:
                 raise ConversionError(f"exported {n} tensors but the config needs {total}")
-    stats = ConversionStats(time.time() - start, peak_rss_bytes(), total)
-    _log(stats.report())
-    return stats
 
 
 def _write_configs(folder: str, dtype: torch.dtype) -> None:

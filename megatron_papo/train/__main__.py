@@ -1,0 +1,60 @@
+"""``python -m megatron_papo.train [group=option] [key=value ...]`` (``--help`` lists the groups).
+
+Single process by default; under torchrun every process runs it (TP/PP/DP from ``parallel``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+
+# Errors that are the user's to fix: one line, exit code 2, no traceback.
+USER_ERRORS = ("ConfigError", "DataError", "RolloutInputError", "RewardError",
+               "ModelConfigError", "ParallelConfigError", "MappingError", "HFCheckpointError")
+
+
+def run(raw: dict) -> None:
+    from megatron_papo.compat import apply_cpu_patches
+
+    apply_cpu_patches()
+    import torch.distributed as dist
+
+    from .config import build_config
+    from .loop import Trainer, init_processes
+
+    init_processes()
+    trainer = None
+    try:
+        config = build_config(raw, dist.get_world_size())
+        trainer = Trainer(config)
+        trainer.run()
+    except Exception as err:  # noqa: BLE001
+        if type(err).__name__ not in USER_ERRORS:
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        if trainer is not None:
+            trainer.close()
+            trainer = None
+        sys.exit(2)
+    finally:
+        if trainer is not None:
+            trainer.close()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import OmegaConf
+
+    @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=None)
+    def _main(cfg) -> None:
+        raw = OmegaConf.to_container(cfg, resolve=True)
+        run(raw)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

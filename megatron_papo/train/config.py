@@ -1,0 +1,227 @@
+"""The run's configuration: one validated dataclass per Hydra group (``configs/<group>/``).
+
+:func:`build_config` turns the composed Hydra config (a plain dict) into :class:`TrainConfig`; an
+unknown key, a wrong type or an inconsistent combination stops the run before any work with one
+line naming the key and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+from megatron_papo.rl.algorithms import PRESETS, LossConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    hf_dir: str | None = None        # an HF Qwen2.5-VL folder; None: the embedded tiny model
+    tiny_hidden_size: int = 64       # the embedded tiny model (built locally, no download)
+    tiny_layers: int = 2
+    tiny_vision_hidden_size: int = 64
+    tiny_initializer_range: float = 0.1
+    params_dtype: str = "float32"
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "papo_h"             # grpo | papo | papo_h | papo_no_kl_ref (rl.algorithms)
+    loss: dict = field(default_factory=dict)   # overrides of rl.algorithms.LossConfig fields
+    masked_branch: str = "frozen"    # frozen (the authors') | live
+    mask_ratio: float = 0.6
+    mask_patch: int = 14
+
+
+@dataclass
+class RolloutConfig:
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 16
+    max_model_len: int = 512
+    tensor_parallel_size: int = 1
+    dtype: str = "float32"
+    kv_cache_mb: int = 64
+    weight_bucket_mb: int = 64
+    min_pixels: int = 28 * 28
+    max_pixels: int = 56 * 56
+
+
+@dataclass
+class DataSection:
+    train_files: list = field(default_factory=list)   # empty: the synthetic counting task
+    val_files: list = field(default_factory=list)
+    image_key: str = "image"
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    prompt_template: str = "{problem}"
+    max_bad_fraction: float = 0.05
+    synthetic_train: int = 4096
+    synthetic_val: int = 256
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 300
+    prompts_per_step: int = 64
+    micro_batch_size: int = 64       # samples per forward/backward
+    mini_batch_size: int = 0         # samples per optimizer step (0: the whole rollout batch)
+    seed: int = 0
+    eval_every: int = 50
+    eval_prompts: int = 128
+    eval_k: int = 1
+    output_dir: str = "outputs/run"
+    export_hf: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = True
+    tensorboard: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def loss_config(self) -> LossConfig:
+        return _loss(self.algorithm)
+
+
+def _loss(algorithm: AlgorithmConfig) -> LossConfig:
+    if algorithm.name not in PRESETS:
+        raise ConfigError(f"algorithm.name={algorithm.name!r}: choose one of {sorted(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(LossConfig)}
+    unknown = sorted(set(algorithm.loss) - known)
+    if unknown:
+        raise ConfigError(f"algorithm.loss.{unknown[0]} is not a loss setting; allowed: "
+                          f"{sorted(known)}")
+    try:
+        return dataclasses.replace(PRESETS[algorithm.name], **algorithm.loss)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"algorithm.loss: {err}".replace("rl.loss.", "algorithm.loss.")) \
+            from None
+
+
+def _check_type(value, annotation, key: str):
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return value
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected {annotation}")
+    base = origin or annotation
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected {base.__name__}")
+    if isinstance(base, type) and not isinstance(value, base):
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected {base.__name__}")
+    return value
+
+
+def _section(cls, raw, prefix: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'the config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{where} is not a setting; allowed: {names}")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _section(hints[name], raw[name], key)
+        else:
+            values[name] = _check_type(raw[name], hints[name], key)
+    return cls(**values)
+
+
+def _positive(config: TrainConfig, keys: list[str]) -> None:
+    for key in keys:
+        group, name = key.split(".")
+        value = getattr(getattr(config, group), name)
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+
+
+def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
+    """The validated configuration of a run on ``world_size`` processes."""
+    config = _section(TrainConfig, {k: v for k, v in raw.items() if k != "hydra"}, "")
+    _positive(config, ["trainer.steps", "trainer.prompts_per_step", "trainer.micro_batch_size",
+                       "rollout.n", "rollout.max_new_tokens", "trainer.eval_k",
+                       "parallel.tensor_model_parallel_size",
+                       "parallel.pipeline_model_parallel_size"])
+    _loss(config.algorithm)
+    if config.algorithm.masked_branch not in ("frozen", "live"):
+        raise ConfigError(f"algorithm.masked_branch={config.algorithm.masked_branch!r}: choose "
+                          "frozen or live")
+    if not 0 <= config.algorithm.mask_ratio <= 1:
+        raise ConfigError(f"algorithm.mask_ratio={config.algorithm.mask_ratio} must be in [0, 1]")
+    if config.rollout.temperature <= 0:
+        raise ConfigError(f"rollout.temperature={config.rollout.temperature} must be > 0 for RL "
+                          "(sampling)")
+    p = config.parallel
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"parallel.tensor_model_parallel_size x pipeline_model_parallel_size = "
+            f"{model_parallel} does not divide the {world_size} processes")
+    if world_size % config.rollout.tensor_parallel_size:
+        raise ConfigError(f"rollout.tensor_parallel_size={config.rollout.tensor_parallel_size} "
+                          f"does not divide the {world_size} processes")
+    dp = world_size // model_parallel
+    t = config.trainer
+    if t.prompts_per_step % dp:
+        raise ConfigError(f"trainer.prompts_per_step={t.prompts_per_step} is not divisible by "
+                          f"the data-parallel size {dp}")
+    local = t.prompts_per_step // dp * config.rollout.n
+    mini = t.mini_batch_size or local
+    if local % mini or mini % min(t.micro_batch_size, mini):
+        raise ConfigError(
+            f"trainer.mini_batch_size={mini} must divide the {local} samples per data-parallel "
+            f"rank (prompts_per_step / DP x rollout.n) and be a multiple of "
+            f"trainer.micro_batch_size={t.micro_batch_size}")
+    return config

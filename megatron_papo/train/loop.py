@@ -1,0 +1,317 @@
+"""The PAPO training loop on Megatron-Core with colocated vLLM rollouts.
+
+One step, top to bottom (:meth:`Trainer.step`): rollout -> reward -> advantages -> old / ref /
+masked log-probs -> update -> weight sync -> metrics. :meth:`Trainer.run` wraps it with
+held-out evaluation before, periodically and after, and ends with an HF export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, TrainConfig
+
+SYNTHETIC_DIR = "data"
+INITIAL_HF_DIR = "initial_hf"
+
+
+def _log(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def init_processes() -> None:
+    """torch.distributed from torchrun's environment, or a world of one process."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    dist.init_process_group(backend, rank=0, world_size=1)
+
+
+def tiny_hf_folder(folder: str, config: TrainConfig) -> str:
+    """The embedded tiny Qwen2.5-VL (random weights, local tokenizer and processor)."""
+    from megatron_papo.testing.tiny import build_processor, reference_model, tiny_hf_config
+
+    m = config.model
+    heads = max(1, m.tiny_hidden_size // 32)  # head_dim 32: vLLM's CPU attention needs >= 32
+    hf = tiny_hf_config(layers=m.tiny_layers, hidden_size=m.tiny_hidden_size,
+                        intermediate_size=2 * m.tiny_hidden_size, num_attention_heads=heads,
+                        num_key_value_heads=heads, initializer_range=m.tiny_initializer_range)
+    hf["vision_config"].update(hidden_size=m.tiny_vision_hidden_size,
+                               intermediate_size=2 * m.tiny_vision_hidden_size,
+                               num_heads=max(1, m.tiny_vision_hidden_size // 32),
+                               out_hidden_size=m.tiny_hidden_size,
+                               initializer_range=m.tiny_initializer_range)
+    hf["initializer_range"] = m.tiny_initializer_range
+    model = reference_model(hf, seed=config.trainer.seed)
+    model.save_pretrained(folder)
+    build_processor().save_pretrained(folder)
+    return folder
+
+
+class Metrics:
+    """Per-step metrics: JSONL (rank 0) and one progress line."""
+
+    def __init__(self, folder: str, enabled: bool = True):
+        self.path = os.path.join(folder, "metrics.jsonl")
+        self.enabled = enabled and (not dist.is_initialized() or dist.get_rank() == 0)
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _mean_over_dp(values: dict[str, float]) -> dict[str, float]:
+    """Averages of per-rank values over the data-parallel group (the same on every rank)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_data_parallel_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    t /= parallel_state.get_data_parallel_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        from megatron.core import parallel_state
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        from megatron_papo.conversion import checkpoint as ck
+        from megatron_papo.data import DataConfig, load_split, write_counting_dataset
+        from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
+        from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
+        from megatron_papo.parallel import initialize_model_parallel
+        from megatron_papo.rl.step import PolicyUpdater, UpdateConfig
+        from megatron_papo.rollout import EngineConfig, RolloutEngine
+
+        self.config = c = config
+        self.out = c.trainer.output_dir
+        rank = dist.get_rank()
+        if rank == 0:
+            os.makedirs(self.out, exist_ok=True)
+        dist.barrier()
+        # --- data first: a bad file or column stops the run before any other work
+        d = c.data
+        train_files, val_files = list(d.train_files), list(d.val_files)
+        if not train_files:
+            folder = os.path.join(self.out, SYNTHETIC_DIR)
+            if rank == 0:
+                write_counting_dataset(folder, d.synthetic_train, d.synthetic_val,
+                                       seed=c.trainer.seed)
+            dist.barrier()
+            paths = {s: os.path.join(folder, f"{s}.parquet") for s in ("train", "test")}
+            train_files, val_files = [paths["train"]], val_files or [paths["test"]]
+        data = DataConfig(image_key=d.image_key, problem_key=d.problem_key,
+                          answer_key=d.answer_key, prompt_template=d.prompt_template,
+                          max_bad_fraction=d.max_bad_fraction)
+        self.train_data = load_split(train_files, data, log=_log)
+        self.val_data = load_split(val_files, data, log=_log) if val_files else []
+        if len(self.train_data) < c.trainer.prompts_per_step:
+            raise ConfigError(f"trainer.prompts_per_step={c.trainer.prompts_per_step} exceeds "
+                              f"the {len(self.train_data)} usable training rows")
+        # --- the model: an HF folder (or the embedded tiny one) -> Megatron chunks
+        self.hf_dir = c.model.hf_dir or os.path.join(self.out, INITIAL_HF_DIR)
+        if not c.model.hf_dir and rank == 0 and not os.path.exists(
+                os.path.join(self.hf_dir, "config.json")):
+            tiny_hf_folder(self.hf_dir, c)
+        dist.barrier()
+        p = c.parallel
+        initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                  seed=c.trainer.seed)
+        self.spec = text_spec_from_hf(load_hf_config(self.hf_dir))
+        dtype = getattr(torch, c.model.params_dtype)
+        build = dict(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+                     sequence_parallel=p.sequence_parallel, params_dtype=dtype)
+        self.chunks = build_model_chunks(self.spec, **build, use_distributed_optimizer=True)
+        ck.load_hf_folder(self.chunks, self.spec, self.hf_dir)
+        o = c.optim
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
+            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, use_distributed_optimizer=True,
+            params_dtype=dtype, bf16=dtype == torch.bfloat16), self.chunks)
+        self.loss = c.loss_config()
+        self.reference = None
+        if self.loss.kl_beta > 0:  # the reference model exists only when it is used
+            self.reference = build_model_chunks(self.spec, **build, ddp=False)
+            ck.load_hf_folder(self.reference, self.spec, self.hf_dir)
+        # --- the rollout engine, colocated
+        r = c.rollout
+        self.engine = RolloutEngine(EngineConfig(
+            self.hf_dir, dtype=r.dtype, tensor_parallel_size=r.tensor_parallel_size,
+            max_model_len=r.max_model_len, kv_cache_bytes=r.kv_cache_mb * 2**20,
+            min_pixels=r.min_pixels, max_pixels=r.max_pixels, seed=c.trainer.seed))
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        local = c.trainer.prompts_per_step // self.dp_size * r.n
+        self.updater = PolicyUpdater(self.chunks, self.optimizer, UpdateConfig(
+            micro_batch_size=min(c.trainer.micro_batch_size, local),
+            mini_batch_size=c.trainer.mini_batch_size or local,
+            masked_branch=c.algorithm.masked_branch, loss=self.loss, temperature=r.temperature,
+            suppressed_token_ids=self.engine.suppressed_token_ids))
+        self.rng = random.Random(c.trainer.seed)
+        self.metrics = Metrics(self.out, c.logging.jsonl)
+        self.step_index = 0
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> dict:
+        from megatron_papo.reward import score_all
+        from megatron_papo.rl.algorithms import group_advantages
+        from megatron_papo.rollout import SamplingConfig, build_rollout_batch, iter_hf_weights
+
+        c, m = self.config, self.metrics
+        m.phases = {}
+        start = time.perf_counter()
+        examples = self.rng.sample(self.train_data, c.trainer.prompts_per_step)
+        prompts = [e.messages for e in examples]
+        sampling = SamplingConfig(n=c.rollout.n, temperature=c.rollout.temperature,
+                                  top_p=c.rollout.top_p, top_k=c.rollout.top_k,
+                                  max_new_tokens=c.rollout.max_new_tokens,
+                                  seed=c.trainer.seed * 1_000_003 + self.step_index)
+        with m.phase("rollout"):
+            rollouts = self.engine.generate(prompts, sampling)       # this DP rank's prompts
+        with m.phase("reward"):
+            texts = [resp.text for r in rollouts for resp in r.responses]
+            answers = [examples[r.index].answer for r in rollouts for _ in r.responses]
+            names = [f"prompt {r.index} ({examples[r.index].source}), sample {k}"
+                     for r in rollouts for k in range(len(r.responses))]
+            scored = score_all(texts, answers, names=names)
+            rewards = torch.tensor([s.reward for s in scored])
+            groups = torch.tensor([r.index for r in rollouts for _ in r.responses])
+            advantages = group_advantages(rewards, groups)
+            needs_masked = self.loss.needs_masked_branch
+            batch = build_rollout_batch(
+                prompts, rollouts, self.engine.encoder,
+                pad_multiple=c.parallel.tensor_model_parallel_size
+                if c.parallel.sequence_parallel else 1,
+                mask_ratio=c.algorithm.mask_ratio if needs_masked else None,
+                mask_patch=c.algorithm.mask_patch, mask_seed=self.step_index * 100_003,
+                advantages=advantages)
+        with m.phase("logprobs"):
+            batch.old_logp = self.updater.compute_logprobs(batch)
+            if self.reference is not None:
+                batch.ref_logp = self.updater.compute_logprobs(batch, model_chunks=self.reference)
+            if needs_masked and c.algorithm.masked_branch == "frozen":
+                batch.masked_logp = self.updater.compute_logprobs(batch, masked=True)
+        with m.phase("update"):
+            updates = self.updater.update(batch)
+        with m.phase("sync"):
+            self.engine.load_weights(iter_hf_weights(
+                self.chunks, self.spec, getattr(torch, c.rollout.dtype),
+                c.rollout.weight_bucket_mb * 2**20))
+        mask = batch.response_mask.bool()
+        mismatch = (batch.old_logp - batch.rollout_logp)[mask].abs().mean()
+        distinct = [float(rewards[groups == g].std() > 0) for g in groups.unique()]
+        local = {
+            "reward": float(rewards.mean()),
+            "accuracy": sum(s.accuracy for s in scored) / len(scored),
+            "format": sum(s.format for s in scored) / len(scored),
+            "groups_with_signal": sum(distinct) / len(distinct),
+            "response_length": float(mask.sum(-1).float().mean()),
+            "logprob_mismatch": float(mismatch),
+            "tokens": float(mask.sum()),
+        }
+        record = _mean_over_dp(local)
+        record["tokens"] *= self.dp_size
+        for key, value in updates[-1].items():
+            if key.startswith(("loss/", "clip/", "entropy/")) or key == "grad_norm":
+                record[key] = value
+        seconds = time.perf_counter() - start
+        record.update({f"time/{k}": v for k, v in m.phases.items()})
+        record.update(step=self.step_index + 1, seconds=seconds,
+                      tokens_per_s=record["tokens"] / seconds)
+        self.step_index += 1
+        m.write(record)
+        return record
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict:
+        """avg@k accuracy and format rate on the held-out prompts (temperature of the run)."""
+        from megatron_papo.reward import score_all
+        from megatron_papo.rollout import SamplingConfig
+
+        c = self.config
+        examples = self.val_data[:c.trainer.eval_prompts]
+        if not examples:
+            return {}
+        sampling = SamplingConfig(n=c.trainer.eval_k, temperature=c.rollout.temperature,
+                                  top_p=c.rollout.top_p, max_new_tokens=c.rollout.max_new_tokens,
+                                  seed=10_000_019)
+        rollouts = self.engine.generate([e.messages for e in examples], sampling)
+        scored = score_all([x.text for r in rollouts for x in r.responses],
+                           [examples[r.index].answer for r in rollouts for _ in r.responses])
+        local = {"val/accuracy": sum(s.accuracy for s in scored) / len(scored),
+                 "val/format": sum(s.format for s in scored) / len(scored)}
+        return _mean_over_dp(local)
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        c = self.config
+        before = self.evaluate()
+        _log(f"[train] held-out before training: accuracy {before.get('val/accuracy', 0):.3f} "
+             f"(avg@{c.trainer.eval_k}), format {before.get('val/format', 0):.3f}")
+        self.metrics.write({"step": 0, **before})
+        last = {}
+        for _ in range(c.trainer.steps):
+            record = self.step()
+            s = record
+            _log(f"[train] step {s['step']}/{c.trainer.steps} reward {s['reward']:.3f} acc "
+                 f"{s['accuracy']:.3f} fmt {s['format']:.3f} signal {s['groups_with_signal']:.2f}"
+                 f" kl_prcp {s.get('loss/kl_prcp', 0):.3g} ent {s.get('entropy/original', 0):.3f}"
+                 f" clip {s.get('clip/high', 0):.3f} | {s['tokens_per_s']:.0f} tok/s | "
+                 + " ".join(f"{k[5:]} {v:.2f}s" for k, v in s.items()
+                            if k.startswith("time/")))
+            if c.trainer.eval_every and s["step"] % c.trainer.eval_every == 0 \
+                    and s["step"] < c.trainer.steps:
+                evaluation = self.evaluate()
+                self.metrics.write({"step": s["step"], **evaluation})
+                _log(f"[train] held-out at step {s['step']}: accuracy "
+                     f"{evaluation.get('val/accuracy', 0):.3f}")
+            last = s
+        after = self.evaluate()
+        self.metrics.write({"step": c.trainer.steps, **after})
+        _log(f"[train] held-out after training: accuracy {after.get('val/accuracy', 0):.3f} "
+             f"(before {before.get('val/accuracy', 0):.3f}), format "
+             f"{after.get('val/format', 0):.3f}")
+        if c.trainer.export_hf:
+            self.export_hf(os.path.join(self.out, "hf"))
+        return {"before": before, "after": after, "last": last}
+
+    def export_hf(self, folder: str) -> None:
+        from megatron_papo.conversion.checkpoint import write_hf_folder
+
+        write_hf_folder(self.chunks, self.spec, folder, self.hf_dir,
+                        getattr(torch, self.config.model.params_dtype), force=True)
+        _log(f"[train] HF export of the trained model: {folder}")
+
+    def close(self) -> None:
+        self.engine.close()

