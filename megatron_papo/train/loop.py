@@ -101,6 +101,18 @@ def _mean_over_dp(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def _from_last_stage(metrics: dict) -> dict:
+    """The loss metrics exist on the last pipeline stage only: every stage gets its copy."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return metrics
+    box = [metrics]
+    dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                               group=parallel_state.get_pipeline_model_parallel_group())
+    return box[0]
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         from megatron.core import parallel_state
@@ -242,9 +254,10 @@ class Trainer:
         }
         record = _mean_over_dp(local)
         record["tokens"] *= self.dp_size
-        for key, value in updates[-1].items():
-            if key.startswith(("loss/", "clip/", "entropy/")) or key == "grad_norm":
-                record[key] = value
+        update = {k: v for k, v in _from_last_stage(updates[-1]).items()
+                  if k.startswith(("loss/", "clip/", "entropy/"))}
+        record.update(_mean_over_dp(update))  # loss terms: exactly the mini-batch aggregate
+        record["grad_norm"] = updates[-1]["grad_norm"]
         seconds = time.perf_counter() - start
         record.update({f"time/{k}": v for k, v in m.phases.items()})
         record.update(step=self.step_index + 1, seconds=seconds,
