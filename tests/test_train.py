@@ -14,7 +14,7 @@ from megatron_papo.train import ConfigError, build_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["trainer.steps=2", "trainer.prompts_per_step=8", "trainer.eval_prompts=8",
          "data.synthetic_train=32", "data.synthetic_val=16", "rollout.n=4",
-         "rollout.max_new_tokens=8"]
+         "rollout.max_new_tokens=16", "trainer.warmup_steps=3"]
 
 
 def _main(args, out):
@@ -38,7 +38,8 @@ def _first_step(out):
 def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
     out, done = single_run
     assert done.returncode == 0, done.stderr[-3000:]
-    for line in ("held-out before training", "step 2/2", "held-out after training",
+    for line in ("held-out before training", "format warm start 3/3",
+                 "held-out after the format warm start", "step 2/2", "held-out after training",
                  "HF export of the trained model"):
         assert line in done.stdout, done.stdout[-2000:]
     records = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
@@ -50,6 +51,7 @@ def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
         assert key in steps[0], key
     assert steps[0]["logprob_mismatch"] < 1e-3  # engine and trainer score one distribution
     assert "val/accuracy" in records[0] and "val/accuracy" in records[-1]
+    assert any(r.get("after_warm_start") for r in records)
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(out, "hf"))

@@ -76,7 +76,7 @@ def bench(folder: str, tp: int, buckets: list[int], prompts: int, n: int, tokens
         SamplingConfig,
         iter_hf_weights,
     )
-    from megatron_papo.rollout.engine import _share
+    from megatron_papo.rollout.engine import split_evenly
     from megatron_papo.testing.memory import PeakLive
 
     spec = text_spec_from_hf(load_hf_config(folder))
@@ -135,7 +135,7 @@ def bench(folder: str, tp: int, buckets: list[int], prompts: int, n: int, tokens
                             sum(len(r.token_ids) for p in results for r in p.responses)))
             dist.barrier()
             start = time.perf_counter()
-            mine = list(_share(len(batch), engine.groups, engine.group))  # the same split
+            mine = list(split_evenly(len(batch), engine.groups, engine.group))  # the same split
             outputs = engine.llm.generate([requests[i] for i in mine], [params[i] for i in mine],
                                           use_tqdm=False)
             count = torch.tensor(sum(len(c.token_ids) for o in outputs for c in o.outputs))

@@ -133,7 +133,7 @@ def _rollout_layout(tp: int) -> tuple[int, int, int]:
     return rank, world, rank // tp
 
 
-def _share(count: int, groups: int, group: int) -> range:
+def split_evenly(count: int, groups: int, group: int) -> range:
     """Contiguous, balanced split of ``count`` prompts over ``groups`` rollout groups."""
     base, extra = divmod(count, groups)
     start = group * base + min(group, extra)
@@ -292,16 +292,6 @@ class RolloutEngine:
                 f"{self.config.max_model_len}; raise max_model_len or drop long prompts "
                 "(data.max_prompt_length)")
 
-    def generate_share(self, prompts: list, sampling: SamplingConfig, indices: Iterable[int]
-                       ) -> list[PromptRollout]:
-        """Generate for ``prompts[i] for i in indices`` on this engine (no communication)."""
-        indices = list(indices)
-        encoded = [self._encode(prompts, i) for i in indices]
-        for e, i in zip(encoded, indices):
-            self._check_length(e, i, sampling)
-        self._wake("kv_cache")
-        return self._run(encoded, indices, sampling)
-
     def _encode(self, prompts: list, index: int) -> EncodedPrompt:
         try:
             return self.encoder.encode_one(prompts[index], index)
@@ -352,7 +342,7 @@ class RolloutEngine:
             raise TypeError("sampling must be a SamplingConfig")
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise RolloutInputError("prompts must be a non-empty list of chat-message lists")
-        share = _share(len(prompts), self.groups, self.group)
+        share = split_evenly(len(prompts), self.groups, self.group)
         encoded, error = [], None
         try:
             for i in share:
@@ -371,7 +361,7 @@ class RolloutEngine:
         everything = sorted((r for part in gathered if part for r in part), key=lambda r: r.index)
         if dp_rank is None or dp_size is None:
             dp_rank, dp_size = _training_dp()
-        return [everything[i] for i in _share(len(everything), dp_size, dp_rank)]
+        return [everything[i] for i in split_evenly(len(everything), dp_size, dp_rank)]
 
     # ------------------------------------------------------------------ weights and memory
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> dict:

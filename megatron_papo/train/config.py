@@ -94,6 +94,10 @@ class TrainerConfig:
     eval_k: int = 1
     output_dir: str = "outputs/run"
     export_hf: bool = True
+    # Format warm start: supervised steps on "<think> </think> \\boxed{k}" with RANDOM labels k
+    # (drawn from the training answers), so that outputs parse while RL does all the learning.
+    warmup_steps: int = 0
+    warmup_target: str = "<think> </think> \\boxed{{{answer}}}"
 
 
 @dataclass
@@ -200,6 +204,10 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
                           "frozen or live")
     if not 0 <= config.algorithm.mask_ratio <= 1:
         raise ConfigError(f"algorithm.mask_ratio={config.algorithm.mask_ratio} must be in [0, 1]")
+    if config.trainer.warmup_steps < 0:
+        raise ConfigError(f"trainer.warmup_steps={config.trainer.warmup_steps} must be >= 0")
+    if "{answer}" not in config.trainer.warmup_target:
+        raise ConfigError("trainer.warmup_target must contain '{answer}'")
     if config.rollout.temperature <= 0:
         raise ConfigError(f"rollout.temperature={config.rollout.temperature} must be > 0 for RL "
                           "(sampling)")

@@ -8,6 +8,7 @@ held-out evaluation before, periodically and after, and ends with an HF export.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -191,6 +192,7 @@ class Trainer:
             masked_branch=c.algorithm.masked_branch, loss=self.loss, temperature=r.temperature,
             suppressed_token_ids=self.engine.suppressed_token_ids))
         self.rng = random.Random(c.trainer.seed)
+        self._pad = p.tensor_model_parallel_size if p.sequence_parallel else 1
         self.metrics = Metrics(self.out, c.logging.jsonl)
         self.step_index = 0
 
@@ -222,9 +224,7 @@ class Trainer:
             advantages = group_advantages(rewards, groups)
             needs_masked = self.loss.needs_masked_branch
             batch = build_rollout_batch(
-                prompts, rollouts, self.engine.encoder,
-                pad_multiple=c.parallel.tensor_model_parallel_size
-                if c.parallel.sequence_parallel else 1,
+                prompts, rollouts, self.engine.encoder, pad_multiple=self._pad,
                 mask_ratio=c.algorithm.mask_ratio if needs_masked else None,
                 mask_patch=c.algorithm.mask_patch, mask_seed=self.step_index * 100_003,
                 advantages=advantages)
@@ -266,6 +266,51 @@ class Trainer:
         m.write(record)
         return record
 
+    # ------------------------------------------------------------------ format warm start
+    def warm_start(self) -> None:
+        """``trainer.warmup_steps`` supervised steps on ``trainer.warmup_target`` responses with
+        random answers: the policy-gradient update with advantage 1 and the old log-probs of the
+        current weights is exactly supervised learning of the target (ratio 1, no clipping)."""
+        from megatron_papo.rl.algorithms import LossConfig
+        from megatron_papo.rl.step import PolicyUpdater, UpdateConfig
+        from megatron_papo.rollout import PromptRollout, Response, build_rollout_batch
+        from megatron_papo.rollout import iter_hf_weights
+        from megatron_papo.rollout.engine import split_evenly
+
+        c = self.config
+        encoder, tokenizer = self.engine.encoder, self.engine.encoder.tokenizer
+        end = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        local = c.trainer.prompts_per_step // self.dp_size
+        sft = PolicyUpdater(self.chunks, self.optimizer, UpdateConfig(
+            micro_batch_size=math.gcd(self.updater.config.micro_batch_size, local),
+            mini_batch_size=local,
+            loss=LossConfig(kl_beta=0.0, dual_clip=None),
+            suppressed_token_ids=self.engine.suppressed_token_ids))
+        answers = sorted({e.answer for e in self.train_data})
+        for step in range(c.trainer.warmup_steps):
+            examples = self.rng.sample(self.train_data, c.trainer.prompts_per_step)
+            prompts = [e.messages for e in examples]
+            # drawn for the whole batch on every rank: the ranks' generators stay in step
+            labels = [self.rng.choice(answers) for _ in prompts]
+            rollouts = []
+            for i in split_evenly(len(prompts), self.dp_size, self.dp_rank):
+                target = c.trainer.warmup_target.format(answer=labels[i])
+                ids = tokenizer(target, add_special_tokens=False)["input_ids"] + end
+                prompt_ids = encoder.encode_one(prompts[i], i).input_ids.tolist()
+                rollouts.append(PromptRollout(i, prompt_ids, [Response(ids, [0.0] * len(ids),
+                                                                       "stop")]))
+            batch = build_rollout_batch(prompts, rollouts, encoder, pad_multiple=self._pad,
+                                        advantages=torch.ones(len(rollouts)))
+            batch.old_logp = sft.compute_logprobs(batch)
+            (metrics,) = sft.update(batch)
+            if (step + 1) % 10 == 0 or step + 1 == c.trainer.warmup_steps:
+                metrics = _mean_over_dp(_from_last_stage(metrics))
+                _log(f"[train] format warm start {step + 1}/{c.trainer.warmup_steps}: "
+                     f"response log-prob {-metrics['entropy/original']:.3f}")
+        self.engine.load_weights(iter_hf_weights(
+            self.chunks, self.spec, getattr(torch, c.rollout.dtype),
+            c.rollout.weight_bucket_mb * 2**20))
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
         """avg@k accuracy and format rate on the held-out prompts (temperature of the run)."""
@@ -293,6 +338,15 @@ class Trainer:
         _log(f"[train] held-out before training: accuracy {before.get('val/accuracy', 0):.3f} "
              f"(avg@{c.trainer.eval_k}), format {before.get('val/format', 0):.3f}")
         self.metrics.write({"step": 0, **before})
+        if c.trainer.warmup_steps:
+            self.warm_start()
+            warmed = self.evaluate()
+            self.metrics.write({"step": 0, "after_warm_start": True, **warmed})
+            _log(f"[train] held-out after the format warm start: accuracy "
+                 f"{warmed.get('val/accuracy', 0):.3f}, format {warmed.get('val/format', 0):.3f}"
+                 " (random labels: accuracy stays near chance; the reward is often flat for a "
+                 "while before it rises, watch 'signal', the share of groups with differing "
+                 "rewards)")
         last = {}
         for _ in range(c.trainer.steps):
             record = self.step()
