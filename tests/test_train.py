@@ -112,3 +112,24 @@ def test_main_job_on_two_processes(tmp_path, single_run, layout):
     assert single_run[1].returncode == 0
     reference = _first_step(single_run[0])
     assert first["loss/kl_prcp"] == pytest.approx(reference["loss/kl_prcp"], abs=1e-3)
+
+
+def test_plot_tool_writes_a_png_from_a_runs_metrics(single_run, tmp_path):
+    """tools/plot_metrics.py on the small run's metrics.jsonl: a PNG with the training and
+    held-out panels; a missing file is a one-line error."""
+    from PIL import Image
+
+    out, done = single_run
+    assert done.returncode == 0
+    png = str(tmp_path / "curves.png")
+    tool = os.path.join(ROOT, "tools", "plot_metrics.py")
+    result = subprocess.run([sys.executable, tool, out, "--out", png], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "reward" in result.stdout and "perception KL" in result.stdout
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size[0] >= 1000 and image.size[1] >= 900
+    missing = subprocess.run([sys.executable, tool, str(tmp_path / "none")], capture_output=True,
+                             text=True, timeout=300)
+    assert missing.returncode != 0 and "no metrics file" in missing.stderr
+    assert "Traceback" not in missing.stderr
