@@ -81,3 +81,34 @@ def test_process_groups_of_a_call_do_not_outlive_it():
     a reused worker gained ~50 gloo threads per call (900 after a full suite, slowing it down)."""
     counts = [run_distributed(_make_groups_and_count_threads, 2)[0] for _ in range(4)]
     assert counts[-1] <= counts[0] + 2, counts
+
+
+def _start_a_child():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    return child.pid
+
+
+def test_what_a_worker_starts_does_not_outlive_the_pool():
+    """A worker's own child (as dist_checkpointing's multiprocessing Manager is) used to survive
+    the pool's shutdown as an orphan; workers now lead a process group that is killed with them."""
+    from megatron_papo.testing.distributed import shutdown_worker_pools
+
+    import time
+
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
+        except FileNotFoundError:
+            return False
+
+    pids = run_distributed(_start_a_child, 2)
+    assert all(running(pid) for pid in pids)
+    shutdown_worker_pools()
+    deadline = time.monotonic() + 10  # a killed process takes a moment to leave /proc
+    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(running(pid) for pid in pids), "a child outlived its worker"

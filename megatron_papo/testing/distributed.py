@@ -124,6 +124,9 @@ def _worker_main(rank: int, world_size: int, store_port: int, conn, dump_path: s
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store_port),
     )
+    # A process group of its own: what the worker starts (dist_checkpointing's multiprocessing
+    # Manager, ...) is killed with it and never outlives the pool.
+    os.setpgid(0, 0)
     dump_file = open(dump_path, "w")  # noqa: SIM115 - lives as long as the worker
     faulthandler.register(signal.SIGUSR1, file=dump_file, all_threads=True)
     try:
@@ -206,7 +209,14 @@ class _Pool:
         return dumps
 
     def kill(self) -> None:
+        """Kill every worker and everything it started (its process group)."""
         for proc in self.processes:
+            if proc.pid is None:
+                continue
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             if proc.is_alive():
                 proc.kill()
         for proc in self.processes:
