@@ -8,11 +8,10 @@ than ``max_bad_fraction`` of them is an error naming the file and the first bad 
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass, field
 
-from PIL import Image
+from .images import load_image
 
 # The authors' instruction (EasyR1's math format prompt), appended to each problem.
 PROMPT_TEMPLATE = (
@@ -77,23 +76,6 @@ def _read(path: str):
     return datasets.load_dataset(kind, data_files=path, split="train")
 
 
-def _image(value) -> Image.Image:
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict) and value.get("bytes") is not None:
-        image = Image.open(io.BytesIO(value["bytes"]))
-    elif isinstance(value, dict) and value.get("path"):
-        image = Image.open(value["path"])
-    elif isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, str):
-        image = Image.open(value)
-    else:
-        raise ValueError(f"no image in a {type(value).__name__}")
-    image.load()
-    return image.convert("RGB")
-
-
 def load_examples(path: str, config: DataConfig) -> tuple[list[Example], LoadSummary]:
     table = _read(path)
     columns = table.column_names
@@ -117,7 +99,7 @@ def load_examples(path: str, config: DataConfig) -> tuple[list[Example], LoadSum
             try:
                 if not raws or any(r is None for r in raws):
                     raise ValueError("missing")
-                images = [_image(r) for r in raws]
+                images = [load_image(r) for r in raws]
             except Exception:  # noqa: BLE001 - a corrupt or absent image of any kind
                 reason = "missing or corrupt image"
         if reason:

@@ -12,12 +12,12 @@ A prompt is a list of chat messages in the HF format; images are content items
 
 from __future__ import annotations
 
-import io
-import os
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
+
+from megatron_papo.data.images import ImageLoadError, load_image
 
 # The vision special tokens of Qwen2-VL / Qwen2.5-VL. A sampled one breaks the next forward (an
 # image-pad token without an image), so rollouts never sample them and scoring gives them p = 0.
@@ -42,32 +42,15 @@ class EncodedPrompt:
 
 
 def _load_image(value, where: str) -> Image.Image:
-    if value is None:
-        raise RolloutInputError(f"{where}: the image is missing (None); give a PIL image, a path "
-                                "or bytes, or drop the image item")
     try:
-        if isinstance(value, Image.Image):
-            image = value
-        elif isinstance(value, (str, os.PathLike)):
-            if not os.path.exists(value):
-                raise RolloutInputError(f"{where}: image file '{value}' does not exist")
-            image = Image.open(value)
-        elif isinstance(value, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(value))
-        elif isinstance(value, dict) and value.get("bytes") is not None:  # HF datasets Image()
-            image = Image.open(io.BytesIO(value["bytes"]))
-        elif isinstance(value, dict) and value.get("path"):
-            return _load_image(value["path"], where)
-        else:
-            raise RolloutInputError(f"{where}: cannot read an image from a {type(value).__name__}; "
-                                    "give a PIL image, a path or bytes")
-        image.load()
-        return image.convert("RGB")
-    except RolloutInputError:
-        raise
-    except Exception as err:  # noqa: BLE001 - PIL raises many kinds for corrupt data
-        raise RolloutInputError(f"{where}: the image cannot be decoded ({type(err).__name__}: "
-                                f"{err}); fix or drop this row") from None
+        return load_image(value)
+    except ImageLoadError as err:
+        reason = str(err)
+        if value is None:
+            reason += "; give a PIL image, a path or bytes, or drop the image item"
+        elif "cannot be decoded" in reason:
+            reason += "; fix or drop this row"
+        raise RolloutInputError(f"{where}: {reason}") from None
 
 
 class PromptEncoder:
