@@ -30,17 +30,12 @@ sys.path.insert(0, ROOT)
 
 
 def make_model(folder: str, hidden: int, layers: int, vocab: int) -> None:
-    from megatron_papo.testing.tiny import build_processor, reference_model, tiny_hf_config
+    import torch
 
-    head_dim = 64
-    config = tiny_hf_config(
-        layers=layers, hidden_size=hidden, intermediate_size=4 * hidden,
-        num_attention_heads=hidden // head_dim, num_key_value_heads=2, vocab_size=vocab,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                         "mrope_section": [8, 12, 12]})
-    config["vision_config"]["out_hidden_size"] = hidden
-    reference_model(config).save_pretrained(folder)
-    build_processor().save_pretrained(folder)
+    from megatron_papo.testing.tiny import sized_hf_config, write_tiny_checkpoint
+
+    write_tiny_checkpoint(folder, dtype=torch.float32, max_shard_size="2GB", hf_config=sized_hf_config(
+        hidden, layers, head_dim=64, kv_heads=2, intermediate=4 * hidden, vocab=vocab))
 
 
 def _prompts(count: int) -> list:

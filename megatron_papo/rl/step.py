@@ -310,10 +310,29 @@ class PolicyUpdater:
             num_microbatches=len(micro), seq_length=mini.input_ids.shape[1],
             micro_batch_size=mbs * (2 if live else 1), forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
-        metrics = _mean_metrics(per_micro)
+        metrics = _shared_metrics(_mean_metrics(per_micro))
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["update_ok"] = bool(ok)
         return metrics
+
+
+def _shared_metrics(metrics: dict) -> dict:
+    """The loss metrics on every rank: computed on the last pipeline stage (broadcast over the
+    pipeline group), averaged over data-parallel ranks (each rank's loss terms are its share of
+    the mini-batch aggregate, scaled by DP: their mean IS the aggregate)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        box = [metrics]
+        torch.distributed.broadcast_object_list(
+            box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group())
+        metrics = box[0]
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp > 1 and metrics:
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        metrics = dict(zip(keys, (values / dp).tolist()))
+    return metrics
 
 
 def _mean_metrics(per_micro: Iterable[dict]) -> dict:

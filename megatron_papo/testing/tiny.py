@@ -67,6 +67,35 @@ def tiny_hf_config(tied: bool = False, layers: int = 4, **text_overrides) -> dic
     return config
 
 
+def sized_hf_config(hidden: int, layers: int, head_dim: int = 32, kv_heads: int | None = None,
+                    intermediate: int | None = None, vision_hidden: int | None = None,
+                    vocab: int = VOCAB, initializer_range: float | None = None) -> dict:
+    """A tiny config scaled to ``hidden``/``layers`` with everything that must follow kept
+    consistent: heads from ``head_dim`` (vLLM's CPU attention needs >= 32), the MRoPE sections
+    (summing to head_dim / 2), the vision tower's output width (= hidden), its heads, and the
+    initializer range on both towers."""
+    heads = max(1, hidden // head_dim)
+    quarter = head_dim // 8
+    text = dict(hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                vocab_size=vocab,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                 "mrope_section": [quarter, (head_dim // 2 - quarter) // 2,
+                                                   (head_dim // 2 - quarter) // 2]})
+    if initializer_range is not None:
+        text["initializer_range"] = initializer_range
+    config = tiny_hf_config(layers=layers, **text)
+    vision = config["vision_config"]
+    vision["out_hidden_size"] = hidden
+    if vision_hidden is not None:
+        vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                      num_heads=max(1, vision_hidden // 32))
+    if initializer_range is not None:
+        vision["initializer_range"] = initializer_range
+        config["initializer_range"] = initializer_range
+    return config
+
+
 def _corpus(n: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     words = ["the", "area", "of", "triangle", "is", "answer", "boxed", "circle", "radius",
@@ -133,9 +162,12 @@ def reference_model(hf_config: dict, seed: int = 0):
 
 
 def write_tiny_checkpoint(folder: str, tied: bool = False, dtype: torch.dtype = torch.bfloat16,
-                          seed: int = 0, max_shard_size: str = "50MB", **config_overrides):
-    """A complete HF folder: config, generation config, weights, tokenizer and processor."""
-    model = reference_model(tiny_hf_config(tied, **config_overrides), seed).to(dtype)
+                          seed: int = 0, max_shard_size: str = "50MB",
+                          hf_config: dict | None = None, **config_overrides):
+    """A complete HF folder: config, generation config, weights, tokenizer and processor.
+    ``hf_config`` (e.g. from :func:`sized_hf_config`) replaces the tiny config."""
+    config = hf_config if hf_config is not None else tiny_hf_config(tied, **config_overrides)
+    model = reference_model(config, seed).to(dtype)
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     build_processor().save_pretrained(folder)

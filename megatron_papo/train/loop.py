@@ -50,22 +50,14 @@ def init_processes() -> None:
 
 def tiny_hf_folder(folder: str, config: TrainConfig) -> str:
     """The embedded tiny Qwen2.5-VL (random weights, local tokenizer and processor)."""
-    from megatron_papo.testing.tiny import build_processor, reference_model, tiny_hf_config
+    from megatron_papo.testing.tiny import sized_hf_config, write_tiny_checkpoint
 
     m = config.model
-    heads = max(1, m.tiny_hidden_size // 32)  # head_dim 32: vLLM's CPU attention needs >= 32
-    hf = tiny_hf_config(layers=m.tiny_layers, hidden_size=m.tiny_hidden_size,
-                        intermediate_size=2 * m.tiny_hidden_size, num_attention_heads=heads,
-                        num_key_value_heads=heads, initializer_range=m.tiny_initializer_range)
-    hf["vision_config"].update(hidden_size=m.tiny_vision_hidden_size,
-                               intermediate_size=2 * m.tiny_vision_hidden_size,
-                               num_heads=max(1, m.tiny_vision_hidden_size // 32),
-                               out_hidden_size=m.tiny_hidden_size,
-                               initializer_range=m.tiny_initializer_range)
-    hf["initializer_range"] = m.tiny_initializer_range
-    model = reference_model(hf, seed=config.trainer.seed)
-    model.save_pretrained(folder)
-    build_processor().save_pretrained(folder)
+    write_tiny_checkpoint(folder, dtype=torch.float32, seed=config.trainer.seed,
+                          hf_config=sized_hf_config(
+                              m.tiny_hidden_size, m.tiny_layers,
+                              vision_hidden=m.tiny_vision_hidden_size,
+                              initializer_range=m.tiny_initializer_range))
     return folder
 
 
@@ -100,18 +92,6 @@ def _mean_over_dp(values: dict[str, float]) -> dict[str, float]:
     dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
     t /= parallel_state.get_data_parallel_world_size()
     return dict(zip(keys, t.tolist()))
-
-
-def _from_last_stage(metrics: dict) -> dict:
-    """The loss metrics exist on the last pipeline stage only: every stage gets its copy."""
-    from megatron.core import parallel_state
-
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return metrics
-    box = [metrics]
-    dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                               group=parallel_state.get_pipeline_model_parallel_group())
-    return box[0]
 
 
 class Trainer:
@@ -200,7 +180,7 @@ class Trainer:
     def step(self) -> dict:
         from megatron_papo.reward import score_all
         from megatron_papo.rl.algorithms import group_advantages
-        from megatron_papo.rollout import SamplingConfig, build_rollout_batch, iter_hf_weights
+        from megatron_papo.rollout import SamplingConfig, build_rollout_batch
 
         c, m = self.config, self.metrics
         m.phases = {}
@@ -237,9 +217,7 @@ class Trainer:
         with m.phase("update"):
             updates = self.updater.update(batch)
         with m.phase("sync"):
-            self.engine.load_weights(iter_hf_weights(
-                self.chunks, self.spec, getattr(torch, c.rollout.dtype),
-                c.rollout.weight_bucket_mb * 2**20))
+            self.push_weights()
         mask = batch.response_mask.bool()
         mismatch = (batch.old_logp - batch.rollout_logp)[mask].abs().mean()
         distinct = [float(rewards[groups == g].std() > 0) for g in groups.unique()]
@@ -254,10 +232,8 @@ class Trainer:
         }
         record = _mean_over_dp(local)
         record["tokens"] *= self.dp_size
-        update = {k: v for k, v in _from_last_stage(updates[-1]).items()
-                  if k.startswith(("loss/", "clip/", "entropy/"))}
-        record.update(_mean_over_dp(update))  # loss terms: exactly the mini-batch aggregate
-        record["grad_norm"] = updates[-1]["grad_norm"]
+        record.update({k: v for k, v in updates[-1].items()  # shared by every rank
+                       if k.startswith(("loss/", "clip/", "entropy/")) or k == "grad_norm"})
         seconds = time.perf_counter() - start
         record.update({f"time/{k}": v for k, v in m.phases.items()})
         record.update(step=self.step_index + 1, seconds=seconds,
@@ -265,6 +241,14 @@ class Trainer:
         self.step_index += 1
         m.write(record)
         return record
+
+    def push_weights(self) -> None:
+        """The updated weights into the rollout engine (in buckets, every rank)."""
+        from megatron_papo.rollout import iter_hf_weights
+
+        r = self.config.rollout
+        self.engine.load_weights(iter_hf_weights(self.chunks, self.spec, getattr(torch, r.dtype),
+                                                 r.weight_bucket_mb * 2**20))
 
     # ------------------------------------------------------------------ format warm start
     def warm_start(self) -> None:
@@ -274,7 +258,6 @@ class Trainer:
         from megatron_papo.rl.algorithms import LossConfig
         from megatron_papo.rl.step import PolicyUpdater, UpdateConfig
         from megatron_papo.rollout import PromptRollout, Response, build_rollout_batch
-        from megatron_papo.rollout import iter_hf_weights
         from megatron_papo.rollout.engine import split_evenly
 
         c = self.config
@@ -304,12 +287,9 @@ class Trainer:
             batch.old_logp = sft.compute_logprobs(batch)
             (metrics,) = sft.update(batch)
             if (step + 1) % 10 == 0 or step + 1 == c.trainer.warmup_steps:
-                metrics = _mean_over_dp(_from_last_stage(metrics))
                 _log(f"[train] format warm start {step + 1}/{c.trainer.warmup_steps}: "
                      f"response log-prob {-metrics['entropy/original']:.3f}")
-        self.engine.load_weights(iter_hf_weights(
-            self.chunks, self.spec, getattr(torch, c.rollout.dtype),
-            c.rollout.weight_bucket_mb * 2**20))
+        self.push_weights()
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
