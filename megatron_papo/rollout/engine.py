@@ -344,16 +344,17 @@ class RolloutEngine:
             raise RolloutInputError("prompts must be a non-empty list of chat-message lists")
         share = split_evenly(len(prompts), self.groups, self.group)
         encoded, error = [], None
-        try:
-            for i in share:
+        for i in share:
+            try:
                 e = self._encode(prompts, i)
                 self._check_length(e, i, sampling)
-                encoded.append(e)
-        except RolloutInputError as err:
-            error = str(err)
+            except RolloutInputError as err:
+                error = (i, str(err))  # every rank raises the first bad prompt's error
+                break
+            encoded.append(e)
         errors = [e for e in _all_gather(error) if e]
         if errors:
-            raise RolloutInputError(min(errors, key=lambda m: _prompt_number(m)))
+            raise RolloutInputError(min(errors)[1])
         self._wake("kv_cache")
         local = self._run(encoded, list(share), sampling)
         leader = self.rank % self.config.tensor_parallel_size == 0
@@ -421,13 +422,6 @@ class RolloutEngine:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _prompt_number(message: str) -> int:
-    try:
-        return int(message.split(":")[0].split(",")[0].split()[-1])
-    except (ValueError, IndexError):
-        return -1
 
 
 def close_all_engines() -> None:
