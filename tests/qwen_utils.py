@@ -38,6 +38,10 @@ CASES = {
     "two_images_one_sample": [[(1, 8, 12), (1, 4, 8)]],
     "padded_mixed_batch": [[], [(1, 12, 8)], [(1, 4, 8), (1, 8, 8)]],
     "rollout": [[(1, 8, 8)], [], [(1, 4, 8)], [(1, 8, 12)]],
+    # the n samples of a prompt share its image ("same": the previous image's pixels again); the
+    # tower encodes each run of equal images once
+    "shared_images": [[(1, 8, 8)], [(1, 8, 8, "same")], [(1, 8, 8, "same")], [(1, 8, 8)],
+                      [(1, 4, 8), (1, 4, 8, "same")]],
 }
 
 
@@ -52,12 +56,13 @@ def vl_batch(case: str, seed: int = 5, pad_left: bool = False, multiple: int = 1
     rows, grids, pixels, types = [], [], [], []
     for i, images in enumerate(CASES[case]):
         ids, kind = text(3 + i), [0] * (3 + i)
-        for t, h, w in images:
+        for t, h, w, *same in images:
             n = t * h * w // 4
             ids += [VISION_START] + [IMAGE_TOKEN] * n + [VISION_END] + text(2)
             kind += [0] + [1] * n + [0, 0, 0]
             grids.append((t, h, w))
-            pixels.append(torch.randn(t * h * w, PATCH_DIM, generator=g))
+            pixels.append(pixels[-1].clone() if same else
+                          torch.randn(t * h * w, PATCH_DIM, generator=g))
         ids += text(4)
         kind += [0] * 4
         rows.append(ids)

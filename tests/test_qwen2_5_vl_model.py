@@ -183,9 +183,11 @@ def _vl_grads(tied, case="padded_mixed_batch"):
     return grads, ref_grads
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_gradients_match_transformers_including_vision_tower(tied):
-    (grads, ref_grads), = run_distributed(_vl_grads, 1, tied)
+@pytest.mark.parametrize("tied,case", [(False, "padded_mixed_batch"), (True, "padded_mixed_batch"),
+                                       (False, "shared_images")])
+def test_gradients_match_transformers_including_vision_tower(tied, case):
+    """Also with images repeated across samples (encoded once, their gradients summed)."""
+    (grads, ref_grads), = run_distributed(_vl_grads, 1, tied, case)
     expected = {k: v for k, v in ref_grads.items() if not (tied and k == "lm_head.weight")}
     assert sorted(grads) == sorted(expected)
     assert any(k.startswith("model.visual.blocks.") for k in grads)
@@ -193,6 +195,28 @@ def test_gradients_match_transformers_including_vision_tower(tied):
         scale = expected[name].abs().max().item()
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-4 * max(scale, 1.0),
                                    msg=name)
+
+
+def _shared_image_encoding():
+    spec = text_spec_from_hf(Q.tiny_hf_config())
+    initialize_model_parallel(1, 1)
+    vision = build_qwen25vl(spec, language_transformer_config(spec)).vision_model
+    batch = Q.vl_batch("shared_images")
+    seen = []
+    vision.patch_embed.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        once = vision(batch["pixel_values"], batch["image_grid_thw"])
+        each = vision._encode(batch["pixel_values"], batch["image_grid_thw"])
+    return once, each, seen, batch["image_grid_thw"]
+
+
+def test_images_repeated_across_samples_are_encoded_once():
+    """The n samples of a prompt carry the same image: the tower encodes each run of equal
+    images once and hands every sample the same features as encoding it separately."""
+    (once, each, seen, grids), = run_distributed(_shared_image_encoding, 1)
+    patches = grids.prod(-1).tolist()  # 6 images, runs: [0, 1, 2], [3], [4, 5]
+    assert seen == [patches[0] + patches[3] + patches[4], sum(patches)]
+    torch.testing.assert_close(once, each, rtol=0, atol=1e-6)
 
 
 def test_flat_and_nested_hf_configs_translate_the_same():

@@ -13,6 +13,7 @@ train the model on a broken signal).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -71,9 +72,14 @@ def format_ok(response: str, config: RewardConfig | None = None) -> bool:
     return config._format.fullmatch(response) is not None
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _grade(predicted: str, answer: str) -> bool:
+    """math-verify's verdict; a pure function of the two strings, so it is memoised (the n
+    responses of a group often box the same answer; sympy takes ~3 ms per comparison)."""
     from math_verify import parse, verify
 
+    if predicted.strip() == answer.strip():  # equal strings are equal answers
+        return True
     gold = parse(f"\\boxed{{{answer}}}")
     guess = parse(f"\\boxed{{{predicted}}}")
     if not gold:

@@ -133,6 +133,67 @@ def build_tokenizer():
     return fast
 
 
+WORD_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                 "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+# added (non-special) tokens: kept by skip_special_tokens, so the reward sees them
+WORD_FORMAT_TOKENS = ("<think>", "</think>", "\\boxed{", "}")
+
+
+def build_word_tokenizer(texts: list[str] = ()):
+    """A word-level tokenizer: one token per word, punctuation mark and digit of ``texts`` (e.g.
+    the prompts of a dataset), the chat roles, the response format (``<think>``, ``</think>``,
+    ``\\boxed{``, ``}``, digits) and the special tokens (ids 0-6). A tiny model learns its
+    tasks far faster on such a vocabulary (~35 tokens for the counting task) than on bytes. Decoding
+    concatenates tokens without spaces (``<think></think>\\boxed{12}``): answers stay intact;
+    prose inside ``<think>`` reads run together, which the grader ignores."""
+    import re
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    split = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
+        pre_tokenizers.Digits(individual_digits=True)])
+    words = {"system", "user", "assistant"} | set("0123456789")
+    pattern = "|".join(re.escape(t) for t in WORD_FORMAT_TOKENS + WORD_SPECIALS)
+    for text in texts:
+        for piece in re.split(pattern, text):
+            words.update(w for w, _ in split.pre_tokenize_str(piece))
+    vocab = {t: i for i, t in enumerate(WORD_SPECIALS + ("<unk>",) + WORD_FORMAT_TOKENS
+                                        + tuple(sorted(words)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = split
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in WORD_SPECIALS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in WORD_FORMAT_TOKENS])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<unk>", bos_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def token_ids_config(tokenizer, vocab_multiple: int = 8) -> dict:
+    """The token-id fields of a Qwen2.5-VL config for ``tokenizer`` (top level and text config),
+    with the vocabulary rounded up to ``vocab_multiple`` rows (TP must divide it)."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab = -(-len(tokenizer) // vocab_multiple) * vocab_multiple
+    return {"top": {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+                    "vision_start_token_id": ids["<|vision_start|>"],
+                    "vision_end_token_id": ids["<|vision_end|>"]},
+            "text": {"vocab_size": vocab, "bos_token_id": ids["<|endoftext|>"],
+                     "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}}
+
+
+def with_tokenizer(config: dict, tokenizer) -> dict:
+    """``config`` (a tiny HF config) re-keyed to ``tokenizer``'s ids and vocabulary size."""
+    config = copy.deepcopy(config)
+    fields = token_ids_config(tokenizer)
+    config.update(fields["top"])
+    config["text_config"].update(fields["text"])
+    return config
+
+
 def build_processor(tokenizer=None, min_pixels: int = 56 * 56, max_pixels: int = 224 * 224):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
@@ -163,12 +224,16 @@ def reference_model(hf_config: dict, seed: int = 0):
 
 def write_tiny_checkpoint(folder: str, tied: bool = False, dtype: torch.dtype = torch.bfloat16,
                           seed: int = 0, max_shard_size: str = "50MB",
-                          hf_config: dict | None = None, **config_overrides):
+                          hf_config: dict | None = None, tokenizer=None, **config_overrides):
     """A complete HF folder: config, generation config, weights, tokenizer and processor.
-    ``hf_config`` (e.g. from :func:`sized_hf_config`) replaces the tiny config."""
+    ``hf_config`` (e.g. from :func:`sized_hf_config`) replaces the tiny config; ``tokenizer``
+    (e.g. from :func:`build_word_tokenizer`) replaces the BPE one, the config's token ids and
+    vocabulary size following it."""
     config = hf_config if hf_config is not None else tiny_hf_config(tied, **config_overrides)
+    if tokenizer is not None:
+        config = with_tokenizer(config, tokenizer)
     model = reference_model(config, seed).to(dtype)
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
-    build_processor().save_pretrained(folder)
+    build_processor(tokenizer).save_pretrained(folder)
     return model

@@ -25,6 +25,7 @@ class ModelConfig:
     tiny_layers: int = 2
     tiny_vision_hidden_size: int = 64
     tiny_initializer_range: float = 0.1
+    tiny_tokenizer: str = "words"    # words: one token per word of the data (fast to learn) | bpe
     params_dtype: str = "float32"
 
 
@@ -199,6 +200,9 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
                        "parallel.tensor_model_parallel_size",
                        "parallel.pipeline_model_parallel_size"])
     _loss(config.algorithm)
+    if config.model.tiny_tokenizer not in ("words", "bpe"):
+        raise ConfigError(f"model.tiny_tokenizer={config.model.tiny_tokenizer!r}: choose words "
+                          "or bpe")
     if config.algorithm.masked_branch not in ("frozen", "live"):
         raise ConfigError(f"algorithm.masked_branch={config.algorithm.masked_branch!r}: choose "
                           "frozen or live")

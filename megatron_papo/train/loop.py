@@ -48,13 +48,29 @@ def init_processes() -> None:
     dist.init_process_group(backend, rank=0, world_size=1)
 
 
-def tiny_hf_folder(folder: str, config: TrainConfig) -> str:
-    """The embedded tiny Qwen2.5-VL (random weights, local tokenizer and processor)."""
-    from megatron_papo.testing.tiny import sized_hf_config, write_tiny_checkpoint
+def _texts(examples) -> list[str]:
+    return [item["text"] if isinstance(item, dict) else item
+            for e in examples for message in e.messages
+            for item in (message["content"] if isinstance(message["content"], list)
+                         else [message["content"]])
+            if isinstance(item, str) or item.get("type") == "text"]
+
+
+def tiny_hf_folder(folder: str, config: TrainConfig, examples=()) -> str:
+    """The embedded tiny Qwen2.5-VL (random weights, local tokenizer and processor). With
+    ``model.tiny_tokenizer=words`` its vocabulary is the words of ``examples``' prompts, the
+    answers' digits and the response format (~35 tokens on the counting task)."""
+    from megatron_papo.testing.tiny import (build_word_tokenizer, sized_hf_config,
+                                            write_tiny_checkpoint)
 
     m = config.model
+    tokenizer = None
+    if m.tiny_tokenizer == "words":
+        texts = set(_texts(examples)) | {config.trainer.warmup_target.format(answer=e.answer)
+                                         for e in examples}
+        tokenizer = build_word_tokenizer(sorted(texts))
     write_tiny_checkpoint(folder, dtype=torch.float32, seed=config.trainer.seed,
-                          hf_config=sized_hf_config(
+                          tokenizer=tokenizer, hf_config=sized_hf_config(
                               m.tiny_hidden_size, m.tiny_layers,
                               vision_hidden=m.tiny_vision_hidden_size,
                               initializer_range=m.tiny_initializer_range))
@@ -136,7 +152,7 @@ class Trainer:
         self.hf_dir = c.model.hf_dir or os.path.join(self.out, INITIAL_HF_DIR)
         if not c.model.hf_dir and rank == 0 and not os.path.exists(
                 os.path.join(self.hf_dir, "config.json")):
-            tiny_hf_folder(self.hf_dir, c)
+            tiny_hf_folder(self.hf_dir, c, self.train_data + self.val_data)
         dist.barrier()
         p = c.parallel
         initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
@@ -292,24 +308,17 @@ class Trainer:
         self.push_weights()
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict:
-        """avg@k accuracy and format rate on the held-out prompts (temperature of the run)."""
-        from megatron_papo.reward import score_all
-        from megatron_papo.rollout import SamplingConfig
+    def evaluate(self, images_swapped: bool = False) -> dict:
+        """avg@k accuracy and format rate on the held-out prompts (temperature of the run);
+        ``images_swapped``: every prompt shown another prompt's image (vision dependence)."""
+        from megatron_papo.evaluate import avg_at_k
 
         c = self.config
-        examples = self.val_data[:c.trainer.eval_prompts]
-        if not examples:
-            return {}
-        sampling = SamplingConfig(n=c.trainer.eval_k, temperature=c.rollout.temperature,
-                                  top_p=c.rollout.top_p, max_new_tokens=c.rollout.max_new_tokens,
-                                  seed=10_000_019)
-        rollouts = self.engine.generate([e.messages for e in examples], sampling)
-        scored = score_all([x.text for r in rollouts for x in r.responses],
-                           [examples[r.index].answer for r in rollouts for _ in r.responses])
-        local = {"val/accuracy": sum(s.accuracy for s in scored) / len(scored),
-                 "val/format": sum(s.format for s in scored) / len(scored)}
-        return _mean_over_dp(local)
+        result = avg_at_k(self.engine, self.val_data[:c.trainer.eval_prompts], k=c.trainer.eval_k,
+                          temperature=c.rollout.temperature, top_p=c.rollout.top_p,
+                          max_new_tokens=c.rollout.max_new_tokens, images_swapped=images_swapped)
+        prefix = "val_swapped/" if images_swapped else "val/"
+        return {prefix + k: v for k, v in result.items() if k != "samples"}
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:

@@ -80,6 +80,38 @@ def vision_window_index(grid_thw: torch.Tensor, merge: int, window_size: int, pa
     return torch.cat(order), torch.tensor(bounds, dtype=torch.int32)
 
 
+def consecutive_duplicates(pixel_values: torch.Tensor, grid_thw: torch.Tensor, merge_units: int = 4):
+    """Images equal to the image before them (same grid, equal pixels), as in a rollout batch
+    where the n samples of a prompt carry its image. Returns None if there are none, else
+    ((distinct pixel_values, distinct grid_thw), index) where ``features_of_distinct[index]``
+    are the features of every image in the original order. Same features, same gradients (the
+    repeated uses sum into the one encoding), a fraction of the work."""
+    patches = grid_thw.prod(-1).tolist()
+    if len(patches) < 2:
+        return None
+    starts = [0]
+    for p in patches:
+        starts.append(starts[-1] + p)
+    keep, owner = [0], [0]
+    for i in range(1, len(patches)):
+        j = keep[-1]
+        if patches[i] == patches[j] and torch.equal(grid_thw[i], grid_thw[j]) and torch.equal(
+                pixel_values[starts[i]:starts[i + 1]], pixel_values[starts[j]:starts[j + 1]]):
+            owner.append(len(keep) - 1)
+        else:
+            keep.append(i)
+            owner.append(len(keep) - 1)
+    if len(keep) == len(patches):
+        return None
+    features = [patches[i] // merge_units for i in keep]
+    offsets = [0]
+    for f in features:
+        offsets.append(offsets[-1] + f)
+    index = torch.cat([torch.arange(offsets[o], offsets[o] + features[o]) for o in owner])
+    pixels = torch.cat([pixel_values[starts[i]:starts[i + 1]] for i in keep])
+    return (pixels, grid_thw[keep]), index
+
+
 # --------------------------------------------------------------------------- attention
 
 
@@ -105,10 +137,26 @@ class SegmentAttention(MegatronModule):
             value = value.repeat_interleave(repeat, dim=2)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, dim]
         bounds = [0, s] if packed_seq_params is None else packed_seq_params.cu_seqlens_q.tolist()
-        out = torch.cat([
-            F.scaled_dot_product_attention(q[:, :, a:e], k[:, :, a:e], v[:, :, a:e],
-                                           scale=self.softmax_scale)
-            for a, e in zip(bounds[:-1], bounds[1:])], dim=2)
+        out = torch.empty_like(q)
+        # segments of one length run as one batched SDPA (a batch of same-size images has a few
+        # distinct window lengths; one call per segment costs ~0.1 ms each on CPU)
+        by_length: dict[int, list[int]] = {}
+        for a, e in zip(bounds[:-1], bounds[1:]):
+            by_length.setdefault(e - a, []).append(a)
+        for length, starts in by_length.items():
+            if len(starts) == 1:
+                a = starts[0]
+                out[:, :, a:a + length] = F.scaled_dot_product_attention(
+                    q[:, :, a:a + length], k[:, :, a:a + length], v[:, :, a:a + length],
+                    scale=self.softmax_scale)
+                continue
+            index = (torch.tensor(starts)[:, None] + torch.arange(length)).flatten().to(q.device)
+
+            def gather(x):
+                return x.index_select(2, index).unflatten(2, (len(starts), length))
+            result = F.scaled_dot_product_attention(gather(q), gather(k), gather(v),
+                                                    scale=self.softmax_scale)
+            out.index_copy_(2, index, result.flatten(2, 3))
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * dim)
 
 
@@ -242,6 +290,14 @@ class Qwen25VisionModel(MegatronModule):
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         grid_thw = grid_thw.to("cpu", torch.long)
+        repeats = consecutive_duplicates(pixel_values, grid_thw, self.merge ** 2)
+        if repeats is not None:  # the n samples of a prompt share its image: encode it once
+            keep, expand = repeats
+            pixel_values, grid_thw = keep
+            return self._encode(pixel_values, grid_thw)[expand.to(pixel_values.device)]
+        return self._encode(pixel_values, grid_thw)
+
+    def _encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         unit = self.merge * self.merge
         window_index, window_bounds = vision_window_index(grid_thw, self.merge, self.window_size,
                                                           self.patch_size)

@@ -1,0 +1,224 @@
+"""Evaluation: avg@k accuracy and format rate of a model on datasets.
+
+``python -m megatron_papo.evaluate --model PATH [--data FILE ...]`` evaluates an HF folder or a
+Megatron checkpoint (``tools/convert_checkpoint.py`` / training checkpoints: converted to HF in a
+temporary folder first) with vLLM, on parquet/JSON files with an image, a problem and an answer
+column, or on the embedded counting task when no file is given. It prints accuracy and format
+rate per dataset, and with ``--swap-images`` also the accuracy when every prompt is shown another
+prompt's image (a model that really looks drops towards chance).
+
+:func:`avg_at_k` is what the trainer's periodic evaluation runs too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+
+USER_ERRORS = ("DataError", "RolloutInputError", "RewardError", "ConversionError",
+               "HFCheckpointError", "ModelConfigError", "EvaluationError")
+
+
+class EvaluationError(ValueError):
+    """Bad command-line input; the message names the argument."""
+
+
+def swap_images(examples: list) -> list:
+    """The same prompts, each with the image(s) of the next example (the last takes the first's):
+    the answer no longer matches what is shown unless the model ignores the image."""
+    if len(examples) < 2:
+        return list(examples)
+    out = []
+    for i, example in enumerate(examples):
+        donor = examples[(i + 1) % len(examples)]
+        images = [c for m in donor.messages if isinstance(m["content"], list)
+                  for c in m["content"] if c.get("type") == "image"]
+        swapped = copy.copy(example)
+        swapped.messages = []
+        for message in example.messages:
+            if isinstance(message["content"], list):
+                content = [images.pop(0) if c.get("type") == "image" and images else c
+                           for c in message["content"]]
+                message = {**message, "content": content}
+            swapped.messages.append(message)
+        out.append(swapped)
+    return out
+
+
+def avg_at_k(engine, examples: list, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
+             max_new_tokens: int = 64, seed: int = 10_000_019, reward=None,
+             images_swapped: bool = False, training_dp: bool = True) -> dict:
+    """avg@k: the mean accuracy (and format rate) over k samples of every prompt, the same on
+    every rank. ``training_dp``: each training data-parallel rank scores its share of the
+    prompts and the counts are summed over the DP group (inside the trainer); False: every rank
+    scores all of them (a standalone engine)."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_papo.reward import score_all
+    from megatron_papo.rollout import SamplingConfig
+
+    if not examples:
+        return {}
+    if images_swapped:
+        examples = swap_images(examples)
+    sampling = SamplingConfig(n=k, temperature=temperature, top_p=top_p,
+                              max_new_tokens=max_new_tokens, seed=seed)
+    rollouts = engine.generate([e.messages for e in examples], sampling,
+                               **({} if training_dp else {"dp_rank": 0, "dp_size": 1}))
+    scored = score_all([x.text for r in rollouts for x in r.responses],
+                       [examples[r.index].answer for r in rollouts for _ in r.responses],
+                       config=reward,
+                       names=[f"prompt {r.index} ({examples[r.index].source}), sample {j}"
+                              for r in rollouts for j in range(len(r.responses))])
+    totals = torch.tensor([sum(s.accuracy for s in scored), sum(s.format for s in scored),
+                           float(len(scored))], dtype=torch.float64)
+    if training_dp and dist.is_initialized() and dist.get_world_size() > 1:
+        from megatron.core import parallel_state
+
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    accuracy, fmt, n = totals.tolist()
+    return {"accuracy": accuracy / n, "format": fmt / n, "samples": int(n)}
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_papo.evaluate",
+        description="avg@k accuracy and format rate of an HF folder or a Megatron checkpoint on "
+                    "datasets (vLLM rollouts, the math-verified reward).")
+    p.add_argument("--model", required=True,
+                   help="an HF Qwen2.5-VL folder, or a Megatron checkpoint folder (one with "
+                        "megatron_papo.json, e.g. a trainer's checkpoint or hf-to-mcore output)")
+    p.add_argument("--data", nargs="*", default=[],
+                   help="parquet/JSON files, each reported as its own dataset (default: the "
+                        "embedded counting task's held-out split)")
+    p.add_argument("--k", type=int, default=8, help="samples per prompt (avg@k; default 8)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--max-prompts", type=int, default=0, help="first N prompts per dataset (0: all)")
+    p.add_argument("--image-key", default="image")
+    p.add_argument("--problem-key", default="problem")
+    p.add_argument("--answer-key", default="answer")
+    p.add_argument("--prompt-template", default=None,
+                   help="default: the authors' instruction after the problem; the embedded "
+                        "task uses '{problem}'")
+    p.add_argument("--swap-images", action="store_true",
+                   help="also report accuracy with images swapped between prompts")
+    p.add_argument("--min-pixels", type=int, default=None)
+    p.add_argument("--max-pixels", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16", help="engine dtype (float32 on CPU for exact "
+                                                       "log-probs; default bfloat16)")
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--kv-cache-mb", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=10_000_019)
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    return p
+
+
+def _datasets(args, log) -> dict[str, list]:
+    from megatron_papo.data import DataConfig, load_split
+    from megatron_papo.data.loader import PROMPT_TEMPLATE
+
+    if not args.data:
+        from megatron_papo.data import write_counting_dataset
+
+        folder = tempfile.mkdtemp(prefix="megatron_papo_eval_")
+        args.data = [write_counting_dataset(folder, train=1, test=256)["test"]]
+        args.prompt_template = args.prompt_template or "{problem}"
+    config = DataConfig(image_key=args.image_key, problem_key=args.problem_key,
+                        answer_key=args.answer_key,
+                        prompt_template=args.prompt_template or PROMPT_TEMPLATE,
+                        max_bad_fraction=1.0)
+    out = {}
+    for path in args.data:
+        examples = load_split([path], config, log=log)
+        out[os.path.basename(path)] = examples[:args.max_prompts or None]
+    return out
+
+
+def _hf_folder(model: str, scratch: str) -> str:
+    from megatron_papo.conversion.checkpoint import mcore_to_hf
+
+    if not os.path.isdir(model):
+        raise EvaluationError(f"--model {model!r} is not a folder")
+    if os.path.exists(os.path.join(model, "config.json")):
+        return model
+    if os.path.exists(os.path.join(model, "megatron_papo.json")):
+        out = os.path.join(scratch, "hf")
+        mcore_to_hf(model, out)
+        return out
+    raise EvaluationError(f"--model {model!r} holds neither config.json (an HF folder) nor "
+                          "megatron_papo.json (a Megatron checkpoint)")
+
+
+def run(args) -> dict:
+    from megatron_papo.rollout import EngineConfig, RolloutEngine
+
+    if args.k < 1:
+        raise EvaluationError(f"--k {args.k} must be >= 1")
+
+    def log(message):
+        print(message, flush=True)
+
+    datasets = _datasets(args, log)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="megatron_papo_eval_") as scratch:
+        hf_dir = _hf_folder(args.model, scratch)
+        engine = RolloutEngine(EngineConfig(
+            hf_dir, dtype=args.dtype, max_model_len=args.max_model_len,
+            kv_cache_bytes=args.kv_cache_mb * 2**20, min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels, seed=args.seed))
+        try:
+            for name, examples in datasets.items():
+                kwargs = dict(k=args.k, temperature=args.temperature, top_p=args.top_p,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed,
+                              training_dp=False)
+                result = avg_at_k(engine, examples, **kwargs)
+                line = (f"[eval] {name}: accuracy {result['accuracy']:.4f} (avg@{args.k}, "
+                        f"{len(examples)} prompts), format {result['format']:.4f}")
+                if args.swap_images:
+                    swapped = avg_at_k(engine, examples, images_swapped=True, **kwargs)
+                    result["accuracy_images_swapped"] = swapped["accuracy"]
+                    line += f", accuracy with images swapped {swapped['accuracy']:.4f}"
+                log(line)
+                results[name] = result
+        finally:
+            engine.close()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def main(argv=None) -> None:
+    from megatron_papo.compat import apply_cpu_patches
+
+    args = _parser().parse_args(argv)
+    apply_cpu_patches()
+    from megatron_papo.train.loop import init_processes
+
+    init_processes()
+    try:
+        run(args)
+    except Exception as err:  # noqa: BLE001
+        if type(err).__name__ not in USER_ERRORS:
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
