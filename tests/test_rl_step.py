@@ -127,7 +127,8 @@ def _update_split(micro, mode, aggregation):
         batch.masked_logp = updater.compute_logprobs(batch, masked=True)
     rank, share = parallel_state.get_data_parallel_rank(), 4 // dp
     (metrics,) = updater.update(batch.select(rank * share, (rank + 1) * share))
-    return dict(grad_norm=metrics["grad_norm"], weights=dict(export_hf_weights(chunks, spec)))
+    return dict(grad_norm=metrics["grad_norm"], weights=dict(export_hf_weights(chunks, spec)),
+                metrics=metrics)
 
 
 @pytest.mark.parametrize("mode,aggregation", [("frozen", "token-mean"), ("live", "token-mean"),
@@ -135,7 +136,8 @@ def _update_split(micro, mode, aggregation):
 def test_update_is_invariant_to_micro_batch_size_and_dp(mode, aggregation):
     """The same 4-sample mini-batch (samples of different response lengths would weigh
     differently if each micro-batch were averaged on its own): micro-batch 1, 2 and 4 at DP=1
-    and micro-batch 1 and 2 at DP=2 give the same grad norm and updated weights (tol 1e-5)."""
+    and micro-batch 1 and 2 at DP=2 give the same grad norm and updated weights (tol 1e-5), and
+    the same reported loss terms, clip fractions and entropies (token means of the mini-batch)."""
     (ref,) = run_distributed(_update_split, 1, 4, mode, aggregation)
     runs = [run_distributed(_update_split, 1, m, mode, aggregation) for m in (1, 2)]
     runs += [run_distributed(_update_split, 2, m, mode, aggregation) for m in (1, 2)]
@@ -144,6 +146,9 @@ def test_update_is_invariant_to_micro_batch_size_and_dp(mode, aggregation):
             assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
             for name, value in r["weights"].items():
                 torch.testing.assert_close(value, ref["weights"][name], **TOL, msg=name)
+            for key, value in ref["metrics"].items():
+                if key.startswith(("loss/", "clip/", "entropy/")):
+                    assert r["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 def _masked_branch_gradient(mode):

@@ -129,11 +129,6 @@ def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch
     return shift_to_tokens(token_logprobs(logits, targets))
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
-
-
 @dataclass
 class UpdateConfig:
     micro_batch_size: int = 2
@@ -230,11 +225,17 @@ class PolicyUpdater:
             return logp, mb.masked_logp, entropy, None
         return output, split
 
-    def _loss_func(self, mb: RolloutBatch, split, denominator: float, scale: float):
+    def _loss_func(self, mb: RolloutBatch, split, denominator: float, scale: float,
+                   tokens: float):
         """``denominator``: the mini-batch's aggregation count over all micro-batches and DP
         ranks; ``scale`` undoes megatron-core's averaging over micro-batches and DP ranks, so that
-        the gradient is that of the mini-batch's aggregate (micro-batch size and DP invariant)."""
+        the gradient is that of the mini-batch's aggregate (micro-batch size and DP invariant).
+        ``tokens``: the mini-batch's response tokens (all ranks): per-token metrics (clip
+        fractions, entropies) are shares of the mini-batch's token mean, the same invariance."""
         cfg = self.config.loss
+
+        def token_mean(values, mask):
+            return (values.float() * mask).sum() / tokens * scale
 
         def loss_func(logits):
             logp, masked_logp, entropy, masked_entropy = split(logits)
@@ -250,16 +251,17 @@ class PolicyUpdater:
             mask = mb.response_mask
             metrics = {f"loss/{k}": v for k, v in parts.items()}
             metrics.update({
-                "loss/total": loss.detach(),
-                "clip/high": _masked_mean(pg.clipped_high.float(), mask),
-                "clip/low": _masked_mean(pg.clipped_low.float(), mask),
-                "clip/dual": _masked_mean(pg.clipped_dual.float(), mask),
-                "entropy/original": _masked_mean(-logp.detach(), mask),
+                # a copy: megatron-core divides the returned loss by the micro-batch count in place
+                "loss/total": loss.detach().clone(),
+                "clip/high": token_mean(pg.clipped_high, mask),
+                "clip/low": token_mean(pg.clipped_low, mask),
+                "clip/dual": token_mean(pg.clipped_dual, mask),
+                "entropy/original": token_mean(-logp.detach(), mask),
                 "response/length": mask.float().sum(-1).mean(),
                 "response/tokens": mask.float().sum(),
             })
             if masked_logp is not None:
-                metrics["entropy/masked"] = _masked_mean(-masked_logp.detach(), mask)
+                metrics["entropy/masked"] = token_mean(-masked_logp.detach(), mask)
             return loss, metrics
         return loss_func
 
@@ -295,15 +297,18 @@ class PolicyUpdater:
         # by micro-batches x DP makes the update that of the mini-batch aggregate.
         dp = parallel_state.get_data_parallel_world_size()
         count = aggregation_count(mini.response_mask, cfg.loss.aggregation)
+        tokens = mini.response_mask.sum().float().reshape(1)
+        counts = torch.cat([count.reshape(1).float(), tokens])
         if dp > 1:
-            torch.distributed.all_reduce(count, group=parallel_state.get_data_parallel_group())
-        denominator = count.clamp_min(1.0)
+            torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        denominator = counts[0].clamp_min(1.0)
+        tokens = float(counts[1].clamp_min(1.0))
         scale = float(len(micro) * dp)
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             output, split = self.branch_logprobs(model, mb)
-            return output, self._loss_func(mb, split, denominator, scale)
+            return output, self._loss_func(mb, split, denominator, scale, tokens)
 
         per_micro = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro), model=self.model,

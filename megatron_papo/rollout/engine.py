@@ -90,6 +90,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.5     # GPU: share of the device for weights + KV cache
     sleep_while_training: bool = True       # GPU: give the memory back between rollouts
     enforce_eager: bool = True
+    max_num_seqs: int | None = None         # sequences per engine step (None: vLLM's default)
     seed: int = 0
 
     def __post_init__(self):
@@ -166,9 +167,11 @@ class _QuietExpectedWarnings(logging.Filter):
     the layer-wise reload's "Failed to load weights" for layers a push does not carry (buffers
     such as rotary caches and the input normalisation, which it keeps; the vision tower when only
     the language model is pushed) and the CPU worker's note, repeated at every call, that it
-    ignores ``torch.set_num_threads`` after binding its threads."""
+    ignores ``torch.set_num_threads`` after binding its threads; and the two INFO lines every
+    weight push prints (reload time, prefix-cache reset): the trainer reports the sync time."""
 
-    PATTERNS = ("Failed to load weights", "doesn't allow to use `torch.set_num_threads`")
+    PATTERNS = ("Failed to load weights", "doesn't allow to use `torch.set_num_threads`",
+                "Reloading and processing weights took", "Successfully reset prefix cache")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -177,6 +180,7 @@ class _QuietExpectedWarnings(logging.Filter):
 
 def _quiet_vllm_logs() -> None:
     for name in ("vllm.model_executor.model_loader.reload.layerwise",
+                 "vllm.model_executor.model_loader.reload.inplace", "vllm.v1.core.block_pool",
                  "vllm.v1.worker.cpu_worker"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _QuietExpectedWarnings) for f in logger.filters):
@@ -223,6 +227,8 @@ def llm_kwargs(c: EngineConfig, processor_kwargs: dict, suppressed_token_ids: li
         additional_config={_SUPPRESS_KEY: list(suppressed_token_ids)},
         tensor_parallel_size=c.tensor_parallel_size,
     )
+    if c.max_num_seqs:
+        kwargs["max_num_seqs"] = c.max_num_seqs
     if c.tensor_parallel_size > 1:
         kwargs["distributed_executor_backend"] = "external_launcher"
     if on_gpu:
@@ -281,7 +287,10 @@ class RolloutEngine:
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
             stop=list(sampling.stop) or None, stop_token_ids=list(sampling.stop_token_ids) or None,
-            seed=seed, logprobs=0)
+            seed=seed, logprobs=0,
+            # without stop strings the text is decoded once per response after generation (one
+            # batched call) instead of incrementally per token inside the engine
+            detokenize=bool(sampling.stop))
 
     def _check_length(self, encoded: EncodedPrompt, index: int, sampling: SamplingConfig):
         length = int(encoded.input_ids.numel())
@@ -314,6 +323,11 @@ class RolloutEngine:
             requests.append(request)
         params = [self._sampling_params(sampling, i) for i in indices]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
+        if not sampling.stop:
+            texts = iter(self.encoder.tokenizer.batch_decode(
+                [list(c.token_ids) for out in outputs for c in sorted(out.outputs,
+                                                                       key=lambda c: c.index)],
+                skip_special_tokens=True))
         results = []
         for e, i, out in zip(encoded, indices, outputs):
             prompt_ids = list(out.prompt_token_ids)
@@ -326,7 +340,8 @@ class RolloutEngine:
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 logprobs = [step[t].logprob for step, t in zip(c.logprobs, ids)]
-                responses.append(Response(ids, logprobs, c.finish_reason or "length", c.text))
+                text = c.text if sampling.stop else next(texts)
+                responses.append(Response(ids, logprobs, c.finish_reason or "length", text))
             results.append(PromptRollout(i, prompt_ids, responses))
         return results
 

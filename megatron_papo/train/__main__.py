@@ -48,9 +48,17 @@ def main() -> None:
     import hydra
     from omegaconf import OmegaConf
 
+    from omegaconf.errors import MissingMandatoryValue
+
     @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=None)
     def _main(cfg) -> None:
-        raw = OmegaConf.to_container(cfg, resolve=True)
+        try:
+            raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as err:
+            key = getattr(err, "full_key", None) or str(err)
+            print(f"error: {key} has no value and this configuration needs one: pass {key}=... "
+                  "on the command line", file=sys.stderr, flush=True)
+            sys.exit(2)
         run(raw)
 
     _main()

@@ -55,8 +55,14 @@ class RolloutConfig:
     max_model_len: int = 512
     tensor_parallel_size: int = 1
     dtype: str = "float32"
-    kv_cache_mb: int = 64
+    kv_cache_mb: int = 64            # CPU: the KV cache size
+    gpu_memory_utilization: float = 0.5   # GPU: the engine's share of the device
     weight_bucket_mb: int = 64
+    max_num_seqs: int = 0            # sequences per engine step (0: vLLM's default)
+    # the engine's sampling log-probs serve as the old (behaviour) log-probs instead of a trainer
+    # recomputation; exact only with a float32 engine (the mismatch is still measured on the
+    # first step and at every evaluation)
+    old_logprobs_from_engine: bool = False
     min_pixels: int = 28 * 28
     max_pixels: int = 56 * 56
 
@@ -88,7 +94,8 @@ class TrainerConfig:
     steps: int = 300
     prompts_per_step: int = 64
     micro_batch_size: int = 64       # samples per forward/backward
-    mini_batch_size: int = 0         # samples per optimizer step (0: the whole rollout batch)
+    mini_batch_size: int = 0         # samples per optimizer step and DP rank (0: from below)
+    optimizer_steps_per_rollout: int = 1   # when mini_batch_size is 0 (authors: 3)
     seed: int = 0
     eval_every: int = 50
     eval_prompts: int = 128
@@ -103,8 +110,10 @@ class TrainerConfig:
 
 @dataclass
 class LoggingConfig:
-    jsonl: bool = True
-    tensorboard: bool = False
+    jsonl: bool = True               # <output_dir>/metrics.jsonl (always readable by the tools)
+    tensorboard: bool = True         # <output_dir>/tensorboard when the package is installed
+    wandb_project: str | None = None  # log to Weights & Biases (needs `pip install wandb`)
+    wandb_run_name: str | None = None
 
 
 @dataclass
@@ -120,6 +129,14 @@ class TrainConfig:
 
     def loss_config(self) -> LossConfig:
         return _loss(self.algorithm)
+
+    def batch_sizes(self, dp: int) -> tuple[int, int, int]:
+        """(samples per DP rank and rollout, samples per optimizer step and DP rank, samples per
+        forward/backward)."""
+        t = self.trainer
+        local = t.prompts_per_step // dp * self.rollout.n
+        mini = t.mini_batch_size or local // t.optimizer_steps_per_rollout
+        return local, mini, min(t.micro_batch_size, mini)
 
 
 def _loss(algorithm: AlgorithmConfig) -> LossConfig:
@@ -197,9 +214,16 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     config = _section(TrainConfig, {k: v for k, v in raw.items() if k != "hydra"}, "")
     _positive(config, ["trainer.steps", "trainer.prompts_per_step", "trainer.micro_batch_size",
                        "rollout.n", "rollout.max_new_tokens", "trainer.eval_k",
+                       "trainer.optimizer_steps_per_rollout",
                        "parallel.tensor_model_parallel_size",
                        "parallel.pipeline_model_parallel_size"])
     _loss(config.algorithm)
+    if config.logging.wandb_project:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"logging.wandb_project={config.logging.wandb_project!r} is set but "
+                              "wandb is not installed: pip install wandb, or unset it")
     if config.model.tiny_tokenizer not in ("words", "bpe"):
         raise ConfigError(f"model.tiny_tokenizer={config.model.tiny_tokenizer!r}: choose words "
                           "or bpe")
@@ -212,6 +236,10 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
         raise ConfigError(f"trainer.warmup_steps={config.trainer.warmup_steps} must be >= 0")
     if "{answer}" not in config.trainer.warmup_target:
         raise ConfigError("trainer.warmup_target must contain '{answer}'")
+    if config.rollout.old_logprobs_from_engine and config.rollout.dtype != "float32":
+        raise ConfigError(f"rollout.old_logprobs_from_engine=true needs rollout.dtype=float32 "
+                          f"(got {config.rollout.dtype!r}: a {config.rollout.dtype} engine's "
+                          "log-probs differ from the trainer's); set it to false")
     if config.rollout.temperature <= 0:
         raise ConfigError(f"rollout.temperature={config.rollout.temperature} must be > 0 for RL "
                           "(sampling)")
@@ -229,9 +257,12 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     if t.prompts_per_step % dp:
         raise ConfigError(f"trainer.prompts_per_step={t.prompts_per_step} is not divisible by "
                           f"the data-parallel size {dp}")
-    local = t.prompts_per_step // dp * config.rollout.n
-    mini = t.mini_batch_size or local
-    if local % mini or mini % min(t.micro_batch_size, mini):
+    local, mini, micro = config.batch_sizes(dp)
+    if not t.mini_batch_size and local % t.optimizer_steps_per_rollout:
+        raise ConfigError(
+            f"trainer.optimizer_steps_per_rollout={t.optimizer_steps_per_rollout} does not divide "
+            f"the {local} samples per data-parallel rank (prompts_per_step / DP x rollout.n)")
+    if local % mini or mini % micro:
         raise ConfigError(
             f"trainer.mini_batch_size={mini} must divide the {local} samples per data-parallel "
             f"rank (prompts_per_step / DP x rollout.n) and be a multiple of "

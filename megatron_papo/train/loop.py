@@ -7,6 +7,7 @@ held-out evaluation before, periodically and after, and ends with an HF export.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from .config import ConfigError, TrainConfig
 
 SYNTHETIC_DIR = "data"
 INITIAL_HF_DIR = "initial_hf"
+MISMATCH_WARN = 1e-3  # mean |log p| per token, engine vs trainer (fp32: ~1e-6)
 
 
 def _log(message: str) -> None:
@@ -78,12 +80,30 @@ def tiny_hf_folder(folder: str, config: TrainConfig, examples=()) -> str:
 
 
 class Metrics:
-    """Per-step metrics: JSONL (rank 0) and one progress line."""
+    """Per-step metrics on rank 0: JSONL always, TensorBoard when installed, W&B when
+    configured; plus the per-phase timer."""
 
-    def __init__(self, folder: str, enabled: bool = True):
+    def __init__(self, folder: str, config, run_config: dict | None = None):
         self.path = os.path.join(folder, "metrics.jsonl")
-        self.enabled = enabled and (not dist.is_initialized() or dist.get_rank() == 0)
+        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        self.jsonl = config.jsonl and self.rank0
         self.phases: dict[str, float] = {}
+        self.tensorboard = self.wandb = None
+        if not self.rank0:
+            return
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"))
+            except ImportError:
+                _log("[train] TensorBoard is not installed (pip install tensorboard): metrics go "
+                     f"to {self.path} only")
+        if config.wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name,
+                                    dir=folder, config=run_config)
 
     @contextmanager
     def phase(self, name: str):
@@ -92,9 +112,23 @@ class Metrics:
         self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
 
     def write(self, record: dict) -> None:
-        if self.enabled:
+        if self.jsonl:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        numbers = {k: v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        if self.tensorboard is not None:
+            for key, value in numbers.items():
+                self.tensorboard.add_scalar(key, value, record.get("step", 0))
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=record.get("step", 0))
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _mean_over_dp(values: dict[str, float]) -> dict[str, float]:
@@ -120,7 +154,7 @@ class Trainer:
         from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
         from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
         from megatron_papo.parallel import initialize_model_parallel
-        from megatron_papo.rl.step import PolicyUpdater, UpdateConfig
+        from megatron_papo.rl.step import PerceptionHackingMonitor, PolicyUpdater, UpdateConfig
         from megatron_papo.rollout import EngineConfig, RolloutEngine
 
         self.config = c = config
@@ -178,18 +212,20 @@ class Trainer:
         self.engine = RolloutEngine(EngineConfig(
             self.hf_dir, dtype=r.dtype, tensor_parallel_size=r.tensor_parallel_size,
             max_model_len=r.max_model_len, kv_cache_bytes=r.kv_cache_mb * 2**20,
-            min_pixels=r.min_pixels, max_pixels=r.max_pixels, seed=c.trainer.seed))
+            min_pixels=r.min_pixels, max_pixels=r.max_pixels, max_num_seqs=r.max_num_seqs or None,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            seed=c.trainer.seed))
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        local = c.trainer.prompts_per_step // self.dp_size * r.n
+        _, mini, micro = c.batch_sizes(self.dp_size)
         self.updater = PolicyUpdater(self.chunks, self.optimizer, UpdateConfig(
-            micro_batch_size=min(c.trainer.micro_batch_size, local),
-            mini_batch_size=c.trainer.mini_batch_size or local,
+            micro_batch_size=micro, mini_batch_size=mini,
             masked_branch=c.algorithm.masked_branch, loss=self.loss, temperature=r.temperature,
             suppressed_token_ids=self.engine.suppressed_token_ids))
         self.rng = random.Random(c.trainer.seed)
         self._pad = p.tensor_model_parallel_size if p.sequence_parallel else 1
-        self.metrics = Metrics(self.out, c.logging.jsonl)
+        self.metrics = Metrics(self.out, c.logging, dataclasses.asdict(c))
+        self.monitor = PerceptionHackingMonitor()
         self.step_index = 0
 
     # ------------------------------------------------------------------ one step
@@ -224,8 +260,20 @@ class Trainer:
                 mask_ratio=c.algorithm.mask_ratio if needs_masked else None,
                 mask_patch=c.algorithm.mask_patch, mask_seed=self.step_index * 100_003,
                 advantages=advantages)
+        # the mismatch engine vs trainer is measured on the first step and at evaluations
+        measure = not c.rollout.old_logprobs_from_engine or self.step_index == 0 or (
+            c.trainer.eval_every and self.step_index % c.trainer.eval_every == 0)
         with m.phase("logprobs"):
-            batch.old_logp = self.updater.compute_logprobs(batch)
+            if measure:
+                batch.old_logp = self.updater.compute_logprobs(batch)
+                mask = batch.response_mask.bool()
+                mismatch = float((batch.old_logp - batch.rollout_logp)[mask].abs().mean())
+                if c.rollout.old_logprobs_from_engine and mismatch > MISMATCH_WARN:
+                    _log(f"[train] warning: engine vs trainer log-probs differ by {mismatch:.2e} "
+                         "per token; the importance ratios are off: set "
+                         "rollout.old_logprobs_from_engine=false")
+            if c.rollout.old_logprobs_from_engine:
+                batch.old_logp = batch.rollout_logp
             if self.reference is not None:
                 batch.ref_logp = self.updater.compute_logprobs(batch, model_chunks=self.reference)
             if needs_masked and c.algorithm.masked_branch == "frozen":
@@ -235,7 +283,6 @@ class Trainer:
         with m.phase("sync"):
             self.push_weights()
         mask = batch.response_mask.bool()
-        mismatch = (batch.old_logp - batch.rollout_logp)[mask].abs().mean()
         distinct = [float(rewards[groups == g].std() > 0) for g in groups.unique()]
         local = {
             "reward": float(rewards.mean()),
@@ -243,9 +290,10 @@ class Trainer:
             "format": sum(s.format for s in scored) / len(scored),
             "groups_with_signal": sum(distinct) / len(distinct),
             "response_length": float(mask.sum(-1).float().mean()),
-            "logprob_mismatch": float(mismatch),
             "tokens": float(mask.sum()),
         }
+        if measure:
+            local["logprob_mismatch"] = mismatch
         record = _mean_over_dp(local)
         record["tokens"] *= self.dp_size
         record.update({k: v for k, v in updates[-1].items()  # shared by every rank
@@ -254,6 +302,11 @@ class Trainer:
         record.update({f"time/{k}": v for k, v in m.phases.items()})
         record.update(step=self.step_index + 1, seconds=seconds,
                       tokens_per_s=record["tokens"] / seconds)
+        if self.monitor.check(record):  # the paper's KL_prcp-hacking symptoms, together
+            record["alert/perception_hacking"] = 1.0
+            _log(f"[train] ALERT step {record['step']}: perception-KL hacking suspected (KL_prcp "
+                 "collapsed while clipping and both entropies rose): lower algorithm.loss."
+                 "prcp_gamma or turn on the double entropy loss (algorithm.loss.entropy_eta_*)")
         self.step_index += 1
         m.write(record)
         return record
@@ -354,13 +407,16 @@ class Trainer:
                      f"{evaluation.get('val/accuracy', 0):.3f}")
             last = s
         after = self.evaluate()
-        self.metrics.write({"step": c.trainer.steps, **after})
+        swapped = self.evaluate(images_swapped=True)
+        self.metrics.write({"step": c.trainer.steps, **after, **swapped})
         _log(f"[train] held-out after training: accuracy {after.get('val/accuracy', 0):.3f} "
-             f"(before {before.get('val/accuracy', 0):.3f}), format "
-             f"{after.get('val/format', 0):.3f}")
+             f"(before {before.get('val/accuracy', 0):.3f}, avg@{c.trainer.eval_k}), format "
+             f"{after.get('val/format', 0):.3f}; with the images swapped between prompts: "
+             f"accuracy {swapped.get('val_swapped/accuracy', 0):.3f} (a model that looks at the "
+             "image drops towards chance)")
         if c.trainer.export_hf:
             self.export_hf(os.path.join(self.out, "hf"))
-        return {"before": before, "after": after, "last": last}
+        return {"before": before, "after": {**after, **swapped}, "last": last}
 
     def export_hf(self, folder: str) -> None:
         from megatron_papo.conversion.checkpoint import write_hf_folder
@@ -370,4 +426,5 @@ class Trainer:
         _log(f"[train] HF export of the trained model: {folder}")
 
     def close(self) -> None:
+        self.metrics.close()
         self.engine.close()

@@ -23,14 +23,17 @@ def get_rope_index(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
     for row in range(b):
         valid = (torch.ones(s, dtype=torch.bool) if attention_mask is None
                  else attention_mask[row].bool().cpu())
-        ids = input_ids[row].cpu()[valid]
-        out = torch.empty(3, ids.numel(), dtype=torch.long)
+        ids = input_ids[row].cpu()[valid].tolist()
+        out = torch.empty(3, len(ids), dtype=torch.long)
         i, nxt = 0, 0
-        while i < ids.numel():
-            if ids[i] != image_token_id:
-                out[:, i] = nxt
-                nxt += 1
-                i += 1
+        while i < len(ids):
+            if ids[i] != image_token_id:  # a run of text tokens: all axes advance together
+                j = i + 1
+                while j < len(ids) and ids[j] != image_token_id:
+                    j += 1
+                out[:, i:j] = torch.arange(nxt, nxt + j - i)
+                nxt += j - i
+                i = j
                 continue
             try:
                 t, h, w = next(grids)
@@ -38,7 +41,7 @@ def get_rope_index(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
                 raise ValueError("more images in input_ids than rows in image_grid_thw") from None
             gh, gw = h // spatial_merge_size, w // spatial_merge_size
             n = t * gh * gw
-            if i + n > ids.numel() or not bool((ids[i:i + n] == image_token_id).all()):
+            if i + n > len(ids) or any(x != image_token_id for x in ids[i:i + n]):
                 raise ValueError(f"image {t}x{h}x{w} needs {n} consecutive image-pad tokens "
                                  f"(id {image_token_id}) at position {i}; input_ids do not match "
                                  "image_grid_thw")
