@@ -69,6 +69,7 @@ def avg_at_k(engine, examples: list, k: int = 8, temperature: float = 1.0, top_p
     sampling = SamplingConfig(n=k, temperature=temperature, top_p=top_p,
                               max_new_tokens=max_new_tokens, seed=seed)
     rollouts = engine.generate([e.messages for e in examples], sampling,
+                               progress=len(examples) * k * max_new_tokens >= 2**20,
                                **({} if training_dp else {"dp_rank": 0, "dp_size": 1}))
     scored = score_all([x.text for r in rollouts for x in r.responses],
                        [examples[r.index].answer for r in rollouts for _ in r.responses],
@@ -123,15 +124,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _datasets(args, log) -> dict[str, list]:
+def _datasets(args, log, scratch: str) -> dict[str, list]:
     from megatron_papo.data import DataConfig, load_split
     from megatron_papo.data.loader import PROMPT_TEMPLATE
 
     if not args.data:
         from megatron_papo.data import write_counting_dataset
 
-        folder = tempfile.mkdtemp(prefix="megatron_papo_eval_")
-        args.data = [write_counting_dataset(folder, train=1, test=256)["test"]]
+        args.data = [write_counting_dataset(scratch, train=1, test=256)["test"]]
         args.prompt_template = args.prompt_template or "{problem}"
     config = DataConfig(image_key=args.image_key, problem_key=args.problem_key,
                         answer_key=args.answer_key,
@@ -168,9 +168,9 @@ def run(args) -> dict:
     def log(message):
         print(message, flush=True)
 
-    datasets = _datasets(args, log)
     results = {}
     with tempfile.TemporaryDirectory(prefix="megatron_papo_eval_") as scratch:
+        datasets = _datasets(args, log, scratch)
         hf_dir = _hf_folder(args.model, scratch)
         engine = RolloutEngine(EngineConfig(
             hf_dir, dtype=args.dtype, max_model_len=args.max_model_len,

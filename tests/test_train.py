@@ -91,20 +91,15 @@ def test_cli_errors_are_one_line_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "single"])
 def test_main_job_on_two_processes(tmp_path, single_run, layout):
-    """torchrun with 2 processes at TP=2 (+SP), PP=2 and DP=2 ('single' on 2 processes): the job
+    """scripts/train.sh with 2 processes at TP=2 (+SP), PP=2 and DP=2 ('single' on 2 processes): the job
     completes, every stage reports the loss metrics, the export is written; step 1's perception
     KL equals the one-process run's (same data, seeds and weights; tol 1e-3)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / layout)
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", str(port), "-m", "megatron_papo.train", f"parallel={layout}", *SMALL,
+    done = subprocess.run(  # through the launcher users run (torchrun, standalone rendezvous)
+        ["bash", os.path.join(ROOT, "scripts", "train.sh"), f"parallel={layout}", *SMALL,
          f"trainer.output_dir={out}", f"hydra.run.dir={out}"],
-        capture_output=True, text=True, cwd=ROOT, timeout=900)
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
+        env={**os.environ, "NPROC_PER_NODE": "2", "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr[-3000:]
     first = _first_step(out)
     assert first["loss/kl_prcp"] > 0 and first["entropy/original"] > 0
@@ -173,6 +168,36 @@ def test_a_preset_without_its_required_paths_is_a_one_line_error(tmp_path):
     done = _main(["preset=qwen2_5_vl_3b_papo"], str(tmp_path / "p"))
     assert done.returncode == 2
     assert "error: model.hf_dir has no value" in done.stderr and "Traceback" not in done.stderr
+
+
+def _launch(script, env, *args):
+    return subprocess.run(["bash", os.path.join(ROOT, script), *args], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHON": "py", **env})
+
+
+def test_launcher_dry_run_prints_the_exact_command():
+    """One node: a standalone torchrun; several: a c10d rendezvous at MASTER_ADDR:MASTER_PORT
+    with this node's rank; Hydra overrides passed through; bad variables are one line."""
+    done = _launch("scripts/train.sh", {"NPROC_PER_NODE": "4"}, "--dry-run", "trainer.steps=3")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["py", "-m", "torch.distributed.run", "--standalone",
+                                   "--nnodes", "1", "--nproc-per-node", "4", "-m",
+                                   "megatron_papo.train", "trainer.steps=3"]
+    done = _launch("scripts/train.sh", {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "n0",
+                                        "MASTER_PORT": "1234", "NPROC_PER_NODE": "8",
+                                        "DRY_RUN": "1"}, "preset=qwen2_5_vl_7b_papo")
+    assert done.returncode == 0, done.stderr
+    assert ("--nnodes 2 --node-rank 1 --rdzv-backend c10d --rdzv-endpoint n0:1234" in done.stdout
+            and done.stdout.split()[-1] == "preset=qwen2_5_vl_7b_papo")
+    done = _launch("scripts/train.sh", {"NODE_RANK": "2"}, "--dry-run")
+    assert done.returncode == 2 and "NODE_RANK=2 must be below NNODES=1" in done.stderr
+    done = _launch("examples/qwen2_5_vl_3b_papo_no_kl_ref.sh",
+                   {"MODEL": "/m", "TRAIN": "/t.parquet", "DRY_RUN": "1", "NPROC_PER_NODE": "2"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-3:] == ["preset=qwen2_5_vl_3b_papo_no_kl_ref", "model.hf_dir=/m",
+                                        "data.train_files=\\[/t.parquet\\]"]
+    done = _launch("examples/qwen2_5_vl_3b_papo_no_kl_ref.sh", {"DRY_RUN": "1"})
+    assert done.returncode != 0 and "set MODEL" in done.stderr
 
 
 def test_plot_tool_writes_a_png_from_a_runs_metrics(single_run, tmp_path):

@@ -374,8 +374,8 @@ class PerceptionHackingMonitor:
             log.warning(
                 "KL_prcp hacking suspected: perception KL fell to %.3g (recent mean %.3g) while "
                 "the high-side clip fraction (%.3g) and both entropies (%.3g, %.3g) rose. "
-                "Lower rl.loss.prcp_gamma or enable the double entropy loss "
-                "(rl.loss.entropy_eta_original/masked, PAPO_H).",
+                "Lower algorithm.loss.prcp_gamma or enable the double entropy loss "
+                "(algorithm.loss.entropy_eta_original/masked, as papo_h does).",
                 metrics["loss/kl_prcp"], mean["loss/kl_prcp"], metrics["clip/high"],
                 metrics["entropy/original"], metrics["entropy/masked"])
         return hacking

@@ -310,8 +310,8 @@ class RolloutEngine:
             raise RolloutInputError(f"prompt {index}: the processor failed "
                                     f"({type(err).__name__}: {err})") from None
 
-    def _run(self, encoded: list[EncodedPrompt], indices: list[int], sampling: SamplingConfig
-             ) -> list[PromptRollout]:
+    def _run(self, encoded: list[EncodedPrompt], indices: list[int], sampling: SamplingConfig,
+             progress: bool = False) -> list[PromptRollout]:
         if not encoded:
             return []
         requests = []
@@ -322,7 +322,7 @@ class RolloutEngine:
                                                else e.images[0]}
             requests.append(request)
         params = [self._sampling_params(sampling, i) for i in indices]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self.llm.generate(requests, params, use_tqdm=progress and self.rank == 0)
         if not sampling.stop:
             texts = iter(self.encoder.tokenizer.batch_decode(
                 [list(c.token_ids) for out in outputs for c in sorted(out.outputs,
@@ -346,10 +346,11 @@ class RolloutEngine:
         return results
 
     def generate(self, prompts: list, sampling: SamplingConfig, dp_rank: int | None = None,
-                 dp_size: int | None = None) -> list[PromptRollout]:
+                 dp_size: int | None = None, progress: bool = False) -> list[PromptRollout]:
         """Roll out the GLOBAL batch ``prompts`` (the same list on every rank): each rollout group
         generates its share; returns the training data-parallel rank's slice (``dp_rank`` /
         ``dp_size`` default to megatron-core's data-parallel group) in prompt order.
+        ``progress``: vLLM's progress bar on rank 0 (long rollouts).
 
         Bad prompts raise :class:`RolloutInputError` on every rank before anything is
         generated."""
@@ -371,7 +372,7 @@ class RolloutEngine:
         if errors:
             raise RolloutInputError(min(errors)[1])
         self._wake("kv_cache")
-        local = self._run(encoded, list(share), sampling)
+        local = self._run(encoded, list(share), sampling, progress)
         leader = self.rank % self.config.tensor_parallel_size == 0
         gathered = _all_gather(local if leader else None)
         everything = sorted((r for part in gathered if part for r in part), key=lambda r: r.index)

@@ -114,6 +114,7 @@ class LoggingConfig:
     tensorboard: bool = True         # <output_dir>/tensorboard when the package is installed
     wandb_project: str | None = None  # log to Weights & Biases (needs `pip install wandb`)
     wandb_run_name: str | None = None
+    progress_bars: bool = True       # vLLM's bar on rank 0 for rollouts of >= 1M tokens
 
 
 @dataclass

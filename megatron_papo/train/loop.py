@@ -244,7 +244,8 @@ class Trainer:
                                   max_new_tokens=c.rollout.max_new_tokens,
                                   seed=c.trainer.seed * 1_000_003 + self.step_index)
         with m.phase("rollout"):
-            rollouts = self.engine.generate(prompts, sampling)       # this DP rank's prompts
+            rollouts = self.engine.generate(prompts, sampling,       # this DP rank's prompts
+                                            progress=self._long(len(prompts), sampling))
         with m.phase("reward"):
             texts = [resp.text for r in rollouts for resp in r.responses]
             answers = [examples[r.index].answer for r in rollouts for _ in r.responses]
@@ -310,6 +311,11 @@ class Trainer:
         self.step_index += 1
         m.write(record)
         return record
+
+    def _long(self, prompts: int, sampling) -> bool:
+        """A progress bar for rollouts that can take minutes (>= 1M tokens at most)."""
+        return (self.config.logging.progress_bars
+                and prompts * sampling.n * sampling.max_new_tokens >= 2**20)
 
     def push_weights(self) -> None:
         """The updated weights into the rollout engine (in buckets, every rank)."""
