@@ -1,5 +1,62 @@
-"""Applies the CPU patches once in the pytest process (workers apply them themselves)."""
+"""Applies the CPU patches once in the pytest process (workers apply them themselves), and fails
+the run if any process it started outlives it.
+
+Every process of a test run inherits a marker in its environment; at the end of the session the
+worker pools are shut down, processes still carrying the marker get 15 s to exit, and any left
+after that are killed and named, and the session fails: an orphaned worker, vLLM engine or
+dist-checkpoint writer is a bug (it holds memory and cores on a CI machine)."""
+
+import os
+import uuid
 
 from megatron_papo.compat import apply_cpu_patches
 
 apply_cpu_patches()
+
+RUN_MARKER = "MEGATRON_PAPO_TEST_RUN"
+GRACE_S = 15.0
+
+
+def pytest_configure(config):
+    os.environ[RUN_MARKER] = uuid.uuid4().hex  # a nested run watches its own processes
+
+
+def _run_processes():
+    """Processes of this test run other than pytest itself (and its multiprocessing resource
+    tracker, which exits with it)."""
+    import psutil
+
+    marker, me = os.environ.get(RUN_MARKER), os.getpid()
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid == me or process.environ().get(RUN_MARKER) != marker:
+                continue
+            if process.ppid() == me and "resource_tracker" in " ".join(process.cmdline()):
+                continue
+            found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import psutil
+
+    from megatron_papo.testing.distributed import shutdown_worker_pools
+
+    shutdown_worker_pools()
+    _, alive = psutil.wait_procs(_run_processes(), timeout=GRACE_S)
+    if not alive:
+        return
+    names = []
+    for process in alive:
+        try:
+            names.append(f"pid {process.pid}: {' '.join(process.cmdline())[:160]}")
+            process.kill()
+        except psutil.Error:
+            continue
+    if names:
+        print(f"\nERROR: {len(names)} process(es) started by the tests outlived them (killed "
+              "now):\n  " + "\n  ".join(names))
+        session.exitstatus = 1

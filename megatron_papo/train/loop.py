@@ -395,6 +395,9 @@ class Trainer:
                  " (random labels: accuracy stays near chance; the reward is often flat for a "
                  "while before it rises, watch 'signal', the share of groups with differing "
                  "rewards)")
+        _log("[train] per step: reward, accuracy, format rate, signal = share of groups whose "
+             "rewards differ (0: no gradient), perception KL, entropy original/masked image, clip "
+             "fraction high/low, seconds per phase")
         last = {}
         for _ in range(c.trainer.steps):
             record = self.step()
@@ -402,7 +405,8 @@ class Trainer:
             _log(f"[train] step {s['step']}/{c.trainer.steps} reward {s['reward']:.3f} acc "
                  f"{s['accuracy']:.3f} fmt {s['format']:.3f} signal {s['groups_with_signal']:.2f}"
                  f" kl_prcp {s.get('loss/kl_prcp', 0):.3g} ent {s.get('entropy/original', 0):.3f}"
-                 f" clip {s.get('clip/high', 0):.3f} | {s['tokens_per_s']:.0f} tok/s | "
+                 f"/{s.get('entropy/masked', 0):.3f} clip {s.get('clip/high', 0):.3f}/"
+                 f"{s.get('clip/low', 0):.3f} | {s['tokens_per_s']:.0f} tok/s | "
                  + " ".join(f"{k[5:]} {v:.2f}s" for k, v in s.items()
                             if k.startswith("time/")))
             if c.trainer.eval_every and s["step"] % c.trainer.eval_every == 0 \
