@@ -78,11 +78,14 @@ def test_config_errors_name_the_key(raw, world, message):
 
 
 def test_cli_errors_are_one_line_before_any_work(tmp_path):
-    """An unknown key and a dataset column that does not exist: exit 2, one line, no traceback,
-    before the model or the engine is built."""
+    """An unknown key, an export that would replace the starting model and a dataset column
+    that does not exist: exit 2, one line, no traceback, before the model or the engine is
+    built."""
     done = _main(SMALL + ["+trainer.stepz=1"], str(tmp_path / "a"))
     assert done.returncode == 2 and "error: trainer.stepz is not a setting" in done.stderr
     assert "Traceback" not in done.stderr
+    done = _main(SMALL + [f"model.hf_dir={tmp_path / 'c' / 'hf'}"], str(tmp_path / "c"))
+    assert done.returncode == 2 and "overlaps model.hf_dir" in done.stderr
     done = _main(SMALL + ["data.answer_key=solution"], str(tmp_path / "b"))
     assert done.returncode == 2, done.stderr[-2000:]
     assert "error: data.answer_key='solution' is not a column of" in done.stderr

@@ -35,21 +35,39 @@ def _barrier():
         dist.barrier()
 
 
-def check_output(out: str, force: bool) -> None:
+def overlapping_input(out: str, inputs) -> str | None:
+    """The first of ``inputs`` that ``out`` is, contains or lies inside (None if none): writing
+    there, with ``--force`` above all, would destroy the source."""
+    target = os.path.realpath(out)
+    for path in inputs:
+        if not path:
+            continue
+        source = os.path.realpath(path)
+        if os.path.commonpath([target, source]) in (target, source):
+            return path
+    return None
+
+
+def check_output(out: str, force: bool, inputs=()) -> None:
+    clash = overlapping_input(out, inputs)
+    if clash is not None:
+        raise OutputExistsError(
+            f"output {out} overlaps the input {clash} (the same folder, inside it or containing "
+            "it): writing there would destroy the source; choose an output outside it")
     if os.path.exists(out) and not force:
         raise OutputExistsError(f"output {out} already exists: choose another path or pass "
                                 "--force to replace it")
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str, force: bool = False):
+def atomic_output_dir(out: str, force: bool = False, inputs=()):
     """Yields the temporary folder to write into (the same on every rank).
 
     On success every rank meets at a barrier and rank 0 publishes the folder with one rename.
     On an exception the rank re-raises at once without further collectives (a peer blocked in a
     collective is then ended by torchrun or the timeout); rank 0 removes the temporary folder,
     and in any case nothing appears at ``out``."""
-    check_output(out, force)
+    check_output(out, force, inputs)
     out = os.path.abspath(out)
     tmp = _broadcast(f"{out}.incomplete-{uuid.uuid4().hex[:8]}" if _rank() == 0 else None)
     if _rank() == 0:

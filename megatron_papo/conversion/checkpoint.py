@@ -190,7 +190,7 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "b
     """Convert an HF Qwen2.5-VL folder into a Megatron dist checkpoint (loadable at any TP/PP).
     Each rank reads only the HF tensors of its own TP/PP shard, one tensor group at a time."""
     start = time.time()
-    check_output(out, force)  # before any work
+    check_output(out, force, [hf_dir])  # before any work
     params_dtype = _dtype(dtype)
     hf_config = load_hf_config(hf_dir)
     spec = _spec_and_layout(hf_config, tp, pp)
@@ -206,7 +206,7 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "b
     load_hf_folder(chunks, spec, hf_dir,
                    on_read=_progress(max(len(on_disk) // pp, 1), "read HF tensors (rank 0's shard)"))
 
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, [hf_dir]) as tmp:
         weights = os.path.join(tmp, WEIGHTS_DIR)
         if _rank() == 0:
             os.makedirs(weights)
@@ -261,7 +261,7 @@ def mcore_to_hf(ckpt: str, out: str, tp: int = 1, pp: int = 1, dtype: str | None
     """Write an HF folder (sharded safetensors + index, config.json, generation config, tokenizer
     and processor files) from a Megatron checkpoint (converted or training)."""
     start = time.time()
-    check_output(out, force)
+    check_output(out, force, [ckpt, hf_config_dir])
     out_dtype = _dtype(dtype)
     spec, chunks, meta = load_mcore_model(ckpt, tp, pp, hf_config_dir=hf_config_dir)
     write_hf_folder(chunks, spec, out, hf_config_dir or os.path.join(ckpt, HF_DIR),
@@ -286,7 +286,7 @@ def write_hf_folder(chunks: list, spec, out: str, sidecar_dir: str, config_dtype
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     total = len(expected_hf_names(spec))
     tick = _progress(total // max(pp, 1), "export (rank 0's stage)")
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, [sidecar_dir]) as tmp:
         writer = ShardedSafetensorsWriter(tmp, f"part-pp{pp_rank:04d}", max_shard_bytes,
                                           out_dtype)
         for name, tensor in export_hf_weights(chunks, spec, naming):

@@ -22,6 +22,7 @@ from .config import ConfigError, TrainConfig
 
 SYNTHETIC_DIR = "data"
 INITIAL_HF_DIR = "initial_hf"
+EXPORT_DIR = "hf"
 MISMATCH_WARN = 1e-3  # mean |log p| per token, engine vs trainer (fp32: ~1e-6)
 
 
@@ -150,6 +151,7 @@ class Trainer:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         from megatron_papo.conversion import checkpoint as ck
+        from megatron_papo.conversion.atomic import overlapping_input
         from megatron_papo.data import DataConfig, load_split, write_counting_dataset
         from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
         from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
@@ -159,6 +161,11 @@ class Trainer:
 
         self.config = c = config
         self.out = c.trainer.output_dir
+        export = os.path.join(self.out, EXPORT_DIR)
+        if c.trainer.export_hf and overlapping_input(export, [c.model.hf_dir]):
+            raise ConfigError(f"the HF export {export} (trainer.output_dir/{EXPORT_DIR}) overlaps "
+                              f"model.hf_dir={c.model.hf_dir}: it would replace the model it "
+                              "starts from; choose another trainer.output_dir")
         rank = dist.get_rank()
         if rank == 0:
             os.makedirs(self.out, exist_ok=True)
@@ -425,7 +432,7 @@ class Trainer:
              f"accuracy {swapped.get('val_swapped/accuracy', 0):.3f} (a model that looks at the "
              "image drops towards chance)")
         if c.trainer.export_hf:
-            self.export_hf(os.path.join(self.out, "hf"))
+            self.export_hf(os.path.join(self.out, EXPORT_DIR))
         return {"before": before, "after": {**after, **swapped}, "last": last}
 
     def export_hf(self, folder: str) -> None:
