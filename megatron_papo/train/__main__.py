@@ -26,10 +26,11 @@ def run(raw: dict) -> None:
 
     init_processes()
     trainer = None
+    interrupted = 0
     try:
         config = build_config(raw, dist.get_world_size())
         trainer = Trainer(config)
-        trainer.run()
+        interrupted = trainer.run()["interrupted"]
     except Exception as err:  # noqa: BLE001
         if type(err).__name__ not in USER_ERRORS:
             raise
@@ -42,6 +43,8 @@ def run(raw: dict) -> None:
         if trainer is not None:
             trainer.close()
     dist.destroy_process_group()
+    if interrupted:  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint
+        sys.exit(128 + interrupted)
 
 
 def main() -> None:

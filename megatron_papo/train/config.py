@@ -106,6 +106,11 @@ class TrainerConfig:
     # (drawn from the training answers), so that outputs parse while RL does all the learning.
     warmup_steps: int = 0
     warmup_target: str = "<think> </think> \\boxed{{{answer}}}"
+    # checkpoints (train/checkpoint.py): every save_every steps and at the end (0: none)
+    save_every: int = 50
+    keep_last: int = 2
+    checkpoint_dir: str | None = None     # default <output_dir>/checkpoints
+    resume: str = "auto"             # auto: the newest complete checkpoint, if any | none | a path
 
 
 @dataclass
@@ -235,6 +240,9 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
         raise ConfigError(f"algorithm.mask_ratio={config.algorithm.mask_ratio} must be in [0, 1]")
     if config.trainer.warmup_steps < 0:
         raise ConfigError(f"trainer.warmup_steps={config.trainer.warmup_steps} must be >= 0")
+    for key in ("save_every", "keep_last"):
+        if getattr(config.trainer, key) < 0:
+            raise ConfigError(f"trainer.{key}={getattr(config.trainer, key)} must be >= 0")
     if "{answer}" not in config.trainer.warmup_target:
         raise ConfigError("trainer.warmup_target must contain '{answer}'")
     if config.rollout.old_logprobs_from_engine and config.rollout.dtype != "float32":

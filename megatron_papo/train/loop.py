@@ -145,6 +145,45 @@ def _mean_over_dp(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tupled(value):
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+
+
+class _StopSignals:
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption or the time limit) only set a flag;
+    the ranks agree on it after each step, save a checkpoint and stop together."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        import signal
+
+        self.received = 0
+        self.previous = {}
+        for name in self.SIGNALS:
+            number = getattr(signal, name)
+            self.previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number, frame):
+        self.received = number
+
+    def agreed(self) -> int:
+        flag = torch.tensor([self.received], dtype=torch.long)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
+    def restore(self) -> None:
+        import signal
+
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         from megatron.core import parallel_state
@@ -234,6 +273,8 @@ class Trainer:
         self.metrics = Metrics(self.out, c.logging, dataclasses.asdict(c))
         self.monitor = PerceptionHackingMonitor()
         self.step_index = 0
+        self.warmed_up = False
+        self.checkpoint_dir = c.trainer.checkpoint_dir or os.path.join(self.out, "checkpoints")
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict:
@@ -372,6 +413,58 @@ class Trainer:
                 _log(f"[train] format warm start {step + 1}/{c.trainer.warmup_steps}: "
                      f"response log-prob {-metrics['entropy/original']:.3f}")
         self.push_weights()
+        self.warmed_up = True
+
+    # ------------------------------------------------------------------ checkpoints
+    def _layout(self) -> dict:
+        p = self.config.parallel
+        return {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
+                "dp": self.dp_size}
+
+    def save(self) -> str:
+        """A training checkpoint of the current step (every rank)."""
+        from . import checkpoint
+
+        state = {"step": self.step_index, "warmed_up": self.warmed_up,
+                 "sampler": _jsonable(self.rng.getstate()), "monitor": self.monitor.history}
+        start = time.perf_counter()
+        path = checkpoint.save(self.checkpoint_dir, self.step_index, self.chunks, self.optimizer,
+                               state, dataclasses.asdict(self.config), self.hf_dir,
+                               self.config.model.params_dtype, self._layout(),
+                               self.config.trainer.keep_last)
+        _log(f"[train] checkpoint saved: {path} ({time.perf_counter() - start:.1f}s)")
+        return path
+
+    def resume(self) -> bool:
+        """Continue from ``trainer.resume`` (auto: the newest complete checkpoint, if any)."""
+        from . import checkpoint
+
+        choice = self.config.trainer.resume
+        if choice in ("none", "") or not self.config.trainer.save_every and choice == "auto":
+            return False
+        if choice == "auto":
+            path = checkpoint.find_resumable(self.checkpoint_dir, log=_log)
+            if path is None:
+                return False
+        else:
+            path = choice
+            reason = checkpoint.why_incomplete(path)
+            if reason:
+                raise ConfigError(f"trainer.resume={path} cannot be resumed from: {reason}")
+        state = checkpoint.load(path, self.chunks, self.optimizer, self._layout(), log=_log)
+        self.step_index = int(state["step"])
+        self.warmed_up = bool(state["warmed_up"])
+        self.rng.setstate(_tupled(state["sampler"]))
+        self.monitor.history = list(state["monitor"])
+        self.push_weights()
+        if self.metrics.jsonl and os.path.exists(self.metrics.path):  # drop what came after
+            with open(self.metrics.path) as f:
+                kept = [line for line in f
+                        if line.strip() and json.loads(line).get("step", 0) <= self.step_index]
+            with open(self.metrics.path, "w") as f:
+                f.writelines(kept)
+        _log(f"[train] resumed from {path} at step {self.step_index}")
+        return True
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, images_swapped: bool = False) -> dict:
@@ -389,11 +482,14 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
         c = self.config
-        before = self.evaluate()
-        _log(f"[train] held-out before training: accuracy {before.get('val/accuracy', 0):.3f} "
-             f"(avg@{c.trainer.eval_k}), format {before.get('val/format', 0):.3f}")
-        self.metrics.write({"step": 0, **before})
-        if c.trainer.warmup_steps:
+        before = {}
+        if not self.resume():
+            before = self.evaluate()
+            _log(f"[train] held-out before training: accuracy "
+                 f"{before.get('val/accuracy', 0):.3f} (avg@{c.trainer.eval_k}), format "
+                 f"{before.get('val/format', 0):.3f}")
+            self.metrics.write({"step": 0, **before})
+        if c.trainer.warmup_steps and not self.warmed_up:
             self.warm_start()
             warmed = self.evaluate()
             self.metrics.write({"step": 0, "after_warm_start": True, **warmed})
@@ -406,7 +502,8 @@ class Trainer:
              "rewards differ (0: no gradient), perception KL, entropy original/masked image, clip "
              "fraction high/low, seconds per phase")
         last = {}
-        for _ in range(c.trainer.steps):
+        stop = _StopSignals()
+        for _ in range(self.step_index, c.trainer.steps):
             record = self.step()
             s = record
             _log(f"[train] step {s['step']}/{c.trainer.steps} reward {s['reward']:.3f} acc "
@@ -423,6 +520,18 @@ class Trainer:
                 _log(f"[train] held-out at step {s['step']}: accuracy "
                      f"{evaluation.get('val/accuracy', 0):.3f}")
             last = s
+            signal_number = stop.agreed()
+            if signal_number or (c.trainer.save_every and s["step"] % c.trainer.save_every == 0
+                                 and s["step"] < c.trainer.steps):
+                self.save()
+            if signal_number:
+                _log(f"[train] signal {signal_number}: checkpoint of step {s['step']} saved; "
+                     "stopping (resume with the same command: trainer.resume=auto)")
+                stop.restore()
+                return {"interrupted": signal_number, "last": last}
+        stop.restore()
+        if c.trainer.save_every:
+            self.save()
         after = self.evaluate()
         swapped = self.evaluate(images_swapped=True)
         self.metrics.write({"step": c.trainer.steps, **after, **swapped})
@@ -433,7 +542,7 @@ class Trainer:
              "image drops towards chance)")
         if c.trainer.export_hf:
             self.export_hf(os.path.join(self.out, EXPORT_DIR))
-        return {"before": before, "after": {**after, **swapped}, "last": last}
+        return {"before": before, "after": {**after, **swapped}, "last": last, "interrupted": 0}
 
     def export_hf(self, folder: str) -> None:
         from megatron_papo.conversion.checkpoint import write_hf_folder

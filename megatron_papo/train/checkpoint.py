@@ -1,0 +1,177 @@
+"""Training checkpoints: everything a run needs to continue exactly where it stopped.
+
+``<checkpoint_dir>/step_00000050/``, written by every rank through ``atomic_output_dir`` (a
+temporary name renamed when complete, so a crash never leaves a folder that looks complete)::
+
+    megatron_papo.json   format, kind "training", dtype, the layout it was written at
+    hf/                  config, tokenizer and processor of the model it trains (mcore-to-hf and
+                         `python -m megatron_papo.evaluate` read training checkpoints directly)
+    weights/             megatron-core dist_checkpointing: {"model", "optimizer"} (the distributed
+                         optimizer as ``fully_reshardable``: loadable at another TP/PP/DP)
+    trainer_state.json   step, warm start done, the data sampler's RNG, the monitor's history
+    rng/rank_XXXXX.pt    torch / numpy / python / model-parallel tracker RNG states per rank
+    config.json          the configuration that made it
+
+``<checkpoint_dir>/latest`` names the newest complete one; older ones beyond ``keep_last`` are
+removed after a save. :func:`find_resumable` picks the newest COMPLETE checkpoint, saying why it
+skips any other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CKPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.json"
+RNG_DIR = "rng"
+LATEST = "latest"
+PREFIX = "step_"
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"{PREFIX}{step:08d}")
+
+
+def _bare(chunk):
+    """The model inside DDP / Float16Module wrappers: its keys are those of converted
+    checkpoints, so training and converted checkpoints load the same way."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _sharded(chunks: list, optimizer, is_loading: bool) -> dict:
+    model_sd = _bare(chunks[0]).sharded_state_dict()
+    return {"model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                      metadata=CKPT_META)}
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(root: str, step: int, chunks: list, optimizer, state: dict, config: dict, hf_dir: str,
+         dtype: str, layout: dict, keep_last: int = 2) -> str:
+    """Write checkpoint ``step`` (every rank calls it); returns its folder."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_papo.conversion.atomic import atomic_output_dir
+    from megatron_papo.conversion.checkpoint import FORMAT, HF_DIR, META_FILE, WEIGHTS_DIR
+    from megatron_papo.conversion.hf_io import copy_sidecar_files
+
+    rank = dist.get_rank()
+    path = step_dir(root, step)
+    os.makedirs(root, exist_ok=True)
+    with atomic_output_dir(path, force=True, inputs=[hf_dir]) as tmp:
+        if rank == 0:
+            for sub in (WEIGHTS_DIR, HF_DIR, RNG_DIR):
+                os.makedirs(os.path.join(tmp, sub))
+            copy_sidecar_files(hf_dir, os.path.join(tmp, HF_DIR))
+            with open(os.path.join(tmp, META_FILE), "w") as f:
+                json.dump({"format": FORMAT, "kind": "training", "dtype": dtype, "step": step,
+                           "written_at": layout}, f, indent=2)
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(state, f)
+            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                json.dump(config, f, indent=1)
+        dist.barrier()
+        dist_checkpointing.save(_sharded(chunks, optimizer, is_loading=False),
+                                os.path.join(tmp, WEIGHTS_DIR))
+        torch.save(_rng_state(), os.path.join(tmp, RNG_DIR, f"rank_{rank:05d}.pt"))
+    if rank == 0:
+        pointer = os.path.join(root, LATEST)
+        with open(pointer + ".tmp", "w") as f:
+            f.write(os.path.basename(path) + "\n")
+        os.replace(pointer + ".tmp", pointer)
+        for old in sorted(_step_dirs(root))[:-keep_last] if keep_last > 0 else []:
+            if os.path.basename(old) != os.path.basename(path):
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def _step_dirs(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        return []
+    return [os.path.join(root, d) for d in os.listdir(root)
+            if d.startswith(PREFIX) and d[len(PREFIX):].isdigit()]
+
+
+def why_incomplete(path: str) -> str | None:
+    """None if ``path`` holds a complete training checkpoint, else the reason it does not."""
+    from megatron_papo.conversion.checkpoint import META_FILE, WEIGHTS_DIR
+
+    for name in (META_FILE, STATE_FILE, os.path.join(WEIGHTS_DIR, "metadata.json"),
+                 os.path.join(WEIGHTS_DIR, ".metadata"), RNG_DIR):
+        if not os.path.exists(os.path.join(path, name)):
+            return f"{name} is missing"
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            state = json.load(f)
+        with open(os.path.join(path, META_FILE)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:
+        return f"unreadable state ({err})"
+    if meta.get("kind") != "training" or "step" not in state:
+        return "not a training checkpoint"
+    return None
+
+
+def find_resumable(root: str, log=print) -> str | None:
+    """The newest complete checkpoint under ``root`` (None if there is none); each skipped
+    folder gets a line saying why."""
+    for path in sorted(_step_dirs(root), reverse=True):
+        reason = why_incomplete(path)
+        if reason is None:
+            return path
+        log(f"[train] skipping checkpoint {path}: {reason}")
+    return None
+
+
+def load(path: str, chunks: list, optimizer, layout: dict, log=print) -> dict:
+    """Load weights, optimizer and (same layout only) RNG states; returns the trainer state."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_papo.conversion.checkpoint import META_FILE, WEIGHTS_DIR
+
+    state = dist_checkpointing.load(_sharded(chunks, optimizer, is_loading=True),
+                                    os.path.join(path, WEIGHTS_DIR))
+    _bare(chunks[0]).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    with open(os.path.join(path, META_FILE)) as f:
+        written_at = json.load(f)["written_at"]
+    rng_file = os.path.join(path, RNG_DIR, f"rank_{dist.get_rank():05d}.pt")
+    if written_at == layout and os.path.exists(rng_file):
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        log(f"[train] {path} was written at {written_at}, this run is {layout}: weights and "
+            "optimizer resharded, per-rank RNG states not restored")
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)
