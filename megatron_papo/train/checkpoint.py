@@ -94,8 +94,9 @@ def save(root: str, step: int, chunks: list, optimizer, state: dict, config: dic
             for sub in (WEIGHTS_DIR, HF_DIR, RNG_DIR):
                 os.makedirs(os.path.join(tmp, sub))
             copy_sidecar_files(hf_dir, os.path.join(tmp, HF_DIR))
+            short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
             with open(os.path.join(tmp, META_FILE), "w") as f:
-                json.dump({"format": FORMAT, "kind": "training", "dtype": dtype, "step": step,
+                json.dump({"format": FORMAT, "kind": "training", "dtype": short, "step": step,
                            "written_at": layout}, f, indent=2)
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(state, f)
