@@ -91,20 +91,20 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = 300
+    steps: int = 200
     prompts_per_step: int = 64
-    micro_batch_size: int = 64       # samples per forward/backward
+    micro_batch_size: int = 512      # samples per forward/backward (same update for any value)
     mini_batch_size: int = 0         # samples per optimizer step and DP rank (0: from below)
     optimizer_steps_per_rollout: int = 1   # when mini_batch_size is 0 (authors: 3)
     seed: int = 0
     eval_every: int = 50
-    eval_prompts: int = 128
-    eval_k: int = 1
+    eval_prompts: int = 256
+    eval_k: int = 8
     output_dir: str = "outputs/run"
     export_hf: bool = True
     # Format warm start: supervised steps on "<think> </think> \\boxed{k}" with RANDOM labels k
     # (drawn from the training answers), so that outputs parse while RL does all the learning.
-    warmup_steps: int = 0
+    warmup_steps: int = 30
     warmup_target: str = "<think> </think> \\boxed{{{answer}}}"
     # checkpoints (train/checkpoint.py): every save_every steps and at the end (0: none)
     save_every: int = 50
