@@ -365,6 +365,12 @@ class Trainer:
         return (self.config.logging.progress_bars
                 and prompts * sampling.n * sampling.max_new_tokens >= 2**20)
 
+    def _logged(self) -> list[dict]:
+        if not os.path.exists(self.metrics.path):
+            return []
+        with open(self.metrics.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
     def push_weights(self) -> None:
         """The updated weights into the rollout engine (in buckets, every rank)."""
         from megatron_papo.rollout import iter_hf_weights
@@ -483,7 +489,10 @@ class Trainer:
     def run(self) -> dict:
         c = self.config
         before = {}
-        if not self.resume():
+        if self.resume():  # the held-out accuracy before training, from the resumed run's log
+            before = next((r for r in self._logged() if r.get("step") == 0
+                           and "val/accuracy" in r and not r.get("after_warm_start")), {})
+        else:
             before = self.evaluate()
             _log(f"[train] held-out before training: accuracy "
                  f"{before.get('val/accuracy', 0):.3f} (avg@{c.trainer.eval_k}), format "
