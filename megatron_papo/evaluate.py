@@ -16,12 +16,7 @@ import argparse
 import copy
 import json
 import os
-import sys
 import tempfile
-
-USER_ERRORS = ("DataError", "RolloutInputError", "RewardError", "ConversionError",
-               "HFCheckpointError", "ModelConfigError", "EvaluationError")
-
 
 class EvaluationError(ValueError):
     """Bad command-line input; the message names the argument."""
@@ -49,27 +44,27 @@ def swap_images(examples: list) -> list:
     return out
 
 
-def avg_at_k(engine, examples: list, k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
-             max_new_tokens: int = 64, seed: int = 10_000_019, reward=None,
-             images_swapped: bool = False, training_dp: bool = True) -> dict:
-    """avg@k: the mean accuracy (and format rate) over k samples of every prompt, the same on
-    every rank. ``training_dp``: each training data-parallel rank scores its share of the
-    prompts and the counts are summed over the DP group (inside the trainer); False: every rank
-    scores all of them (a standalone engine)."""
+EVAL_SEED = 10_000_019  # sampling seed of evaluations (the same prompts, the same draws)
+
+
+def avg_at_k(engine, examples: list, sampling, reward=None, images_swapped: bool = False,
+             training_dp: bool = True, progress: bool = True) -> dict:
+    """avg@k: the mean accuracy (and format rate) over ``sampling.n`` samples of every prompt,
+    the same on every rank. ``training_dp``: each training data-parallel rank scores its share
+    of the prompts and the counts are summed over the DP group (inside the trainer); False:
+    every rank scores all of them (a standalone engine)."""
     import torch
     import torch.distributed as dist
 
     from megatron_papo.reward import score_all
-    from megatron_papo.rollout import SamplingConfig
+    from megatron_papo.rollout.engine import is_long_rollout
 
     if not examples:
         return {}
     if images_swapped:
         examples = swap_images(examples)
-    sampling = SamplingConfig(n=k, temperature=temperature, top_p=top_p,
-                              max_new_tokens=max_new_tokens, seed=seed)
     rollouts = engine.generate([e.messages for e in examples], sampling,
-                               progress=len(examples) * k * max_new_tokens >= 2**20,
+                               progress=progress and is_long_rollout(len(examples), sampling),
                                **({} if training_dp else {"dp_rank": 0, "dp_size": 1}))
     scored = score_all([x.text for r in rollouts for x in r.responses],
                        [examples[r.index].answer for r in rollouts for _ in r.responses],
@@ -119,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
                                                        "log-probs; default bfloat16)")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--kv-cache-mb", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=10_000_019)
+    p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     return p
 
@@ -160,7 +155,7 @@ def _hf_folder(model: str, scratch: str) -> str:
 
 
 def run(args) -> dict:
-    from megatron_papo.rollout import EngineConfig, RolloutEngine
+    from megatron_papo.rollout import EngineConfig, RolloutEngine, SamplingConfig
 
     if args.k < 1:
         raise EvaluationError(f"--k {args.k} must be >= 1")
@@ -178,9 +173,9 @@ def run(args) -> dict:
             max_pixels=args.max_pixels, seed=args.seed))
         try:
             for name, examples in datasets.items():
-                kwargs = dict(k=args.k, temperature=args.temperature, top_p=args.top_p,
-                              max_new_tokens=args.max_new_tokens, seed=args.seed,
-                              training_dp=False)
+                kwargs = dict(sampling=SamplingConfig(
+                    n=args.k, temperature=args.temperature, top_p=args.top_p,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed), training_dp=False)
                 result = avg_at_k(engine, examples, **kwargs)
                 line = (f"[eval] {name}: accuracy {result['accuracy']:.4f} (avg@{args.k}, "
                         f"{len(examples)} prompts), format {result['format']:.4f}")
@@ -203,16 +198,16 @@ def main(argv=None) -> None:
 
     args = _parser().parse_args(argv)
     apply_cpu_patches()
-    from megatron_papo.train.loop import init_processes
+    from megatron_papo.cli import fail, is_user_error
+    from megatron_papo.parallel import init_processes
 
     init_processes()
     try:
         run(args)
     except Exception as err:  # noqa: BLE001
-        if type(err).__name__ not in USER_ERRORS:
+        if not is_user_error(err):
             raise
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        fail(err)
     finally:
         import torch.distributed as dist
 

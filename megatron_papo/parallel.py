@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import datetime
+import os
+
 import torch.distributed as dist
 
 
 class ParallelConfigError(ValueError):
     """A parallel layout that cannot work; the message names the setting and the fix."""
+
+
+def init_processes(timeout_minutes: float | None = None) -> None:
+    """The default process group: from torchrun's environment (NCCL with CUDA, else gloo), or
+    a world of one gloo process on a free local port. A no-op when already initialised."""
+    import socket
+
+    import torch
+
+    if dist.is_initialized():
+        return
+    timeout = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", **timeout)
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # the torchrun variables of a world of one (a colocated vLLM engine reads them too)
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1, **timeout)
 
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, cp: int = 1,

@@ -70,6 +70,7 @@ def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
                                               "data-parallel size 2"),
     ({"trainer": {"mini_batch_size": 48}}, 1, "trainer.mini_batch_size=48 must divide the 512"),
     ({"rollout": {"temperature": 0.0}}, 1, "rollout.temperature=0.0 must be > 0"),
+    ({"rollout": {"top_p": 1.5}}, 1, "rollout.top_p=1.5 is invalid: must be in (0, 1]"),
 ])
 def test_config_errors_name_the_key(raw, world, message):
     with pytest.raises(ConfigError) as err:

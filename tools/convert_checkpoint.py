@@ -18,9 +18,7 @@ overwritten without --force.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,22 +75,6 @@ def _size(text: str) -> int:
     return int(text)
 
 
-def _init_distributed() -> None:
-    import torch
-    import torch.distributed as dist
-
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-
-
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from megatron_papo.compat import apply_cpu_patches
@@ -105,11 +87,11 @@ def main(argv=None) -> int:
     from megatron_papo.conversion.hf_io import HFCheckpointError
     from megatron_papo.conversion.table import MappingError
     from megatron_papo.models.qwen2_5_vl import ModelConfigError
-    from megatron_papo.parallel import ParallelConfigError
+    from megatron_papo.parallel import ParallelConfigError, init_processes
 
     user_errors = (ck.ConversionError, OutputExistsError, HFCheckpointError, MappingError,
                    ModelConfigError, ParallelConfigError)
-    _init_distributed()
+    init_processes(timeout_minutes=60)  # long single-rank reads/writes between collectives
     code = 0
     try:
         if args.command == "hf-to-mcore":

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.utils import unwrap_model
 
 from megatron_papo.models.qwen2_5_vl import (
     check_parallel_layout,
@@ -248,7 +249,7 @@ def load_mcore_model(ckpt: str, tp: int, pp: int, params_dtype: torch.dtype | No
     initialize_model_parallel(tp, pp)
     chunks = build_model_chunks(spec, tp, pp, ddp=ddp, params_dtype=dtype,
                                 perform_initialization=False)
-    model = getattr(chunks[0], "module", chunks[0])
+    model = unwrap_model(chunks[0])
     state = dist_checkpointing.load({"model": model.sharded_state_dict()},
                                     os.path.join(ckpt, WEIGHTS_DIR))
     model.load_state_dict(state["model"])

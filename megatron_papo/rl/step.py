@@ -331,13 +331,19 @@ def _shared_metrics(metrics: dict) -> dict:
             box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group())
         metrics = box[0]
+    return mean_over_data_parallel(metrics)
+
+
+def mean_over_data_parallel(values: dict[str, float]) -> dict[str, float]:
+    """The mean of each per-rank value over the data-parallel group (the same on every rank;
+    every rank must pass the same keys)."""
     dp = parallel_state.get_data_parallel_world_size()
-    if dp > 1 and metrics:
-        keys = sorted(metrics)
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-        torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
-        metrics = dict(zip(keys, (values / dp).tolist()))
-    return metrics
+    if dp == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return dict(zip(keys, (t / dp).tolist()))
 
 
 def _mean_metrics(per_micro: Iterable[dict]) -> dict:

@@ -69,6 +69,14 @@ class SamplingConfig:
         self.stop_token_ids = tuple(self.stop_token_ids)
 
 
+LONG_ROLLOUT_TOKENS = 2**20  # at most this many new tokens: a rollout that can take minutes
+
+
+def is_long_rollout(prompts: int, sampling: SamplingConfig) -> bool:
+    """Whether a rollout deserves a progress bar."""
+    return prompts * sampling.n * sampling.max_new_tokens >= LONG_ROLLOUT_TOKENS
+
+
 @dataclass
 class EngineConfig:
     """The rollout engine (``rollout.*``). ``model_path`` is an HF folder: config, tokenizer,
@@ -323,13 +331,13 @@ class RolloutEngine:
             requests.append(request)
         params = [self._sampling_params(sampling, i) for i in indices]
         outputs = self.llm.generate(requests, params, use_tqdm=progress and self.rank == 0)
+        samples = [sorted(out.outputs, key=lambda c: c.index) for out in outputs]
         if not sampling.stop:
             texts = iter(self.encoder.tokenizer.batch_decode(
-                [list(c.token_ids) for out in outputs for c in sorted(out.outputs,
-                                                                       key=lambda c: c.index)],
+                [list(c.token_ids) for per_prompt in samples for c in per_prompt],
                 skip_special_tokens=True))
         results = []
-        for e, i, out in zip(encoded, indices, outputs):
+        for e, i, out, per_prompt in zip(encoded, indices, outputs, samples):
             prompt_ids = list(out.prompt_token_ids)
             if prompt_ids != e.input_ids.tolist():
                 raise RuntimeError(
@@ -337,7 +345,7 @@ class RolloutEngine:
                     f"processor output ({len(prompt_ids)} vs {e.input_ids.numel()} tokens); the "
                     "engine and the trainer must use the same processor and min/max pixels")
             responses = []
-            for c in sorted(out.outputs, key=lambda c: c.index):
+            for c in per_prompt:
                 ids = list(c.token_ids)
                 logprobs = [step[t].logprob for step, t in zip(c.logprobs, ids)]
                 text = c.text if sampling.stop else next(texts)

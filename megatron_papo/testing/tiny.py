@@ -173,24 +173,18 @@ def build_word_tokenizer(texts: list[str] = ()):
     return fast
 
 
-def token_ids_config(tokenizer, vocab_multiple: int = 8) -> dict:
-    """The token-id fields of a Qwen2.5-VL config for ``tokenizer`` (top level and text config),
-    with the vocabulary rounded up to ``vocab_multiple`` rows (TP must divide it)."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab = -(-len(tokenizer) // vocab_multiple) * vocab_multiple
-    return {"top": {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
-                    "vision_start_token_id": ids["<|vision_start|>"],
-                    "vision_end_token_id": ids["<|vision_end|>"]},
-            "text": {"vocab_size": vocab, "bos_token_id": ids["<|endoftext|>"],
-                     "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}}
-
-
-def with_tokenizer(config: dict, tokenizer) -> dict:
-    """``config`` (a tiny HF config) re-keyed to ``tokenizer``'s ids and vocabulary size."""
+def with_tokenizer(config: dict, tokenizer, vocab_multiple: int = 8) -> dict:
+    """``config`` (a tiny HF config) re-keyed to ``tokenizer``'s special-token ids, with its
+    vocabulary rounded up to ``vocab_multiple`` rows (TP must divide it)."""
     config = copy.deepcopy(config)
-    fields = token_ids_config(tokenizer)
-    config.update(fields["top"])
-    config["text_config"].update(fields["text"])
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config.update(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"],
+                  vision_end_token_id=ids["<|vision_end|>"])
+    config["text_config"].update(
+        vocab_size=-(-len(tokenizer) // vocab_multiple) * vocab_multiple,
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"])
     return config
 
 

@@ -10,10 +10,6 @@ import sys
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
 
-# Errors that are the user's to fix: one line, exit code 2, no traceback.
-USER_ERRORS = ("ConfigError", "DataError", "RolloutInputError", "RewardError",
-               "ModelConfigError", "ParallelConfigError", "MappingError", "HFCheckpointError")
-
 
 def run(raw: dict) -> None:
     from megatron_papo.compat import apply_cpu_patches
@@ -21,8 +17,11 @@ def run(raw: dict) -> None:
     apply_cpu_patches()
     import torch.distributed as dist
 
+    from megatron_papo.cli import fail, is_user_error
+    from megatron_papo.parallel import init_processes
+
     from .config import build_config
-    from .loop import Trainer, init_processes
+    from .loop import Trainer
 
     init_processes()
     trainer = None
@@ -32,13 +31,12 @@ def run(raw: dict) -> None:
         trainer = Trainer(config)
         interrupted = trainer.run()["interrupted"]
     except Exception as err:  # noqa: BLE001
-        if type(err).__name__ not in USER_ERRORS:
+        if not is_user_error(err):
             raise
-        print(f"error: {err}", file=sys.stderr, flush=True)
         if trainer is not None:
             trainer.close()
             trainer = None
-        sys.exit(2)
+        fail(err)
     finally:
         if trainer is not None:
             trainer.close()
@@ -58,10 +56,11 @@ def main() -> None:
         try:
             raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         except MissingMandatoryValue as err:
+            from megatron_papo.cli import fail
+
             key = getattr(err, "full_key", None) or str(err)
-            print(f"error: {key} has no value and this configuration needs one: pass {key}=... "
-                  "on the command line", file=sys.stderr, flush=True)
-            sys.exit(2)
+            fail(f"{key} has no value and this configuration needs one: pass {key}=... on the "
+                 "command line")
         run(raw)
 
     _main()

@@ -27,6 +27,7 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core.utils import unwrap_model
 
 CKPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}
 STATE_FILE = "trainer_state.json"
@@ -40,16 +41,10 @@ def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"{PREFIX}{step:08d}")
 
 
-def _bare(chunk):
-    """The model inside DDP / Float16Module wrappers: its keys are those of converted
-    checkpoints, so training and converted checkpoints load the same way."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def _sharded(chunks: list, optimizer, is_loading: bool) -> dict:
-    model_sd = _bare(chunks[0]).sharded_state_dict()
+    # the model inside DDP / Float16Module: the keys of converted checkpoints, so training and
+    # converted checkpoints load the same way
+    model_sd = unwrap_model(chunks[0]).sharded_state_dict()
     return {"model": model_sd,
             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                       metadata=CKPT_META)}
@@ -164,7 +159,7 @@ def load(path: str, chunks: list, optimizer, layout: dict, log=print) -> dict:
 
     state = dist_checkpointing.load(_sharded(chunks, optimizer, is_loading=True),
                                     os.path.join(path, WEIGHTS_DIR))
-    _bare(chunks[0]).load_state_dict(state["model"])
+    unwrap_model(chunks[0]).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     with open(os.path.join(path, META_FILE)) as f:
         written_at = json.load(f)["written_at"]

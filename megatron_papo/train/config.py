@@ -38,7 +38,7 @@ class ParallelConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "papo_h"             # grpo | papo | papo_h | papo_no_kl_ref (rl.algorithms)
+    name: str = "papo_no_kl_ref"     # grpo | papo | papo_h | papo_no_kl_ref (rl.algorithms)
     loss: dict = field(default_factory=dict)   # overrides of rl.algorithms.LossConfig fields
     masked_branch: str = "frozen"    # frozen (the authors') | live
     mask_ratio: float = 0.6
@@ -65,6 +65,15 @@ class RolloutConfig:
     old_logprobs_from_engine: bool = False
     min_pixels: int = 28 * 28
     max_pixels: int = 56 * 56
+
+    def sampling(self, seed: int | None, n: int | None = None):
+        """The engine's sampling settings of these keys (``n``: another sample count, e.g. k of
+        an avg@k evaluation)."""
+        from megatron_papo.rollout import SamplingConfig
+
+        return SamplingConfig(n=self.n if n is None else n, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens, seed=seed)
 
 
 @dataclass
@@ -249,6 +258,12 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
         raise ConfigError(f"rollout.old_logprobs_from_engine=true needs rollout.dtype=float32 "
                           f"(got {config.rollout.dtype!r}: a {config.rollout.dtype} engine's "
                           "log-probs differ from the trainer's); set it to false")
+    from megatron_papo.rollout import RolloutInputError
+
+    try:  # the engine's own checks, before any work, naming this config's keys
+        config.rollout.sampling(seed=0)
+    except RolloutInputError as err:
+        raise ConfigError(str(err).replace("rollout.sampling.", "rollout.")) from None
     if config.rollout.temperature <= 0:
         raise ConfigError(f"rollout.temperature={config.rollout.temperature} must be > 0 for RL "
                           "(sampling)")

@@ -31,26 +31,6 @@ def _log(message: str) -> None:
         print(message, flush=True)
 
 
-def init_processes() -> None:
-    """torch.distributed from torchrun's environment, or a world of one process."""
-    if dist.is_initialized():
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-        return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    dist.init_process_group(backend, rank=0, world_size=1)
-
-
 def _texts(examples) -> list[str]:
     return [item["text"] if isinstance(item, dict) else item
             for e in examples for message in e.messages
@@ -130,19 +110,6 @@ class Metrics:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def _mean_over_dp(values: dict[str, float]) -> dict[str, float]:
-    """Averages of per-rank values over the data-parallel group (the same on every rank)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.get_data_parallel_world_size() == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
-    t /= parallel_state.get_data_parallel_world_size()
-    return dict(zip(keys, t.tolist()))
 
 
 def _jsonable(value):
@@ -280,20 +247,20 @@ class Trainer:
     def step(self) -> dict:
         from megatron_papo.reward import score_all
         from megatron_papo.rl.algorithms import group_advantages
-        from megatron_papo.rollout import SamplingConfig, build_rollout_batch
+        from megatron_papo.rl.step import mean_over_data_parallel
+        from megatron_papo.rollout import build_rollout_batch
+        from megatron_papo.rollout.engine import is_long_rollout
 
         c, m = self.config, self.metrics
         m.phases = {}
         start = time.perf_counter()
         examples = self.rng.sample(self.train_data, c.trainer.prompts_per_step)
         prompts = [e.messages for e in examples]
-        sampling = SamplingConfig(n=c.rollout.n, temperature=c.rollout.temperature,
-                                  top_p=c.rollout.top_p, top_k=c.rollout.top_k,
-                                  max_new_tokens=c.rollout.max_new_tokens,
-                                  seed=c.trainer.seed * 1_000_003 + self.step_index)
+        sampling = c.rollout.sampling(seed=c.trainer.seed * 1_000_003 + self.step_index)
         with m.phase("rollout"):
-            rollouts = self.engine.generate(prompts, sampling,       # this DP rank's prompts
-                                            progress=self._long(len(prompts), sampling))
+            rollouts = self.engine.generate(      # this DP rank's prompts
+                prompts, sampling, progress=c.logging.progress_bars
+                and is_long_rollout(len(prompts), sampling))
         with m.phase("reward"):
             texts = [resp.text for r in rollouts for resp in r.responses]
             answers = [examples[r.index].answer for r in rollouts for _ in r.responses]
@@ -343,7 +310,7 @@ class Trainer:
         }
         if measure:
             local["logprob_mismatch"] = mismatch
-        record = _mean_over_dp(local)
+        record = mean_over_data_parallel(local)
         record["tokens"] *= self.dp_size
         record.update({k: v for k, v in updates[-1].items()  # shared by every rank
                        if k.startswith(("loss/", "clip/", "entropy/")) or k == "grad_norm"})
@@ -359,11 +326,6 @@ class Trainer:
         self.step_index += 1
         m.write(record)
         return record
-
-    def _long(self, prompts: int, sampling) -> bool:
-        """A progress bar for rollouts that can take minutes (>= 1M tokens at most)."""
-        return (self.config.logging.progress_bars
-                and prompts * sampling.n * sampling.max_new_tokens >= 2**20)
 
     def _logged(self) -> list[dict]:
         if not os.path.exists(self.metrics.path):
@@ -464,11 +426,9 @@ class Trainer:
         self.monitor.history = list(state["monitor"])
         self.push_weights()
         if self.metrics.jsonl and os.path.exists(self.metrics.path):  # drop what came after
-            with open(self.metrics.path) as f:
-                kept = [line for line in f
-                        if line.strip() and json.loads(line).get("step", 0) <= self.step_index]
+            kept = [r for r in self._logged() if r.get("step", 0) <= self.step_index]
             with open(self.metrics.path, "w") as f:
-                f.writelines(kept)
+                f.writelines(json.dumps(r) + "\n" for r in kept)
         _log(f"[train] resumed from {path} at step {self.step_index}")
         return True
 
@@ -476,12 +436,12 @@ class Trainer:
     def evaluate(self, images_swapped: bool = False) -> dict:
         """avg@k accuracy and format rate on the held-out prompts (temperature of the run);
         ``images_swapped``: every prompt shown another prompt's image (vision dependence)."""
-        from megatron_papo.evaluate import avg_at_k
+        from megatron_papo.evaluate import EVAL_SEED, avg_at_k
 
         c = self.config
-        result = avg_at_k(self.engine, self.val_data[:c.trainer.eval_prompts], k=c.trainer.eval_k,
-                          temperature=c.rollout.temperature, top_p=c.rollout.top_p,
-                          max_new_tokens=c.rollout.max_new_tokens, images_swapped=images_swapped)
+        result = avg_at_k(self.engine, self.val_data[:c.trainer.eval_prompts],
+                          c.rollout.sampling(seed=EVAL_SEED, n=c.trainer.eval_k),
+                          images_swapped=images_swapped, progress=c.logging.progress_bars)
         prefix = "val_swapped/" if images_swapped else "val/"
         return {prefix + k: v for k, v in result.items() if k != "samples"}
 

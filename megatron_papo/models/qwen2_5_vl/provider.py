@@ -9,6 +9,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.utils import unwrap_model
 
 from megatron_papo.conversion.engine import export_megatron_to_hf, load_hf_into_megatron
 from megatron_papo.parallel import check_pipeline_communication, default_batch_p2p_comm
@@ -41,10 +42,6 @@ def build_model_chunks(spec: Qwen25VLTextSpec, tp: int = 1, pp: int = 1, vpp: in
     return wrapped
 
 
-def _unwrap(chunk):
-    return getattr(chunk, "module", chunk)
-
-
 def load_hf_weights(chunks: list, spec: Qwen25VLTextSpec, get_hf: Callable[[str], torch.Tensor]
                     ) -> list[str]:
     """Load canonical-named HF tensors into every chunk of this rank; returns the names used."""
@@ -52,7 +49,7 @@ def load_hf_weights(chunks: list, spec: Qwen25VLTextSpec, get_hf: Callable[[str]
     group = parallel_state.get_tensor_model_parallel_group()
     used = []
     for chunk in chunks:
-        used += load_hf_into_megatron(_unwrap(chunk), table, get_hf, dims, group)
+        used += load_hf_into_megatron(unwrap_model(chunk), table, get_hf, dims, group)
     return used
 
 
@@ -64,7 +61,7 @@ def export_hf_weights(chunks: list, spec: Qwen25VLTextSpec, convention: str = "h
     table, dims = mapping_table(spec.tie_word_embeddings), tensor_dims(spec)
     group = parallel_state.get_tensor_model_parallel_group()
     for chunk in chunks:
-        yield from export_megatron_to_hf(_unwrap(chunk), table, dims, table.convention(convention),
+        yield from export_megatron_to_hf(unwrap_model(chunk), table, dims, table.convention(convention),
                                          group, skip=skip, **gather)
 
 
