@@ -11,6 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from megatron_papo.data import DataConfig
 from megatron_papo.rl.algorithms import PRESETS, LossConfig
 
 
@@ -77,14 +78,11 @@ class RolloutConfig:
 
 
 @dataclass
-class DataSection:
-    train_files: list = field(default_factory=list)   # empty: the synthetic counting task
-    val_files: list = field(default_factory=list)
-    image_key: str = "image"
-    problem_key: str = "problem"
-    answer_key: str = "answer"
+class DataSection(DataConfig):
+    """The loader's settings (files, columns, prompt template, bad-row budget); empty
+    ``train_files``: the synthetic counting task with these sizes."""
+
     prompt_template: str = "{problem}"
-    max_bad_fraction: float = 0.05
     synthetic_train: int = 4096
     synthetic_val: int = 256
 

@@ -158,7 +158,7 @@ class Trainer:
 
         from megatron_papo.conversion import checkpoint as ck
         from megatron_papo.conversion.atomic import overlapping_input
-        from megatron_papo.data import DataConfig, load_split, write_counting_dataset
+        from megatron_papo.data import load_split, write_counting_dataset
         from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
         from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
         from megatron_papo.parallel import initialize_model_parallel
@@ -187,11 +187,8 @@ class Trainer:
             dist.barrier()
             paths = {s: os.path.join(folder, f"{s}.parquet") for s in ("train", "test")}
             train_files, val_files = [paths["train"]], val_files or [paths["test"]]
-        data = DataConfig(image_key=d.image_key, problem_key=d.problem_key,
-                          answer_key=d.answer_key, prompt_template=d.prompt_template,
-                          max_bad_fraction=d.max_bad_fraction)
-        self.train_data = load_split(train_files, data, log=_log)
-        self.val_data = load_split(val_files, data, log=_log) if val_files else []
+        self.train_data = load_split(train_files, d, log=_log)
+        self.val_data = load_split(val_files, d, log=_log) if val_files else []
         if len(self.train_data) < c.trainer.prompts_per_step:
             raise ConfigError(f"trainer.prompts_per_step={c.trainer.prompts_per_step} exceeds "
                               f"the {len(self.train_data)} usable training rows")
