@@ -1,8 +1,11 @@
 """What the command-line entry points share: input the user has to fix ends in one line on
-stderr and exit code 2, never a traceback."""
+stderr and exit code 2, never a traceback, and under torchrun that line is printed once."""
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import sys
 
 # the error types (by name: importing them all would pull in every subsystem) that name the
@@ -10,15 +13,97 @@ import sys
 USER_ERRORS = frozenset({
     "ConfigError", "DataError", "RolloutInputError", "RewardError", "ModelConfigError",
     "ParallelConfigError", "MappingError", "HFCheckpointError", "ConversionError",
-    "OutputExistsError", "EvaluationError",
+    "OutputExistsError", "OutputWriteError", "EvaluationError",
 })
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space there or choose another location",
+    errno.EDQUOT: "the disk quota is exceeded: free space or choose another location",
+    errno.EFBIG: "a file outgrew the size limit (ulimit -f or the file system's): raise it or "
+                 "choose another location",
+    errno.EACCES: "fix its permissions or choose another path",
+    errno.EPERM: "fix its permissions or choose another path",
+    errno.EROFS: "the file system is read-only: choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "a folder stands where a file is expected: check the path",
+}
+
+
+def quiet_redundant_logs() -> None:
+    """dist_checkpointing logs a failed write before raising it; the raised error is reported
+    (one line, naming the output), so the log line would only say it twice."""
+    import logging
+
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").setLevel(
+        logging.CRITICAL)
 
 
 def is_user_error(err: BaseException) -> bool:
-    return type(err).__name__ in USER_ERRORS
+    """An error the user fixes (bad input; a named file that is missing, unreadable or on a
+    full disk), reported in one line."""
+    return type(err).__name__ in USER_ERRORS or (isinstance(err, OSError)
+                                                 and err.filename is not None)
+
+
+def describe(err: BaseException) -> str:
+    """The one line for a user error: an OSError names its file, the cause and the fix."""
+    if isinstance(err, OSError) and type(err).__name__ not in USER_ERRORS:
+        cause = err.strerror or str(err)
+        where = err.filename or "a file"
+        if err.filename2:
+            where = f"{err.filename} -> {err.filename2}"
+        hint = _OS_HINTS.get(err.errno)
+        return f"{where}: {cause}" + (f" ({hint})" if hint else "")
+    return str(err)
+
+
+def read_json(path: str, error: type[Exception] = ValueError) -> dict:
+    """A JSON file, or ``error`` naming the file, the line and the column of what is wrong."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise error(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column "
+                    f"{err.colno}): repair or replace the file") from None
+    except UnicodeDecodeError:
+        raise error(f"{path} is not a text (JSON) file: repair or replace it") from None
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), 1
+
+
+def report(err: BaseException | str) -> None:
+    """Print the error line once for the whole job.
+
+    Under torchrun the ranks that hit the same error at the same point (every rank validating
+    the same input) agree through the process group's side channel (:func:`parallel.error_channel`)
+    and rank 0 prints it once; a rank whose peers do not join within a few seconds (only it hit
+    the error) prints its own line, prefixed with its rank."""
+    message = err if isinstance(err, str) else describe(err)
+    rank, world = _rank_and_world()
+    if world > 1:
+        from megatron_papo.parallel import gather_errors
+
+        messages = gather_errors(message)
+        if messages is not None:
+            if rank == 0:
+                distinct = sorted(set(messages), key=messages.index)
+                for text in distinct:
+                    ranks = [r for r, m in enumerate(messages) if m == text]
+                    who = "" if len(distinct) == 1 else f"ranks {ranks}: "
+                    print(f"error: {who}{text}", file=sys.stderr, flush=True)
+            return
+        message = f"rank {rank}: {message}"
+    print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 def fail(err: BaseException | str) -> None:
-    """Print the one-line error and exit with code 2."""
-    print(f"error: {err}", file=sys.stderr, flush=True)
+    """Print the one-line error (once per job) and exit with code 2."""
+    report(err)
     sys.exit(2)

@@ -12,20 +12,32 @@ class ParallelConfigError(ValueError):
     """A parallel layout that cannot work; the message names the setting and the fix."""
 
 
+ERROR_AGREEMENT_S = 10.0
+_ERROR_CHANNEL = None
+
+
 def init_processes(timeout_minutes: float | None = None) -> None:
     """The default process group: from torchrun's environment (NCCL with CUDA, else gloo), or
-    a world of one gloo process on a free local port. A no-op when already initialised."""
+    a world of one gloo process on a free local port. A no-op when already initialised.
+
+    With several processes a small gloo group with a short timeout rides along: ranks that fail
+    agree there on one error line (:func:`gather_errors`)."""
     import socket
 
     import torch
 
+    global _ERROR_CHANNEL
     if dist.is_initialized():
         return
+    _ERROR_CHANNEL = None  # a group of an earlier, destroyed process group
     timeout = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", **timeout)
+        if dist.get_world_size() > 1:
+            _ERROR_CHANNEL = dist.new_group(
+                backend="gloo", timeout=datetime.timedelta(seconds=ERROR_AGREEMENT_S))
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,6 +46,19 @@ def init_processes(timeout_minutes: float | None = None) -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=0, world_size=1, **timeout)
+
+
+def gather_errors(message: str) -> list[str] | None:
+    """Every rank's error line (index = rank) if all ranks reach this within
+    ``ERROR_AGREEMENT_S``; None if some did not (only this rank failed, or a peer is busy)."""
+    if _ERROR_CHANNEL is None or not dist.is_initialized():
+        return None
+    gathered = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(gathered, message, group=_ERROR_CHANNEL)
+    except Exception:  # noqa: BLE001  (a timeout or a peer that is gone)
+        return None
+    return gathered
 
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, cp: int = 1,

@@ -184,9 +184,11 @@ def test_launcher_dry_run_prints_the_exact_command():
     with this node's rank; Hydra overrides passed through; bad variables are one line."""
     done = _launch("scripts/train.sh", {"NPROC_PER_NODE": "4"}, "--dry-run", "trainer.steps=3")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["py", "-m", "torch.distributed.run", "--standalone",
-                                   "--nnodes", "1", "--nproc-per-node", "4", "-m",
-                                   "megatron_papo.train", "trainer.steps=3"]
+    assert done.stdout.split() == [
+        "env", "PET_SIGNALS_TO_HANDLE=SIGTERM\\,SIGINT\\,SIGHUP\\,SIGQUIT\\,SIGUSR1",
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=900", "py", "-m", "torch.distributed.run", "--standalone",
+        "--nnodes", "1", "--nproc-per-node", "4", "--max-restarts", "0", "-m",
+        "megatron_papo.train", "trainer.steps=3"]
     done = _launch("scripts/train.sh", {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "n0",
                                         "MASTER_PORT": "1234", "NPROC_PER_NODE": "8",
                                         "DRY_RUN": "1"}, "preset=qwen2_5_vl_7b_papo")
@@ -202,6 +204,45 @@ def test_launcher_dry_run_prints_the_exact_command():
                                         "data.train_files=\\[/t.parquet\\]"]
     done = _launch("examples/qwen2_5_vl_3b_papo_no_kl_ref.sh", {"DRY_RUN": "1"})
     assert done.returncode != 0 and "set MODEL" in done.stderr
+
+
+SLURM_2x8 = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-a[07-08]",
+             "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8", "SLURM_NODEID": "0",
+             "SLURM_SUBMIT_DIR": ROOT}
+
+
+def test_slurm_dry_run_builds_the_rendezvous_from_the_slurm_variables():
+    """2 nodes x 8 GPUs, the node list in SLURM's compressed form: one srun task per node,
+    each a torchrun with 2 nodes, 8 processes, the rendezvous on the first node, its own node
+    rank; a stable output folder (the job id) for requeued runs; overrides passed through."""
+    done = _launch("scripts/slurm/train.sbatch", SLURM_2x8, "--dry-run", "trainer.steps=3")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 3, done.stdout
+    srun = lines[0].split()
+    assert srun[:7] == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
+                        "--chdir"]
+    assert srun[-3:] == ["trainer.output_dir=outputs/slurm-4242",
+                         "hydra.run.dir=outputs/slurm-4242", "trainer.steps=3"]
+    for rank, (line, host) in enumerate(zip(lines[1:], ["gpu-a07", "gpu-a08"])):
+        node, command = line.split(": ", 1)
+        assert node == host
+        assert (f"--nnodes 2 --node-rank {rank} --rdzv-backend c10d --rdzv-endpoint "
+                f"gpu-a07:{29500 + 4242} --rdzv-id 4242 --nproc-per-node 8") in command
+        assert command.split()[-3:] == srun[-3:]
+    mixed = _launch("scripts/slurm/train.sbatch",
+                    {**SLURM_2x8, "SLURM_JOB_NODELIST": "rack[1-2]-n[001,003],login9",
+                     "SLURM_JOB_NUM_NODES": "5", "SLURM_GPUS_ON_NODE": "", "MASTER_PORT": "777",
+                     "SLURM_GPUS_PER_NODE": "h100:4"}, "--dry-run")
+    assert mixed.returncode == 0, mixed.stderr
+    hosts = [line.split(": ")[0] for line in mixed.stdout.strip().splitlines()[1:]]
+    assert hosts == ["rack1-n001", "rack1-n003", "rack2-n001", "rack2-n003", "login9"]
+    assert "--rdzv-endpoint rack1-n001:777" in mixed.stdout and "--nproc-per-node 4" in mixed.stdout
+    wrong = _launch("scripts/slurm/train.sbatch", {**SLURM_2x8, "SLURM_JOB_NUM_NODES": "3"},
+                    "--dry-run")
+    assert wrong.returncode == 2 and "names 2 nodes, SLURM_JOB_NUM_NODES=3" in wrong.stderr
+    outside = _launch("scripts/slurm/train.sbatch", {"SLURM_JOB_ID": ""}, "--dry-run")
+    assert outside.returncode == 2 and "SLURM_JOB_ID is not set" in outside.stderr
 
 
 def test_plot_tool_writes_a_png_from_a_runs_metrics(single_run, tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,8 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def parallel(p):
-        p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
-        p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+        p.add_argument("--tp", type=_positive_int, default=1,
+                       help="tensor-parallel size (default 1)")
+        p.add_argument("--pp", type=_positive_int, default=1,
+                       help="pipeline-parallel size (default 1)")
 
     a = sub.add_parser("hf-to-mcore", help="HF folder -> Megatron dist checkpoint")
     a.add_argument("--hf", required=True, help="HF checkpoint folder")
@@ -52,8 +55,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="tensor names: 'hf' = model.*/visual.* (the released checkpoints and "
                         "what transformers' save_pretrained writes; default), 'hf_v5' = "
                         "model.language_model.*/model.visual.* (transformers 5 module names)")
-    b.add_argument("--max-shard-size", default="5GB",
-                   help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)")
+    b.add_argument("--max-shard-size", default=_size("5GB"), type=_size,
+                   help="largest safetensors file, in transformers' units: 5GB = 5*10^9 "
+                        "bytes, 5GiB = 5*2^30, also KB/MB/TB, KiB/MiB/TiB or a byte count "
+                        "(default 5GB)")
     b.add_argument("--hf-config", default=None,
                    help="folder with config.json/tokenizer to use instead of the checkpoint's hf/")
     b.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -62,17 +67,49 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--hf", required=True, help="HF checkpoint folder")
     c.add_argument("--ckpt", required=True, help="Megatron checkpoint folder")
     parallel(c)
-    c.add_argument("--tolerance", type=float, default=1e-3,
+    c.add_argument("--tolerance", type=_non_negative_float, default=1e-3,
                    help="max abs logit difference allowed (default 1e-3; fp32 both sides)")
     return parser
 
 
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
 def _size(text: str) -> int:
-    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "B": 1}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+    """A byte count with transformers' units (``5GB`` = 5 * 10^9, ``5GiB`` = 5 * 2^30)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if not match or (unit and unit not in _UNITS):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: use a number with one of B, KB, MB, GB, TB, KiB, MiB, "
+            "GiB, TiB (e.g. 5GB = 5*10^9 bytes, 5GiB = 5*2^30) or a byte count")
+    size = int(float(match.group(1)) * _UNITS[unit or "B"])
+    if match.group(2).endswith("b") and unit in ("KB", "MB", "GB", "TB"):
+        size //= 8  # "5Gb": gigabits, as transformers reads it
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the shard size must be positive")
+    return size
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number")
+    return value
 
 
 def main(argv=None) -> int:
@@ -82,15 +119,11 @@ def main(argv=None) -> int:
     apply_cpu_patches()
     import torch.distributed as dist
 
+    from megatron_papo.cli import is_user_error, quiet_redundant_logs, report
     from megatron_papo.conversion import checkpoint as ck
-    from megatron_papo.conversion.atomic import OutputExistsError
-    from megatron_papo.conversion.hf_io import HFCheckpointError
-    from megatron_papo.conversion.table import MappingError
-    from megatron_papo.models.qwen2_5_vl import ModelConfigError
-    from megatron_papo.parallel import ParallelConfigError, init_processes
+    from megatron_papo.parallel import init_processes
 
-    user_errors = (ck.ConversionError, OutputExistsError, HFCheckpointError, MappingError,
-                   ModelConfigError, ParallelConfigError)
+    quiet_redundant_logs()
     init_processes(timeout_minutes=60)  # long single-rank reads/writes between collectives
     code = 0
     try:
@@ -98,7 +131,7 @@ def main(argv=None) -> int:
             ck.hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.dtype, args.force)
         elif args.command == "mcore-to-hf":
             ck.mcore_to_hf(args.ckpt, args.out, args.tp, args.pp, args.dtype, args.naming,
-                           _size(args.max_shard_size), args.force, args.hf_config)
+                           args.max_shard_size, args.force, args.hf_config)
         else:
             diff = ck.verify_conversion(args.hf, args.ckpt, args.tp, args.pp)
             ok = diff <= args.tolerance
@@ -106,8 +139,10 @@ def main(argv=None) -> int:
                 print(f"[verify] max abs logit difference {diff:.3e} "
                       f"({'OK' if ok else 'ABOVE'} tolerance {args.tolerance:g})", flush=True)
             code = 0 if ok else 1
-    except user_errors as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+    except Exception as err:  # noqa: BLE001
+        if not is_user_error(err):
+            raise
+        report(err)  # one line, once for all ranks
         code = 2
     finally:
         if dist.is_initialized():

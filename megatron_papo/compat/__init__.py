@@ -20,13 +20,17 @@ from .torchvision_cpu import patch_torchvision_meta_registrations
 
 
 def patch_quiet_cpu_fallback_warnings() -> None:
-    """megatron-core warns at import that TE/Apex are absent and it falls back to torch.
+    """megatron-core warns at import that TE/Apex are absent and it falls back to torch, and
+    its dist_checkpointing calls torch APIs that torch has deprecated.
 
-    That is the expected state on CPU; the warnings (four per process and rank) bury real output.
-    """
-    warnings.filterwarnings(
-        "ignore", message=r"Transformer Engine and Apex are not installed", category=UserWarning
-    )
+    That is the expected state on CPU and nothing a user can act on; the warnings (several per
+    process and rank) bury real output, above all a one-line error."""
+    for message in (r"Transformer Engine and Apex are not installed",
+                    r"Apex is not installed\. Falling back to Torch Norm",
+                    r"full scope is deprecated"):
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    for message in (r"`load_state_dict` is deprecated", r"Please use DTensor instead"):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def patch_megatron_core() -> None:

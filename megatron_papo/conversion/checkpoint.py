@@ -230,12 +230,61 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "b
 
 
 def read_meta(ckpt: str) -> dict:
+    from megatron_papo.cli import read_json
+
     path = os.path.join(ckpt, META_FILE)
     if not os.path.isfile(path):
         raise ConversionError(f"{ckpt} is not a megatron_papo checkpoint (no {META_FILE}); "
                               "convert HF weights with `convert_checkpoint.py hf-to-mcore` first")
-    with open(path) as f:
-        return json.load(f)
+    meta = read_json(path, ConversionError)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ConversionError(f"{path} does not describe a {FORMAT} checkpoint: repair it or "
+                              "convert the HF weights again")
+    return meta
+
+
+def dist_checkpoint_problem(weights: str) -> str | None:
+    """None if ``weights`` holds a complete megatron-core dist checkpoint (torch_dist), else
+    what is wrong, naming the file: a missing or unreadable metadata file, a missing data file,
+    or one shorter than its metadata says (a copy or a write that was cut off)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_papo.cli import read_json
+
+    for name in ("metadata.json", ".metadata", "common.pt"):
+        if not os.path.isfile(os.path.join(weights, name)):
+            return f"{os.path.join(weights, name)} is missing"
+    try:
+        read_json(os.path.join(weights, "metadata.json"), ConversionError)
+        metadata = FileSystemReader(weights).read_metadata()
+    except ConversionError as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001  (unpickling a cut-off file: any error type)
+        return f"{os.path.join(weights, '.metadata')} cannot be read ({type(err).__name__}: {err})"
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for file, end in sorted(needed.items()):
+        path = os.path.join(weights, file)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        size = os.path.getsize(path)
+        if size < end:
+            return f"{path} is truncated ({size} bytes, the metadata needs {end})"
+    import zipfile
+
+    if not zipfile.is_zipfile(os.path.join(weights, "common.pt")):
+        return f"{os.path.join(weights, 'common.pt')} is truncated or corrupt"
+    return None
+
+
+def check_dist_checkpoint(ckpt: str) -> None:
+    """Refuse an incomplete or damaged checkpoint before any rank starts reading it."""
+    problem = dist_checkpoint_problem(os.path.join(ckpt, WEIGHTS_DIR))
+    if problem:
+        raise ConversionError(f"checkpoint {ckpt} is incomplete or damaged: {problem}; use "
+                              "another checkpoint (training keeps the previous ones)")
 
 
 def load_mcore_model(ckpt: str, tp: int, pp: int, params_dtype: torch.dtype | None = None,
@@ -245,13 +294,23 @@ def load_mcore_model(ckpt: str, tp: int, pp: int, params_dtype: torch.dtype | No
     meta = read_meta(ckpt)
     hf_config = load_hf_config(hf_config_dir or os.path.join(ckpt, HF_DIR))
     spec = _spec_and_layout(hf_config, tp, pp)
+    check_dist_checkpoint(ckpt)
     dtype = params_dtype or _dtype(meta.get("dtype", "fp32"))
     initialize_model_parallel(tp, pp)
     chunks = build_model_chunks(spec, tp, pp, ddp=ddp, params_dtype=dtype,
                                 perform_initialization=False)
     model = unwrap_model(chunks[0])
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()},
-                                    os.path.join(ckpt, WEIGHTS_DIR))
+    try:
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()},
+                                        os.path.join(ckpt, WEIGHTS_DIR))
+    except OSError:
+        raise  # names its file
+    except Exception as err:  # noqa: BLE001  (megatron-core and torch raise many types)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConversionError(
+            f"the weights of {ckpt} cannot be loaded ({type(err).__name__}: {first[:300]}): is "
+            f"{os.path.join(hf_config_dir or os.path.join(ckpt, HF_DIR), 'config.json')} the "
+            "config of these weights?") from None
     model.load_state_dict(state["model"])
     return spec, chunks, meta
 
@@ -370,6 +429,8 @@ def verify_conversion(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, seed: in
     from megatron_papo.models.qwen2_5_vl.provider import forward_logits
     from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
 
+    text_spec_from_hf(load_hf_config(hf_dir))  # the reference exists and is Qwen2.5-VL
+    HFCheckpointReader(hf_dir)
     spec, chunks, _ = load_mcore_model(ckpt, tp, pp, params_dtype=torch.float32)
     sample = sample_inputs(spec, seed)
     merge = int((spec.vision or {}).get("spatial_merge_size", 2))

@@ -31,24 +31,47 @@ class HFCheckpointReader:
     with ``model.safetensors.index.json``), keeping at most the open file handles in memory."""
 
     def __init__(self, folder: str):
+        from megatron_papo.cli import read_json
+
         self.folder = folder
         index = os.path.join(folder, INDEX_FILE)
         single = os.path.join(folder, SINGLE_FILE)
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not weight_map:
-                raise HFCheckpointError(f"{index} has no 'weight_map'")
+            weight_map = read_json(index, HFCheckpointError).get("weight_map")
+            if not weight_map or not isinstance(weight_map, dict):
+                raise HFCheckpointError(f"{index} has no 'weight_map' (tensor name -> file): "
+                                        "repair or replace the index")
             self.files = {name: os.path.join(folder, file) for name, file in weight_map.items()}
         elif os.path.exists(single):
-            with safe_open(single, framework="pt") as f:
-                self.files = {name: single for name in f.keys()}
+            self.files = {name: single for name in self._header_names(single)}
         else:
             raise HFCheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}: pass an HF "
                                     "checkpoint folder with safetensors weights")
         missing = sorted({p for p in self.files.values() if not os.path.exists(p)})
         if missing:
             raise HFCheckpointError(f"the index of {folder} names missing files: {missing}")
+        # every file's header, up front and on every rank: a truncated or foreign file is one
+        # error before any work, not a failure halfway through on the rank that reads it
+        by_file: dict[str, set[str]] = {}
+        for name, path in self.files.items():
+            by_file.setdefault(path, set()).add(name)
+        for path, names in by_file.items():
+            absent = names - self._header_names(path)
+            if absent:
+                raise HFCheckpointError(
+                    f"{path} lacks {len(absent)} tensors that {INDEX_FILE} places there (e.g. "
+                    f"{sorted(absent)[0]}): the index and the weight files do not belong together")
+
+    @staticmethod
+    def _header_names(path: str) -> set[str]:
+        open(path, "rb").close()  # permission denied, a folder, ...: an OSError naming the file
+        try:
+            with safe_open(path, framework="pt") as f:
+                return set(f.keys())
+        except Exception as err:  # noqa: BLE001  (safetensors' own error type)
+            raise HFCheckpointError(
+                f"{path} is not a readable safetensors file ({err}): it is truncated or "
+                "corrupt; download or copy it again") from None
 
     def names(self) -> list[str]:
         return sorted(self.files)

@@ -17,9 +17,10 @@ def run(raw: dict) -> None:
     apply_cpu_patches()
     import torch.distributed as dist
 
-    from megatron_papo.cli import fail, is_user_error
+    from megatron_papo.cli import fail, is_user_error, quiet_redundant_logs
     from megatron_papo.parallel import init_processes
 
+    quiet_redundant_logs()
     from .config import build_config
     from .loop import Trainer
 

@@ -122,10 +122,13 @@ def _step_dirs(root: str) -> list[str]:
 
 def why_incomplete(path: str) -> str | None:
     """None if ``path`` holds a complete training checkpoint, else the reason it does not."""
-    from megatron_papo.conversion.checkpoint import META_FILE, WEIGHTS_DIR
+    from megatron_papo.conversion.checkpoint import (
+        META_FILE,
+        WEIGHTS_DIR,
+        dist_checkpoint_problem,
+    )
 
-    for name in (META_FILE, STATE_FILE, os.path.join(WEIGHTS_DIR, "metadata.json"),
-                 os.path.join(WEIGHTS_DIR, ".metadata"), RNG_DIR):
+    for name in (META_FILE, STATE_FILE, RNG_DIR):
         if not os.path.exists(os.path.join(path, name)):
             return f"{name} is missing"
     try:
@@ -137,6 +140,9 @@ def why_incomplete(path: str) -> str | None:
         return f"unreadable state ({err})"
     if meta.get("kind") != "training" or "step" not in state:
         return "not a training checkpoint"
+    problem = dist_checkpoint_problem(os.path.join(path, WEIGHTS_DIR))
+    if problem:
+        return problem.replace(path + os.sep, "")  # relative to the checkpoint
     return None
 
 

@@ -9,7 +9,6 @@ and transformers 5's nested one (``text_config`` with ``rope_parameters``).
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -96,8 +95,39 @@ def _rope(text: dict, hf: dict) -> tuple[float, list[int]]:
     return float(theta), [int(s) for s in section]
 
 
+MODEL_TYPES = ("qwen2_5_vl",)
+
+
+def check_hf_config(hf: dict) -> None:
+    """Refuse, before any weight is read, a config.json of another architecture or with sizes
+    that cannot work (heads that do not divide the hidden size, KV heads that do not divide the
+    heads)."""
+    kind = hf.get("model_type")
+    if kind is not None and kind not in MODEL_TYPES:
+        raise ModelConfigError(
+            f"config.json has model_type={kind!r}, not Qwen2.5-VL ({MODEL_TYPES[0]!r}): this "
+            "project converts and trains Qwen2.5-VL checkpoints only")
+    text = _text_section(hf)
+    problems = []
+
+    def divides(section: dict, where: str, part: str, whole: str) -> None:
+        a, b = section.get(part), section.get(whole)
+        if isinstance(a, int) and isinstance(b, int) and (a <= 0 or b % a):
+            problems.append(f"{where}{whole}={b} is not divisible by {where}{part}={a}")
+
+    if not text.get("head_dim"):
+        divides(text, "", "num_attention_heads", "hidden_size")
+    divides(text, "", "num_key_value_heads", "num_attention_heads")
+    if hf.get("vision_config"):
+        divides(hf["vision_config"], "vision_config.", "num_heads", "hidden_size")
+    if problems:
+        raise ModelConfigError("config.json: " + "; ".join(problems) + ": fix the config (it "
+                               "must describe the weights beside it)")
+
+
 def text_spec_from_hf(hf: dict) -> Qwen25VLTextSpec:
     """Translate an HF Qwen2.5-VL config dict (either layout) through the table."""
+    check_hf_config(hf)
     text = _text_section(hf)
     fields: dict[str, Any] = {}
     for row in TEXT_CONFIG_TABLE:
@@ -135,10 +165,15 @@ def text_spec_from_hf(hf: dict) -> Qwen25VLTextSpec:
 def load_hf_config(path: str) -> dict:
     """Read ``config.json`` from a checkpoint folder (or the file itself)."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    from megatron_papo.cli import read_json
+
     if not os.path.exists(file):
         raise ModelConfigError(f"no config.json at {file}: pass the HF checkpoint folder")
-    with open(file) as f:
-        return json.load(f)
+    config = read_json(file, ModelConfigError)
+    if not isinstance(config, dict):
+        raise ModelConfigError(f"{file} holds a JSON {type(config).__name__}, not an object: "
+                               "pass the HF checkpoint folder's config.json")
+    return config
 
 
 def check_parallel_layout(spec: Qwen25VLTextSpec, tp: int = 1, pp: int = 1, vpp: int | None = None,
