@@ -62,7 +62,7 @@ def gather_errors(message: str) -> list[str] | None:
 
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, cp: int = 1,
-                              seed: int = 1234) -> None:
+                              seed: int = 1234, timeout_minutes: float = 30) -> None:
     """Create megatron-core's model-parallel groups on an initialised default process group and
     seed the model-parallel RNG tracker (attention always forks it)."""
     from megatron.core import parallel_state
@@ -80,7 +80,8 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
             "parallel sizes or the number of processes")
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp)
+        virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
+        distributed_timeout_minutes=timeout_minutes)
     model_parallel_cuda_manual_seed(seed)
 
 
@@ -115,3 +116,103 @@ def check_pipeline_communication(config) -> None:
             "batch_p2p_comm=True with virtual pipeline stages (virtual_pipeline_model_parallel_size="
             f"{config.virtual_pipeline_model_parallel_size}) gives wrong results on the gloo "
             "backend: set model.batch_p2p_comm=false (exact on gloo) or run on NCCL")
+
+
+# --------------------------------------------------------------------------- peers that fail
+
+HEARTBEAT_KEY = "megatron_papo/heartbeat/"
+_COLLECTIVE_FAILURE = ("timed out", "timeout", "connection closed", "connection reset",
+                       "broken pipe", "connection refused", "peer", "nccl", "gloo")
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001  (no default group, or a torch without the helper)
+        return None
+
+
+def heartbeat(phase: str, step: int | None = None) -> None:
+    """Record on the rendezvous store (not the process group: it outlives a hung or dead
+    peer) what this rank is doing now; :func:`diagnose_collective_failure` reads it back."""
+    import json
+    import socket
+    import time
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    store = _store()
+    if store is None:
+        return
+    beat = {"time": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
+            "phase": phase, "step": step}
+    try:
+        store.set(f"{HEARTBEAT_KEY}{dist.get_rank()}", json.dumps(beat))
+    except Exception:  # noqa: BLE001  (the store is gone: the job is ending anyway)
+        pass
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """A collective that timed out or lost a peer (as gloo, NCCL or the store report it)."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(key in text for key in _COLLECTIVE_FAILURE)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` (on this host) still runs: a zombie (dead, not yet reaped by
+    torchrun) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def diagnose_collective_failure(err: BaseException) -> str:
+    """One line for a collective that failed: which peer stopped (the rank whose heartbeat is
+    oldest: the others moved on to the collective it never reached), in which phase and step,
+    how long ago, and whether its process is gone."""
+    import json
+    import socket
+    import time
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    first = first.split("] ", 1)[-1].split(". ", 1)[0][:200]  # gloo's location and advice off
+    beats = {}
+    store = _store()
+    for peer in range(world):
+        if store is None:
+            break
+        try:
+            key = f"{HEARTBEAT_KEY}{peer}"
+            if store.check([key]):
+                beats[peer] = json.loads(store.get(key))
+        except Exception:  # noqa: BLE001
+            break
+    line = f"rank {rank}: a collective operation failed ({first})"
+    peers = {p: b for p, b in beats.items() if p != rank}
+    if not peers:
+        return line + "; a peer rank hung or died (see its own output)"
+    culprit = min(peers, key=lambda p: peers[p]["time"])
+    beat = peers[culprit]
+    age = time.time() - beat["time"]
+    where = f"'{beat['phase']}'" + (f" of step {beat['step']}" if beat["step"] is not None else "")
+    if beat["host"] == socket.gethostname() and not _alive(beat["pid"]):
+        what = f"rank {culprit} died (its process {beat['pid']} is gone) in {where}"
+    elif beat["host"] == socket.gethostname():
+        what = (f"rank {culprit} hangs: in {where} for {age:.0f} s, its process {beat['pid']} "
+                "still there")
+    else:
+        what = f"rank {culprit} on {beat['host']} last reported {where}, {age:.0f} s ago"
+    return (f"{line}: {what}; the job stops (a phase that legitimately takes longer needs a "
+            "larger trainer.collective_timeout_minutes)")

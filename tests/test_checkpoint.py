@@ -1,14 +1,19 @@
 """Training checkpoints survive anything: a run killed with SIGKILL (its whole process group, as a
-node failure would) and resumed continues with exactly the metrics of an uninterrupted run;
-SIGTERM saves and stops; a broken newest checkpoint is skipped with the reason; a training
-checkpoint converts to HF with the existing tool."""
+node failure would) and resumed continues with exactly the metrics of an uninterrupted run, on
+one process and on two killed at a random step; SIGTERM saves and stops; a truncated newest
+checkpoint is skipped with the reason; a training checkpoint converts to HF with the existing
+tool; a rank that dies or hangs ends a two-process job non-zero within the collective timeout,
+naming the rank."""
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,10 +103,14 @@ def test_broken_newest_checkpoint_is_skipped_and_a_training_checkpoint_converts(
                                                                                tmp_path):
     root = os.path.join(uninterrupted, "checkpoints")
     assert sorted(os.listdir(root)) == ["latest", "step_00000004", "step_00000005"]  # keep 2
-    os.remove(os.path.join(root, "step_00000005", "weights", "metadata.json"))
+    weights = os.path.join(root, "step_00000005", "weights")
+    data = sorted(f for f in os.listdir(weights) if f.endswith(".distcp"))[0]
+    with open(os.path.join(weights, data), "r+b") as f:  # a copy or a write cut short
+        f.truncate(os.path.getsize(os.path.join(weights, data)) - 100)
     resumed = _run(uninterrupted, "trainer.steps=6")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "skipping checkpoint" in resumed.stdout and "metadata.json is missing" in resumed.stdout
+    assert "skipping checkpoint" in resumed.stdout
+    assert f"weights/{data} is truncated" in resumed.stdout
     assert "resumed from" in resumed.stdout and "step_00000004" in resumed.stdout
     hf = str(tmp_path / "hf")
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"),
@@ -137,3 +146,99 @@ def test_a_checkpoint_resumes_at_another_layout(uninterrupted, tmp_path):
     assert ours["reward"] == ref["reward"]
     for key in ("loss/kl_prcp", "entropy/original", "entropy/masked"):
         assert ours[key] == pytest.approx(ref[key], abs=1e-3), key
+
+
+# --------------------------------------------------------------------------- two processes
+
+TRAIN_SH = os.path.join(ROOT, "scripts", "train.sh")
+TWO = {"NPROC_PER_NODE": "2", "PYTHON": sys.executable}
+
+
+def _start_two(out, *extra):
+    """The job on two processes (DP=2) through scripts/train.sh, in its own process group."""
+    return subprocess.Popen(
+        ["bash", TRAIN_SH, *RUN, *extra, f"trainer.output_dir={out}", f"hydra.run.dir={out}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        start_new_session=True, env={**os.environ, **TWO})
+
+
+def _rank_process(launcher, rank):
+    """The worker of ``rank``: a child of torchrun (train.sh execs it) with RANK in its env."""
+    for child in psutil.Process(launcher.pid).children():
+        if child.environ().get("RANK") == str(rank):
+            return child
+    raise AssertionError(f"no rank {rank} under {launcher.pid}")
+
+
+def _finish(launcher):
+    """Exit code and the rest of the output; a process left holding the output (an orphan)
+    fails the test instead of hanging it."""
+    rest, _ = launcher.communicate(timeout=300)
+    return launcher.returncode, rest
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ckpt2") / "straight")
+    launcher = _start_two(out, "trainer.save_every=1")
+    code, output = _finish(launcher)
+    assert code == 0, output[-3000:]
+    return out
+
+
+def test_two_processes_killed_at_a_random_step_resume_exactly(uninterrupted_two, tmp_path):
+    """kill -9 of the whole job (both ranks and torchrun) right after the log line of a random
+    step, wherever the ranks are then (rollout, update, a checkpoint half written): the resumed
+    job reproduces the uninterrupted one's metrics."""
+    step = random.Random().randint(1, 4)
+    out = str(tmp_path / "killed")
+    launcher = _start_two(out, "trainer.save_every=1")
+    seen = []
+    for line in launcher.stdout:
+        seen.append(line)
+        if f"step {step}/5" in line:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            break
+    code, rest = _finish(launcher)
+    assert code == -signal.SIGKILL, ("".join(seen) + rest)[-2000:]
+    resumed = _start_two(out, "trainer.save_every=1")
+    code, output = _finish(resumed)
+    assert code == 0, (step, output[-3000:])
+    assert "resumed from" in output or step == 1, (step, output[-3000:])
+    ours, ref = _steps(out), _steps(uninterrupted_two)
+    assert sorted(ours) == [1, 2, 3, 4, 5], step
+    _same_metrics(ref, ours, [1, 2, 3, 4, 5])
+
+
+@pytest.mark.parametrize("failure", ["dies", "hangs"])
+def test_a_rank_that_dies_or_hangs_ends_the_job_naming_it(tmp_path, failure):
+    """Rank 1 is killed (SIGKILL) or frozen (SIGSTOP) once step 1 is saved: rank 0's next collective
+    fails at once (dead peer) or after trainer.collective_timeout_minutes (hung peer); it prints
+    one line naming rank 1 and what it was doing, and the job exits non-zero (torchrun stops
+    the rest, giving it 30 s); the checkpoint of step 1 stays complete."""
+    out = str(tmp_path / failure)
+    timeout_s = 30
+    launcher = _start_two(out, "trainer.save_every=1",
+                          f"trainer.collective_timeout_minutes={timeout_s / 60}")
+    seen = []
+    for line in launcher.stdout:
+        seen.append(line)
+        if "checkpoint saved:" in line and "step_00000001" in line:
+            _rank_process(launcher, 1).send_signal(
+                signal.SIGKILL if failure == "dies" else signal.SIGSTOP)
+            stopped = time.monotonic()
+            break
+    code, rest = _finish(launcher)
+    elapsed = time.monotonic() - stopped
+    output = "".join(seen) + rest
+    assert code != 0, output[-3000:]
+    assert elapsed < timeout_s + 30 + 30, elapsed  # timeout + torchrun's grace + slack
+    errors = [line for line in output.splitlines() if line.startswith("error: rank 0: a collective")]
+    assert len(errors) == 1, output[-3000:]
+    if failure == "dies":
+        assert "rank 1 died (its process" in errors[0], errors[0]
+    else:
+        assert "rank 1 hangs: in '" in errors[0] and "Timed out" in errors[0], errors[0]
+    from megatron_papo.train.checkpoint import find_resumable
+
+    assert find_resumable(os.path.join(out, "checkpoints")).endswith("step_00000001")

@@ -11,6 +11,22 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
 
 
+def _exit_now(code: int) -> None:
+    """Exit at once, without the process group's teardown (it would wait for the lost peer
+    again) and without leaving a child process behind (os._exit skips the handlers that would
+    stop multiprocessing's children)."""
+    import contextlib
+
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run(raw: dict) -> None:
     from megatron_papo.compat import apply_cpu_patches
 
@@ -18,13 +34,18 @@ def run(raw: dict) -> None:
     import torch.distributed as dist
 
     from megatron_papo.cli import fail, is_user_error, quiet_redundant_logs
-    from megatron_papo.parallel import init_processes
+    from megatron_papo.parallel import (
+        diagnose_collective_failure,
+        init_processes,
+        is_collective_failure,
+    )
 
-    quiet_redundant_logs()
-    from .config import build_config
+    from .config import TrainerConfig, build_config
     from .loop import Trainer
 
-    init_processes()
+    quiet_redundant_logs()
+    timeout = (raw.get("trainer") or {}).get("collective_timeout_minutes")
+    init_processes(timeout_minutes=timeout or TrainerConfig.collective_timeout_minutes)
     trainer = None
     interrupted = 0
     try:
@@ -32,6 +53,13 @@ def run(raw: dict) -> None:
         trainer = Trainer(config)
         interrupted = trainer.run()["interrupted"]
     except Exception as err:  # noqa: BLE001
+        if dist.get_world_size() > 1 and is_collective_failure(err):
+            # a peer hung or died: no further collective (it would wait again); say which rank
+            # stopped where, release the engine, exit non-zero (torchrun stops the others)
+            print(f"error: {diagnose_collective_failure(err)}", file=sys.stderr, flush=True)
+            if trainer is not None:
+                trainer.engine.close()
+            _exit_now(3)
         if not is_user_error(err):
             raise
         if trainer is not None:

@@ -118,6 +118,8 @@ class TrainerConfig:
     keep_last: int = 2
     checkpoint_dir: str | None = None     # default <output_dir>/checkpoints
     resume: str = "auto"             # auto: the newest complete checkpoint, if any | none | a path
+    # a collective that waits longer (a rank hung or died) ends the job, naming that rank
+    collective_timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -250,6 +252,9 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     for key in ("save_every", "keep_last"):
         if getattr(config.trainer, key) < 0:
             raise ConfigError(f"trainer.{key}={getattr(config.trainer, key)} must be >= 0")
+    if not config.trainer.collective_timeout_minutes > 0:
+        raise ConfigError(f"trainer.collective_timeout_minutes="
+                          f"{config.trainer.collective_timeout_minutes} must be > 0")
     if "{answer}" not in config.trainer.warmup_target:
         raise ConfigError("trainer.warmup_target must contain '{answer}'")
     if config.rollout.old_logprobs_from_engine and config.rollout.dtype != "float32":

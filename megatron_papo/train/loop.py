@@ -18,6 +18,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from megatron_papo.parallel import heartbeat
+
 from .config import ConfigError, TrainConfig
 
 SYNTHETIC_DIR = "data"
@@ -69,6 +71,7 @@ class Metrics:
         self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
         self.jsonl = config.jsonl and self.rank0
         self.phases: dict[str, float] = {}
+        self.step: int | None = None  # the step being run (for heartbeats)
         self.tensorboard = self.wandb = None
         if not self.rank0:
             return
@@ -88,9 +91,18 @@ class Metrics:
 
     @contextmanager
     def phase(self, name: str):
+        heartbeat(name, self.step)  # what this rank is doing, should a peer wait for it in vain
         start = time.perf_counter()
         yield
         self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
+
+    def start_over(self) -> None:
+        """A run that starts from step 0 in a folder with a log (a run killed before its first
+        checkpoint, or resume=none): the old log is kept beside, the new one starts empty."""
+        if self.jsonl and os.path.exists(self.path) and os.path.getsize(self.path):
+            kept = f"{self.path[:-len('.jsonl')]}.previous-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+            os.replace(self.path, kept)
+            _log(f"[train] starting from step 0: the earlier log of this folder is kept as {kept}")
 
     def write(self, record: dict) -> None:
         if self.jsonl:
@@ -200,7 +212,8 @@ class Trainer:
         dist.barrier()
         p = c.parallel
         initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                  seed=c.trainer.seed)
+                                  seed=c.trainer.seed,
+                                  timeout_minutes=c.trainer.collective_timeout_minutes)
         self.spec = text_spec_from_hf(load_hf_config(self.hf_dir))
         dtype = getattr(torch, c.model.params_dtype)
         build = dict(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
@@ -250,6 +263,7 @@ class Trainer:
 
         c, m = self.config, self.metrics
         m.phases = {}
+        m.step = self.step_index + 1
         start = time.perf_counter()
         examples = self.rng.sample(self.train_data, c.trainer.prompts_per_step)
         prompts = [e.messages for e in examples]
@@ -343,6 +357,7 @@ class Trainer:
         """``trainer.warmup_steps`` supervised steps on ``trainer.warmup_target`` responses with
         random answers: the policy-gradient update with advantage 1 and the old log-probs of the
         current weights is exactly supervised learning of the target (ratio 1, no clipping)."""
+        heartbeat("format warm start")
         from megatron_papo.rl.algorithms import LossConfig
         from megatron_papo.rl.step import PolicyUpdater, UpdateConfig
         from megatron_papo.rollout import PromptRollout, Response, build_rollout_batch
@@ -390,6 +405,7 @@ class Trainer:
         """A training checkpoint of the current step (every rank)."""
         from . import checkpoint
 
+        heartbeat("checkpoint save", self.step_index)
         state = {"step": self.step_index, "warmed_up": self.warmed_up,
                  "sampler": _jsonable(self.rng.getstate()), "monitor": self.monitor.history}
         start = time.perf_counter()
@@ -435,6 +451,7 @@ class Trainer:
         ``images_swapped``: every prompt shown another prompt's image (vision dependence)."""
         from megatron_papo.evaluate import EVAL_SEED, avg_at_k
 
+        heartbeat("evaluation" + (" (images swapped)" if images_swapped else ""))
         c = self.config
         result = avg_at_k(self.engine, self.val_data[:c.trainer.eval_prompts],
                           c.rollout.sampling(seed=EVAL_SEED, n=c.trainer.eval_k),
@@ -450,6 +467,7 @@ class Trainer:
             before = next((r for r in self._logged() if r.get("step") == 0
                            and "val/accuracy" in r and not r.get("after_warm_start")), {})
         else:
+            self.metrics.start_over()
             before = self.evaluate()
             _log(f"[train] held-out before training: accuracy "
                  f"{before.get('val/accuracy', 0):.3f} (avg@{c.trainer.eval_k}), format "
@@ -486,6 +504,7 @@ class Trainer:
                 _log(f"[train] held-out at step {s['step']}: accuracy "
                      f"{evaluation.get('val/accuracy', 0):.3f}")
             last = s
+            heartbeat("end of step", s["step"])
             signal_number = stop.agreed()
             if signal_number or (c.trainer.save_every and s["step"] % c.trainer.save_every == 0
                                  and s["step"] < c.trainer.steps):
@@ -513,6 +532,7 @@ class Trainer:
     def export_hf(self, folder: str) -> None:
         from megatron_papo.conversion.checkpoint import write_hf_folder
 
+        heartbeat("HF export")
         write_hf_folder(self.chunks, self.spec, folder, self.hf_dir,
                         getattr(torch, self.config.model.params_dtype), force=True)
         _log(f"[train] HF export of the trained model: {folder}")
