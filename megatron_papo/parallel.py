@@ -121,8 +121,8 @@ def check_pipeline_communication(config) -> None:
 # --------------------------------------------------------------------------- peers that fail
 
 HEARTBEAT_KEY = "megatron_papo/heartbeat/"
-_COLLECTIVE_FAILURE = ("timed out", "timeout", "connection closed", "connection reset",
-                       "broken pipe", "connection refused", "peer", "nccl", "gloo")
+_COLLECTIVE_FAILURE = ("timed out", "connection closed", "connection reset", "broken pipe",
+                       "connection refused", "nccl error", "watchdog")
 
 
 def _store():
@@ -160,7 +160,7 @@ def is_collective_failure(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(key in text for key in _COLLECTIVE_FAILURE)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether process ``pid`` (on this host) still runs: a zombie (dead, not yet reaped by
     torchrun) counts as gone."""
     try:
@@ -207,7 +207,7 @@ def diagnose_collective_failure(err: BaseException) -> str:
     beat = peers[culprit]
     age = time.time() - beat["time"]
     where = f"'{beat['phase']}'" + (f" of step {beat['step']}" if beat["step"] is not None else "")
-    if beat["host"] == socket.gethostname() and not _alive(beat["pid"]):
+    if beat["host"] == socket.gethostname() and not process_alive(beat["pid"]):
         what = f"rank {culprit} died (its process {beat['pid']} is gone) in {where}"
     elif beat["host"] == socket.gethostname():
         what = (f"rank {culprit} hangs: in {where} for {age:.0f} s, its process {beat['pid']} "

@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="tensor-parallel size (default 1)")
         p.add_argument("--pp", type=_positive_int, default=1,
                        help="pipeline-parallel size (default 1)")
+        p.add_argument("--first-stage-layers", type=_positive_int, default=None,
+                       help="decoder layers of the first pipeline stage (default: even stages;"
+                            " tools/pp_stages.py suggests a split)")
+        p.add_argument("--last-stage-layers", type=_positive_int, default=None,
+                       help="decoder layers of the last pipeline stage (default: even stages)")
 
     a = sub.add_parser("hf-to-mcore", help="HF folder -> Megatron dist checkpoint")
     a.add_argument("--hf", required=True, help="HF checkpoint folder")
@@ -125,15 +130,17 @@ def main(argv=None) -> int:
 
     quiet_redundant_logs()
     init_processes(timeout_minutes=60)  # long single-rank reads/writes between collectives
+    stages = dict(first_stage_layers=args.first_stage_layers,
+                  last_stage_layers=args.last_stage_layers)
     code = 0
     try:
         if args.command == "hf-to-mcore":
-            ck.hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.dtype, args.force)
+            ck.hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.dtype, args.force, **stages)
         elif args.command == "mcore-to-hf":
             ck.mcore_to_hf(args.ckpt, args.out, args.tp, args.pp, args.dtype, args.naming,
-                           args.max_shard_size, args.force, args.hf_config)
+                           args.max_shard_size, args.force, args.hf_config, **stages)
         else:
-            diff = ck.verify_conversion(args.hf, args.ckpt, args.tp, args.pp)
+            diff = ck.verify_conversion(args.hf, args.ckpt, args.tp, args.pp, **stages)
             ok = diff <= args.tolerance
             if dist.get_rank() == 0:
                 print(f"[verify] max abs logit difference {diff:.3e} "

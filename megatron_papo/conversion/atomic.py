@@ -20,6 +20,8 @@ import uuid
 
 import torch.distributed as dist
 
+from megatron_papo.parallel import process_alive
+
 OWNER_FILE = ".megatron_papo_writer"
 INCOMPLETE = ".incomplete-"
 REPLACED = ".replaced-"
@@ -104,16 +106,6 @@ def _owner(path: str) -> tuple[str, int] | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _size(path: str) -> int:
     total = 0
     for folder, _, files in os.walk(path):
@@ -132,7 +124,8 @@ def clean_leftovers(out: str, log=print) -> list[str]:
     for path in sorted(glob.glob(glob.escape(out) + INCOMPLETE + "*")
                        + glob.glob(glob.escape(out) + REPLACED + "*")):
         owner = _owner(path)
-        if owner is not None and (owner[0] != socket.gethostname() or _alive(owner[1])):
+        if owner is not None and (owner[0] != socket.gethostname()
+                                  or process_alive(owner[1])):
             log(f"[output] {path} is being written by process {owner[1]} on {owner[0]}: left "
                 "alone (remove it yourself if that run is over)")
             continue

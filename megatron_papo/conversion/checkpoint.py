@@ -116,11 +116,16 @@ def _check_world(tp: int, pp: int) -> None:
                               f"multiple of {tp * pp} processes (torchrun --nproc-per-node)")
 
 
-def _spec_and_layout(hf_config: dict, tp: int, pp: int):
+def _spec_and_layout(hf_config: dict, tp: int, pp: int, stages: dict):
     spec = text_spec_from_hf(hf_config)
-    check_parallel_layout(spec, tp, pp, vision_heads=(spec.vision or {}).get("num_heads"))
+    check_parallel_layout(spec, tp, pp, vision_heads=(spec.vision or {}).get("num_heads"),
+                          **stages)
     _check_world(tp, pp)
     return spec
+
+
+def _stages(first_stage_layers: int | None, last_stage_layers: int | None) -> dict:
+    return dict(first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
 
 
 def _list(names, limit=12) -> str:
@@ -187,14 +192,18 @@ def _progress(total: int, what: str):
 
 
 def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "bf16",
-                force: bool = False) -> ConversionStats:
+                force: bool = False, first_stage_layers: int | None = None,
+                last_stage_layers: int | None = None) -> ConversionStats:
     """Convert an HF Qwen2.5-VL folder into a Megatron dist checkpoint (loadable at any TP/PP).
-    Each rank reads only the HF tensors of its own TP/PP shard, one tensor group at a time."""
+    Each rank reads only the HF tensors of its own TP/PP shard, one tensor group at a time.
+    ``first_stage_layers`` / ``last_stage_layers``: uneven pipeline stages of the conversion
+    (the checkpoint itself is layout-free)."""
+    stages = _stages(first_stage_layers, last_stage_layers)
     start = time.time()
     check_output(out, force, [hf_dir])  # before any work
     params_dtype = _dtype(dtype)
     hf_config = load_hf_config(hf_dir)
-    spec = _spec_and_layout(hf_config, tp, pp)
+    spec = _spec_and_layout(hf_config, tp, pp, stages)
     on_disk, _ = hf_folder_reader(hf_dir, spec)  # refuses missing/unexpected tensors up front
     table = mapping_table(spec.tie_word_embeddings)
     _log(f"{hf_dir}: {len(on_disk)} tensors, naming '{table.detect_convention(on_disk.values()).name}'"
@@ -203,7 +212,7 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "b
     initialize_model_parallel(tp, pp)
     # no random initialisation: every weight is overwritten from the HF tensors
     chunks = build_model_chunks(spec, tp, pp, ddp=False, params_dtype=params_dtype,
-                                perform_initialization=False)
+                                perform_initialization=False, **stages)
     load_hf_folder(chunks, spec, hf_dir,
                    on_read=_progress(max(len(on_disk) // pp, 1), "read HF tensors (rank 0's shard)"))
 
@@ -288,17 +297,19 @@ def check_dist_checkpoint(ckpt: str) -> None:
 
 
 def load_mcore_model(ckpt: str, tp: int, pp: int, params_dtype: torch.dtype | None = None,
-                     hf_config_dir: str | None = None, ddp: bool = False):
+                     hf_config_dir: str | None = None, ddp: bool = False,
+                     first_stage_layers: int | None = None, last_stage_layers: int | None = None):
     """Build this rank's chunks at TP/PP and load the checkpoint's model weights (resharded by
     dist_checkpointing from whatever layout it was written at). Returns (spec, chunks, meta)."""
     meta = read_meta(ckpt)
     hf_config = load_hf_config(hf_config_dir or os.path.join(ckpt, HF_DIR))
-    spec = _spec_and_layout(hf_config, tp, pp)
+    stages = _stages(first_stage_layers, last_stage_layers)
+    spec = _spec_and_layout(hf_config, tp, pp, stages)
     check_dist_checkpoint(ckpt)
     dtype = params_dtype or _dtype(meta.get("dtype", "fp32"))
     initialize_model_parallel(tp, pp)
     chunks = build_model_chunks(spec, tp, pp, ddp=ddp, params_dtype=dtype,
-                                perform_initialization=False)
+                                perform_initialization=False, **stages)
     model = unwrap_model(chunks[0])
     try:
         state = dist_checkpointing.load({"model": model.sharded_state_dict()},
@@ -317,13 +328,16 @@ def load_mcore_model(ckpt: str, tp: int, pp: int, params_dtype: torch.dtype | No
 
 def mcore_to_hf(ckpt: str, out: str, tp: int = 1, pp: int = 1, dtype: str | None = None,
                 naming: str = "hf", max_shard_bytes: int = 5 * 2**30, force: bool = False,
-                hf_config_dir: str | None = None) -> ConversionStats:
+                hf_config_dir: str | None = None, first_stage_layers: int | None = None,
+                last_stage_layers: int | None = None) -> ConversionStats:
     """Write an HF folder (sharded safetensors + index, config.json, generation config, tokenizer
     and processor files) from a Megatron checkpoint (converted or training)."""
     start = time.time()
     check_output(out, force, [ckpt, hf_config_dir])
     out_dtype = _dtype(dtype)
-    spec, chunks, meta = load_mcore_model(ckpt, tp, pp, hf_config_dir=hf_config_dir)
+    spec, chunks, meta = load_mcore_model(ckpt, tp, pp, hf_config_dir=hf_config_dir,
+                                          first_stage_layers=first_stage_layers,
+                                          last_stage_layers=last_stage_layers)
     write_hf_folder(chunks, spec, out, hf_config_dir or os.path.join(ckpt, HF_DIR),
                     out_dtype or _dtype(meta.get("dtype", "fp32")), out_dtype, naming,
                     max_shard_bytes, force)
@@ -421,7 +435,9 @@ def sample_inputs(spec, seed: int = 0, image_patches: tuple[int, int] = (8, 12))
             "mm_token_type_ids": (input_ids == spec.image_token_id).int()}
 
 
-def verify_conversion(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, seed: int = 0) -> float:
+def verify_conversion(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, seed: int = 0,
+                      first_stage_layers: int | None = None,
+                      last_stage_layers: int | None = None) -> float:
     """Max abs logit difference between transformers on ``hf_dir`` and our model on ``ckpt``
     (at TP/PP), both fp32, on a text+image sample. The same value is returned on every rank."""
     from transformers import AutoModelForImageTextToText
@@ -431,7 +447,9 @@ def verify_conversion(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, seed: in
 
     text_spec_from_hf(load_hf_config(hf_dir))  # the reference exists and is Qwen2.5-VL
     HFCheckpointReader(hf_dir)
-    spec, chunks, _ = load_mcore_model(ckpt, tp, pp, params_dtype=torch.float32)
+    spec, chunks, _ = load_mcore_model(ckpt, tp, pp, params_dtype=torch.float32,
+                                       first_stage_layers=first_stage_layers,
+                                       last_stage_layers=last_stage_layers)
     sample = sample_inputs(spec, seed)
     merge = int((spec.vision or {}).get("spatial_merge_size", 2))
     positions = get_rope_index(sample["input_ids"], sample["image_grid_thw"],

@@ -35,6 +35,10 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    # uneven pipeline stages: decoder layers of the first / last stage (None: even stages);
+    # tools/pp_stages.py suggests a split that lightens the vision tower's stage
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
 
 
 @dataclass

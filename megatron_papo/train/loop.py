@@ -217,7 +217,9 @@ class Trainer:
         self.spec = text_spec_from_hf(load_hf_config(self.hf_dir))
         dtype = getattr(torch, c.model.params_dtype)
         build = dict(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
-                     sequence_parallel=p.sequence_parallel, params_dtype=dtype)
+                     sequence_parallel=p.sequence_parallel, params_dtype=dtype,
+                     first_stage_layers=p.first_stage_layers,
+                     last_stage_layers=p.last_stage_layers)
         self.chunks = build_model_chunks(self.spec, **build, use_distributed_optimizer=True)
         ck.load_hf_folder(self.chunks, self.spec, self.hf_dir)
         o = c.optim
@@ -398,8 +400,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _layout(self) -> dict:
         p = self.config.parallel
-        return {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
-                "dp": self.dp_size}
+        layout = {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
+                  "dp": self.dp_size}
+        if p.first_stage_layers is not None or p.last_stage_layers is not None:
+            layout["stage_layers"] = [p.first_stage_layers, p.last_stage_layers]
+        return layout
 
     def save(self) -> str:
         """A training checkpoint of the current step (every rank)."""

@@ -177,8 +177,12 @@ def load_hf_config(path: str) -> dict:
 
 
 def check_parallel_layout(spec: Qwen25VLTextSpec, tp: int = 1, pp: int = 1, vpp: int | None = None,
-                          vision_heads: int | None = None) -> None:
-    """Refuse TP/PP layouts the model cannot be split into, naming the numbers and the fix."""
+                          vision_heads: int | None = None, first_stage_layers: int | None = None,
+                          last_stage_layers: int | None = None) -> None:
+    """Refuse TP/PP layouts the model cannot be split into, naming the numbers and the fix.
+    ``first_stage_layers`` / ``last_stage_layers``: uneven pipeline stages (stages.py)."""
+    from .stages import layers_per_stage
+
     t = spec.transformer
     problems = []
     if t["num_attention_heads"] % tp:
@@ -196,10 +200,22 @@ def check_parallel_layout(spec: Qwen25VLTextSpec, tp: int = 1, pp: int = 1, vpp:
     if vision_heads is not None and vision_heads % tp:
         problems.append(f"vision_config.num_heads={vision_heads} is not divisible by "
                         f"tensor_model_parallel_size={tp}")
-    stages = pp * (vpp or 1)
-    if t["num_layers"] % stages:
-        problems.append(f"num_hidden_layers={t['num_layers']} is not divisible by "
-                        f"pipeline_model_parallel_size x virtual stages = {stages}")
+    if first_stage_layers is None and last_stage_layers is None:
+        stages = pp * (vpp or 1)
+        if t["num_layers"] % stages:
+            problems.append(f"num_hidden_layers={t['num_layers']} is not divisible by "
+                            f"pipeline_model_parallel_size x virtual stages = {stages} (or give "
+                            "the first/last stage fewer layers: first_stage_layers, "
+                            "last_stage_layers)")
+    else:
+        try:
+            counts = layers_per_stage(t["num_layers"], pp, first_stage_layers, last_stage_layers)
+        except ModelConfigError as err:
+            problems.append(str(err))
+            counts = []
+        if vpp and any(n % vpp for n in counts):
+            problems.append(f"stage layer counts {counts} are not all divisible by the "
+                            f"{vpp} virtual stages")
     if problems:
         raise ModelConfigError("unsupported parallel layout for this model: " + "; ".join(problems)
                                + ". Choose sizes that divide these numbers.")

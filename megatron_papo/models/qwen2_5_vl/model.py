@@ -22,10 +22,15 @@ from .vision import Qwen25VisionModel, vision_transformer_config
 def language_transformer_config(spec: Qwen25VLTextSpec, tp: int = 1, pp: int = 1,
                                 vpp: int | None = None, sequence_parallel: bool = False,
                                 params_dtype: torch.dtype = torch.float32,
+                                first_stage_layers: int | None = None,
+                                last_stage_layers: int | None = None,
                                 **overrides) -> TransformerConfig:
-    check_parallel_layout(spec, tp, pp, vpp)
+    check_parallel_layout(spec, tp, pp, vpp, first_stage_layers=first_stage_layers,
+                          last_stage_layers=last_stage_layers)
     fields = dict(spec.transformer)
     fields.update(
+        num_layers_in_first_pipeline_stage=first_stage_layers,
+        num_layers_in_last_pipeline_stage=last_stage_layers,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sequence_parallel and tp > 1,
         mrope_section=spec.mrope_section, params_dtype=params_dtype, pipeline_dtype=params_dtype,

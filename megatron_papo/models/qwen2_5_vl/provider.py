@@ -22,10 +22,14 @@ from .model import build_qwen25vl, language_transformer_config
 def build_model_chunks(spec: Qwen25VLTextSpec, tp: int = 1, pp: int = 1, vpp: int | None = None,
                        sequence_parallel: bool = False, layer_spec: str = "local",
                        params_dtype: torch.dtype = torch.float32, ddp: bool = True,
-                       use_distributed_optimizer: bool = False, **config_overrides) -> list:
+                       use_distributed_optimizer: bool = False,
+                       first_stage_layers: int | None = None, last_stage_layers: int | None = None,
+                       **config_overrides) -> list:
     """The model chunks of this rank (one per virtual stage), optionally wrapped in megatron-core
-    DDP (grads reduced in fp32; ``finalize_model_grads`` installed in the config)."""
+    DDP (grads reduced in fp32; ``finalize_model_grads`` installed in the config).
+    ``first_stage_layers`` / ``last_stage_layers``: a lighter first / last pipeline stage."""
     config = language_transformer_config(spec, tp, pp, vpp, sequence_parallel, params_dtype,
+                                         first_stage_layers, last_stage_layers,
                                          **config_overrides)
     if "batch_p2p_comm" not in config_overrides:
         config.batch_p2p_comm = default_batch_p2p_comm(config)
