@@ -41,7 +41,7 @@ def _tokens(mask):
 def ref_policy_token(lp, old, a, eps_low=0.2, eps_high=0.3, c=3.0):
     ratio = math.exp(lp - old)
     loss = max(-a * ratio, -a * min(max(ratio, 1 - eps_low), 1 + eps_high))
-    if a < 0:
+    if a < 0 and c is not None:
         loss = min(loss, -a * c)
     return loss
 
@@ -139,7 +139,8 @@ def test_combined_loss_equals_weighted_formula_sum(batch, name):
                           masked_logp=batch["masked"])
     loss, parts = A.combined_loss(inputs, config)
     lp, m = batch["logp"].tolist(), batch["mask"]
-    pol = [[ref_policy_token(lp[b][t], batch["old"][b, t].item(), batch["adv"][b].item())
+    pol = [[ref_policy_token(lp[b][t], batch["old"][b, t].item(), batch["adv"][b].item(),
+                             config.eps_low, config.eps_high, config.dual_clip)
             for t in range(T)] for b in range(B)]
     kl = [[ref_k3(lp[b][t], batch["ref"][b, t].item()) for t in range(T)] for b in range(B)]
     prcp = [[ref_k3(lp[b][t], batch["masked"][b, t].item(), inner=20.0) for t in range(T)]
@@ -209,3 +210,68 @@ def test_masking_pil_keeps_size_and_mode():
     out = mask_image(image, seed=1)
     assert out.size == image.size and out.mode == image.mode
     assert (np.array(out) == 0).all(-1).any()
+
+
+# --------------------------------------------------------------------------- DAPO
+
+
+def test_dapo_presets_are_configuration():
+    for name in ("dapo", "papo_d"):
+        c = A.PRESETS[name]
+        assert (c.eps_low, c.eps_high, c.dual_clip, c.kl_beta, c.aggregation) == \
+            (0.2, 0.28, None, 0.0, "token-mean"), name
+    assert A.PRESETS["dapo"].prcp_gamma == 0 and not A.PRESETS["dapo"].needs_masked_branch
+    d = A.PRESETS["papo_d"]
+    assert (d.prcp_gamma, d.entropy_eta_original, d.entropy_eta_masked) == (0.01, 0.03, 0.03)
+
+
+def test_overlong_penalty_matches_its_formula():
+    """R = 0 for |y| <= L_max - L_cache, ((L_max - L_cache) - |y|) / L_cache up to L_max, -1
+    beyond (DAPO eq. 13), times the factor."""
+    l_max, l_cache = 20, 8
+    lengths = torch.arange(0, 26)
+    expected = []
+    for n in lengths.tolist():
+        if n <= l_max - l_cache:
+            expected.append(0.0)
+        elif n <= l_max:
+            expected.append(((l_max - l_cache) - n) / l_cache)
+        else:
+            expected.append(-1.0)
+    got = A.overlong_penalty(lengths, l_max, l_cache, factor=0.5)
+    assert torch.allclose(got.double(), 0.5 * torch.tensor(expected, dtype=torch.float64),
+                          atol=1e-7)
+    assert got[20] == -0.5 and got[12] == 0 and got[16] == pytest.approx(-0.25)
+    assert torch.equal(A.overlong_penalty(lengths, l_max, 0), torch.zeros(26))
+
+
+def test_dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ():
+    """Real rewards (the math grader) of responses where most groups are uniform (all right or
+    all wrong): the batch is filled only with mixed groups, drawing as many rounds as needed; a
+    cap short of that fills the rest with uniform groups and says how many."""
+    from megatron_papo.reward import score_all
+
+    def group(answer, responses):
+        scored = score_all([f"<think> </think> \\boxed{{{r}}}" for r in responses],
+                           [answer] * len(responses))
+        return {"answer": answer, "rewards": torch.tensor([s.reward for s in scored])}
+
+    def draw(round_index):  # 4 prompts per draw; one mixed group in every second draw
+        out = [group(3, [3, 3, 3, 3]), group(5, [1, 2, 2, 1]), group(7, [7, 7, 7, 7])]
+        out.append(group(4, [4, 1, 4, 2]) if round_index % 2 == 0 else group(2, [2, 2, 2, 2]))
+        return out
+
+    def has_signal(g):
+        return bool((g["rewards"] != g["rewards"][0]).any())
+
+    first = draw(0)
+    assert sum(map(has_signal, first)) == 1
+    kept, drawn, rounds, filled = A.fill_with_signal(first, draw, has_signal, max_rounds=10)
+    assert (rounds, filled, len(kept), len(drawn)) == (7, 0, 4, 28)  # draws 0, 2, 4, 6
+    assert all(map(has_signal, kept))
+    kept, drawn, rounds, filled = A.fill_with_signal(first, draw, has_signal, max_rounds=3)
+    assert (rounds, filled, len(kept)) == (3, 2, 4)
+    assert sum(map(has_signal, kept)) == 2 and all(map(has_signal, kept[:2]))
+    # ranks that draw together follow the largest shortfall: no further draw once none is short
+    kept, _, rounds, _ = A.fill_with_signal(first, draw, has_signal, 10, lambda short: 0)
+    assert rounds == 1 and len(kept) == 4

@@ -168,6 +168,49 @@ def test_presets_carry_the_authors_settings(preset):
     assert loss.entropy_eta_original == loss.entropy_eta_masked == eta
 
 
+@pytest.mark.parametrize("preset", [f"qwen2_5_vl_{size}_{v}" for size in ("3b", "7b")
+                                    for v in ("dapo", "papo_d")])
+def test_dapo_presets_are_configuration_on_the_authors_settings(preset):
+    """DAPO and PAPO-D: the authors' PAPO settings with DAPO's clip-higher (0.2 / 0.28, no dual
+    clip), no reference KL, token-level loss, dynamic sampling and the overlong buffer (20%);
+    PAPO-D adds gamma 0.01 and the double entropy loss."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(os.path.join(ROOT, "configs"), version_base=None):
+        cfg = compose("train", overrides=[f"preset={preset}", "model.hf_dir=/m",
+                                          "data.train_files=[/d.parquet]", "trainer.output_dir=/o"])
+    config = build_config(OmegaConf.to_container(cfg, resolve=False), 4)
+    loss = config.loss_config()
+    assert (loss.eps_low, loss.eps_high, loss.dual_clip, loss.kl_beta, loss.aggregation) == \
+        (0.2, 0.28, None, 0.0, "token-mean")
+    a = config.algorithm
+    assert (a.dynamic_sampling, a.max_sampling_rounds, a.overlong_buffer_ratio) == (True, 10, 0.2)
+    assert loss.prcp_gamma == (0.01 if preset.endswith("papo_d") else 0.0)
+    assert loss.entropy_eta_original == (0.03 if preset.endswith("papo_d") else 0.0)
+    assert (config.trainer.prompts_per_step, config.rollout.n) == (384, 5)
+
+
+def test_papo_d_runs_with_dynamic_sampling(tmp_path):
+    """The tiny job with algorithm=papo_d: every trained group has differing rewards unless the
+    cap forced uniform ones in (counted), the draws are logged, the overlong penalty enters the
+    reward (a response at the length limit costs up to 1)."""
+    out = str(tmp_path / "papo_d")
+    done = _main(SMALL + ["algorithm=papo_d", "trainer.export_hf=false", "trainer.save_every=0",
+                          "algorithm.max_sampling_rounds=4"], out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    steps = [r for r in records if "reward" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert 1 <= r["sampling/rounds"] <= 4
+        assert r["sampling/prompts_drawn"] == 8 * r["sampling/rounds"]
+        if r["sampling/filled_without_signal"] == 0:
+            assert r["sampling/trained_groups_with_signal"] == 1.0
+        assert r["reward"] >= -1.0 and "loss/kl_prcp" in r and "loss/kl_ref" not in r
+    assert "prompts drawn" in done.stdout
+
+
 def test_a_preset_without_its_required_paths_is_a_one_line_error(tmp_path):
     done = _main(["preset=qwen2_5_vl_3b_papo"], str(tmp_path / "p"))
     assert done.returncode == 2

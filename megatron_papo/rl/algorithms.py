@@ -50,6 +50,41 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float 
     return adv
 
 
+def fill_with_signal(first: list, draw: Callable[[int], list], has_signal: Callable,
+                     max_rounds: int, short_anywhere: Callable[[int], int] = lambda n: n
+                     ) -> tuple[list, list, int, int]:
+    """DAPO's dynamic sampling (Yu et al., arXiv 2503.14476, sec. 3.2): keep only the groups
+    whose rewards differ (``has_signal``; the others have a zero GRPO advantage) and ``draw``
+    more (``draw(round)`` -> groups) until as many as the first draw are kept, at most
+    ``max_rounds`` draws in all. Short of that, groups without signal fill the remaining places.
+    ``short_anywhere(n)``: the largest shortfall over the ranks that draw together (so that all
+    draw the same rounds). Returns (the groups to train on, every group drawn, draws made,
+    places filled without signal)."""
+    quota = len(first)
+    drawn, kept, rounds = list(first), [g for g in first if has_signal(g)], 1
+    while rounds < max_rounds and short_anywhere(max(quota - len(kept), 0)):
+        more = draw(rounds)
+        drawn += more
+        kept += [g for g in more if has_signal(g)]
+        rounds += 1
+    filled = max(quota - len(kept), 0)
+    kept += [g for g in drawn if not has_signal(g)][:filled]
+    return kept[:quota], drawn, rounds, filled
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int,
+                     factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al., arXiv 2503.14476, eq. 13), added to the
+    reward: 0 up to ``max_length - buffer`` tokens, then falling linearly to -1 at
+    ``max_length`` (-1 beyond), times ``factor``. lengths [N] -> [N]."""
+    if buffer <= 0:
+        return torch.zeros(lengths.shape, dtype=torch.float32)
+    lengths = lengths.to(torch.float32)
+    start = max_length - buffer
+    penalty = torch.clamp((start - lengths) / buffer, min=-1.0, max=0.0)
+    return factor * penalty
+
+
 # --------------------------------------------------------------------------- per-token terms
 
 
@@ -274,7 +309,10 @@ def combined_loss(inputs: LossInputs, config: LossConfig,
     return total, parts
 
 
-# The variants of the paper (README of the authors; PAPO_ALGORITHM.md table).
+# The variants of the paper (README of the authors; PAPO_ALGORITHM.md table); DAPO (arXiv
+# 2503.14476): clip-higher (0.2 / 0.28, no dual clip), token-level loss, no reference KL (its
+# dynamic sampling and overlong shaping live in the trainer: algorithm.dynamic_sampling,
+# algorithm.overlong_buffer_ratio); PAPO-D = DAPO + PAPO's perception and double entropy terms.
 PRESETS: dict[str, LossConfig] = {
     "grpo": LossConfig(kl_beta=0.01),
     "papo": LossConfig(kl_beta=0.01, prcp_gamma=0.01),
@@ -282,6 +320,11 @@ PRESETS: dict[str, LossConfig] = {
                          entropy_eta_masked=0.03),
     "papo_no_kl_ref": LossConfig(kl_beta=0.0, prcp_gamma=0.01, entropy_eta_original=0.03,
                                  entropy_eta_masked=0.03),
+    "dapo": LossConfig(kl_beta=0.0, eps_low=0.2, eps_high=0.28, dual_clip=None,
+                       aggregation="token-mean"),
+    "papo_d": LossConfig(kl_beta=0.0, eps_low=0.2, eps_high=0.28, dual_clip=None,
+                         aggregation="token-mean", prcp_gamma=0.01, entropy_eta_original=0.03,
+                         entropy_eta_masked=0.03),
 }
 
 

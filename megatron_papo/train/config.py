@@ -43,11 +43,18 @@ class ParallelConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "papo_no_kl_ref"     # grpo | papo | papo_h | papo_no_kl_ref (rl.algorithms)
+    name: str = "papo_no_kl_ref"     # grpo | papo | papo_h | papo_no_kl_ref | dapo | papo_d
     loss: dict = field(default_factory=dict)   # overrides of rl.algorithms.LossConfig fields
     masked_branch: str = "frozen"    # frozen (the authors') | live
     mask_ratio: float = 0.6
     mask_patch: int = 14
+    # DAPO (dapo, papo_d): groups whose rewards are all equal are dropped and more prompts drawn
+    # until the batch is full (at most max_sampling_rounds draws of prompts_per_step prompts)
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 10
+    # DAPO's soft overlong punishment over the last ratio x rollout.max_new_tokens tokens (0: off)
+    overlong_buffer_ratio: float = 0.0
+    overlong_penalty_factor: float = 1.0
 
 
 @dataclass
@@ -256,6 +263,12 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     for key in ("save_every", "keep_last"):
         if getattr(config.trainer, key) < 0:
             raise ConfigError(f"trainer.{key}={getattr(config.trainer, key)} must be >= 0")
+    a = config.algorithm
+    if a.max_sampling_rounds < 1:
+        raise ConfigError(f"algorithm.max_sampling_rounds={a.max_sampling_rounds} must be >= 1")
+    if not 0 <= a.overlong_buffer_ratio < 1:
+        raise ConfigError(f"algorithm.overlong_buffer_ratio={a.overlong_buffer_ratio} must be in "
+                          "[0, 1) (DAPO: 4096 / 20480 = 0.2)")
     if not config.trainer.collective_timeout_minutes > 0:
         raise ConfigError(f"trainer.collective_timeout_minutes="
                           f"{config.trainer.collective_timeout_minutes} must be > 0")

@@ -132,6 +132,20 @@ def _tupled(value):
     return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
 
 
+@dataclasses.dataclass
+class _Group:
+    """One prompt's responses of a step, scored."""
+
+    example: object
+    rollout: object
+    scored: list
+    rewards: torch.Tensor
+
+    @property
+    def has_signal(self) -> bool:  # rewards not all equal: a non-zero advantage
+        return bool((self.rewards != self.rewards[0]).any()) if self.rewards.numel() > 1 else False
+
+
 class _StopSignals:
     """SIGTERM / SIGUSR1 (what SLURM sends before preemption or the time limit) only set a flag;
     the ranks agree on it after each step, save a checkpoint and stop together."""
@@ -257,31 +271,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict:
-        from megatron_papo.reward import score_all
         from megatron_papo.rl.algorithms import group_advantages
         from megatron_papo.rl.step import mean_over_data_parallel
         from megatron_papo.rollout import build_rollout_batch
-        from megatron_papo.rollout.engine import is_long_rollout
 
         c, m = self.config, self.metrics
         m.phases = {}
         m.step = self.step_index + 1
         start = time.perf_counter()
-        examples = self.rng.sample(self.train_data, c.trainer.prompts_per_step)
-        prompts = [e.messages for e in examples]
-        sampling = c.rollout.sampling(seed=c.trainer.seed * 1_000_003 + self.step_index)
-        with m.phase("rollout"):
-            rollouts = self.engine.generate(      # this DP rank's prompts
-                prompts, sampling, progress=c.logging.progress_bars
-                and is_long_rollout(len(prompts), sampling))
+        first_round = self._draw_groups(0)
+        train_groups, everything, sampling_stats = first_round, first_round, {}
+        if c.algorithm.dynamic_sampling:
+            train_groups, everything, sampling_stats = self._fill_with_signal(first_round)
+        # the trained groups take the first draw's places in the global prompt list (their
+        # index seeds the image masks: the same for any DP layout)
+        prompts = [None] * c.trainer.prompts_per_step
+        rollouts = []
+        for slot, group in zip(first_round, train_groups):
+            prompts[slot.rollout.index] = group.example.messages
+            rollouts.append(dataclasses.replace(group.rollout, index=slot.rollout.index))
+        rewards = torch.cat([g.rewards for g in train_groups])
+        groups = torch.tensor([r.index for r in rollouts for _ in r.responses])
         with m.phase("reward"):
-            texts = [resp.text for r in rollouts for resp in r.responses]
-            answers = [examples[r.index].answer for r in rollouts for _ in r.responses]
-            names = [f"prompt {r.index} ({examples[r.index].source}), sample {k}"
-                     for r in rollouts for k in range(len(r.responses))]
-            scored = score_all(texts, answers, names=names)
-            rewards = torch.tensor([s.reward for s in scored])
-            groups = torch.tensor([r.index for r in rollouts for _ in r.responses])
             advantages = group_advantages(rewards, groups)
             needs_masked = self.loss.needs_masked_branch
             batch = build_rollout_batch(
@@ -289,6 +300,8 @@ class Trainer:
                 mask_ratio=c.algorithm.mask_ratio if needs_masked else None,
                 mask_patch=c.algorithm.mask_patch, mask_seed=self.step_index * 100_003,
                 advantages=advantages)
+        # what the policy did (every group drawn this step), not only what it trains on
+        scored = [s for g in everything for s in g.scored]
         # the mismatch engine vs trainer is measured on the first step and at evaluations
         measure = not c.rollout.old_logprobs_from_engine or self.step_index == 0 or (
             c.trainer.eval_every and self.step_index % c.trainer.eval_every == 0)
@@ -312,14 +325,15 @@ class Trainer:
         with m.phase("sync"):
             self.push_weights()
         mask = batch.response_mask.bool()
-        distinct = [float(rewards[groups == g].std() > 0) for g in groups.unique()]
         local = {
-            "reward": float(rewards.mean()),
+            "reward": sum(float(g.rewards.sum()) for g in everything) / len(scored),
             "accuracy": sum(s.accuracy for s in scored) / len(scored),
             "format": sum(s.format for s in scored) / len(scored),
-            "groups_with_signal": sum(distinct) / len(distinct),
+            # share of the first draw's groups whose rewards differ (before any filtering)
+            "groups_with_signal": sum(g.has_signal for g in first_round) / len(first_round),
             "response_length": float(mask.sum(-1).float().mean()),
             "tokens": float(mask.sum()),
+            **sampling_stats,
         }
         if measure:
             local["logprob_mismatch"] = mismatch
@@ -339,6 +353,64 @@ class Trainer:
         self.step_index += 1
         m.write(record)
         return record
+
+    def _draw_groups(self, round_index: int) -> list[_Group]:
+        """Draw ``trainer.prompts_per_step`` prompts, roll out this DP rank's share and score
+        them: one :class:`_Group` per prompt (its responses, their scores and rewards, the
+        overlong penalty included)."""
+        from megatron_papo.reward import score_all
+        from megatron_papo.rl.algorithms import overlong_penalty
+        from megatron_papo.rollout.engine import is_long_rollout
+
+        c, m = self.config, self.metrics
+        examples = self.rng.sample(self.train_data, c.trainer.prompts_per_step)
+        prompts = [e.messages for e in examples]
+        sampling = c.rollout.sampling(
+            seed=c.trainer.seed * 1_000_003 + self.step_index + round_index * 7_919)
+        with m.phase("rollout"):
+            rollouts = self.engine.generate(      # this DP rank's prompts
+                prompts, sampling, progress=c.logging.progress_bars
+                and is_long_rollout(len(prompts), sampling))
+        with m.phase("reward"):
+            texts = [resp.text for r in rollouts for resp in r.responses]
+            answers = [examples[r.index].answer for r in rollouts for _ in r.responses]
+            names = [f"prompt {r.index} ({examples[r.index].source}), sample {k}"
+                     for r in rollouts for k in range(len(r.responses))]
+            scored = score_all(texts, answers, names=names)
+            buffer = round(c.algorithm.overlong_buffer_ratio * c.rollout.max_new_tokens)
+            lengths = torch.tensor([len(resp.token_ids) for r in rollouts for resp in r.responses])
+            rewards = torch.tensor([s.reward for s in scored]) + overlong_penalty(
+                lengths, c.rollout.max_new_tokens, buffer, c.algorithm.overlong_penalty_factor)
+        groups, at = [], 0
+        for r in rollouts:
+            n = len(r.responses)
+            groups.append(_Group(examples[r.index], r, scored[at:at + n], rewards[at:at + n]))
+            at += n
+        return groups
+
+    def _fill_with_signal(self, first: list[_Group]
+                          ) -> tuple[list[_Group], list[_Group], dict]:
+        """DAPO's dynamic sampling: keep only groups whose rewards differ and draw more prompts
+        until every DP rank holds as many as one draw gives it (``algorithm.max_sampling_rounds``
+        draws at most; short of that, groups without signal fill the rest and
+        ``sampling/filled_without_signal`` counts them). Returns (the groups to train on, every
+        group drawn, metrics)."""
+        from megatron_papo.rl.algorithms import fill_with_signal
+
+        def short_anywhere(short: int) -> int:
+            value = torch.tensor([short], dtype=torch.long)
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+            return int(value)
+
+        kept, drawn, rounds, filled = fill_with_signal(
+            first, self._draw_groups, lambda g: g.has_signal,
+            self.config.algorithm.max_sampling_rounds, short_anywhere)
+        stats = {"sampling/rounds": float(rounds),
+                 "sampling/prompts_drawn": float(rounds * self.config.trainer.prompts_per_step),
+                 "sampling/filled_without_signal": float(filled),
+                 "sampling/trained_groups_with_signal":
+                     sum(g.has_signal for g in kept) / len(kept)}
+        return kept, drawn, stats
 
     def _logged(self) -> list[dict]:
         if not os.path.exists(self.metrics.path):
@@ -500,6 +572,8 @@ class Trainer:
                  f" kl_prcp {s.get('loss/kl_prcp', 0):.3g} ent {s.get('entropy/original', 0):.3f}"
                  f"/{s.get('entropy/masked', 0):.3f} clip {s.get('clip/high', 0):.3f}/"
                  f"{s.get('clip/low', 0):.3f} | {s['tokens_per_s']:.0f} tok/s | "
+                 + (f"{s['sampling/prompts_drawn']:.0f} prompts drawn | "
+                    if "sampling/prompts_drawn" in s else "")
                  + " ".join(f"{k[5:]} {v:.2f}s" for k, v in s.items()
                             if k.startswith("time/")))
             if c.trainer.eval_every and s["step"] % c.trainer.eval_every == 0 \
