@@ -156,16 +156,6 @@ HF_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(HF_CASES))
-def test_bad_hf_folder_is_one_line_and_the_source_stays(sources, case, tmp_path, cli_here):
-    damage, expected = HF_CASES[case]
-    source = _damaged(sources, f"hf_{case}", "hf", damage)
-    before = _digest(source)
-    out = tmp_path / "out"
-    _one_line_error(cli_here("hf-to-mcore", "--hf", source, "--out", out), *expected)
-    assert _digest(source) == before and not out.exists() and os.listdir(tmp_path) == []
-
-
 MCORE_CASES = {
     "truncated_data_file": (lambda d: _truncate(_first_distcp(d)),
                             ["__0_0.distcp is truncated", "metadata needs"]),
@@ -179,14 +169,15 @@ MCORE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(MCORE_CASES))
-def test_bad_megatron_checkpoint_is_one_line_and_the_source_stays(sources, case, tmp_path,
-                                                                  cli_here):
-    damage, expected = MCORE_CASES[case]
-    source = _damaged(sources, f"mc_{case}", "mcore", damage)
+@pytest.mark.parametrize("kind,case", [("hf", c) for c in sorted(HF_CASES)]
+                         + [("mcore", c) for c in sorted(MCORE_CASES)])
+def test_bad_input_is_one_line_and_the_source_stays(sources, kind, case, tmp_path, cli_here):
+    damage, expected = (HF_CASES if kind == "hf" else MCORE_CASES)[case]
+    source = _damaged(sources, f"{kind}_{case}", kind, damage)
     before = _digest(source)
     out = tmp_path / "out"
-    _one_line_error(cli_here("mcore-to-hf", "--ckpt", source, "--out", out), *expected)
+    command = ["hf-to-mcore", "--hf"] if kind == "hf" else ["mcore-to-hf", "--ckpt"]
+    _one_line_error(cli_here(*command, source, "--out", out), *expected)
     assert _digest(source) == before and not out.exists() and os.listdir(tmp_path) == []
 
 

@@ -201,16 +201,28 @@ def test_vocab_parallel_logprobs_and_entropy_match_full_vocab():
 
 
 def test_hacking_monitor_needs_all_symptoms(caplog):
-    calm = {"loss/kl_prcp": 0.1, "clip/high": 0.01, "entropy/original": 1.0,
+    """KL_prcp jumping (the perception loss dropping) with both entropies rising, and the
+    high-side clip fraction rising when the run clips at all; any symptom alone is silent."""
+    calm = {"loss/kl_prcp": 0.5, "clip/high": 0.01, "entropy/original": 1.0,
             "entropy/masked": 1.2}
-    monitor = PerceptionHackingMonitor(window=3)
-    assert not any(monitor.check(dict(calm)) for _ in range(3))
-    assert not monitor.check({**calm, "loss/kl_prcp": 0.01})  # one symptom alone: no warning
+    hacked = {"loss/kl_prcp": 4.5, "clip/high": 0.05, "entropy/original": 2.0,
+              "entropy/masked": 2.5}
+
+    def after_calm_steps():
+        monitor = PerceptionHackingMonitor(window=3)
+        assert not any(monitor.check(dict(calm)) for _ in range(3))
+        return monitor
+
+    for key in hacked:  # one symptom alone: no warning
+        assert not after_calm_steps().check({**calm, key: hacked[key]}), key
+    assert not after_calm_steps().check({**hacked, "clip/high": 0.01})  # all but the clipping
     with caplog.at_level("WARNING"):
-        hacked = {"loss/kl_prcp": 0.01, "clip/high": 0.05, "entropy/original": 2.0,
-                  "entropy/masked": 2.5}
-        assert monitor.check(hacked)
+        assert after_calm_steps().check(hacked)
     assert "KL_prcp hacking suspected" in caplog.text and "prcp_gamma" in caplog.text
+    # one optimizer step per rollout: nothing clips, the other three symptoms decide
+    unclipped = PerceptionHackingMonitor(window=3)
+    assert not any(unclipped.check({**calm, "clip/high": 0.0}) for _ in range(3))
+    assert unclipped.check({**hacked, "clip/high": 0.0})
 
 
 def test_rollout_batch_select_keeps_images_with_their_samples():

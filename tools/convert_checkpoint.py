@@ -97,24 +97,21 @@ def _size(text: str) -> int:
     return size
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return value
+def _number(convert, smallest: float, what: str):
+    """An argparse type: ``convert``ed text of at least ``smallest``, else a one-line error."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= smallest:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number")
-    return value
+_positive_int = _number(int, 1, "a positive whole number")
+_non_negative_float = _number(float, 0.0, "a non-negative number")
 
 
 def main(argv=None) -> int:

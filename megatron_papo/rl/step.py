@@ -356,11 +356,16 @@ def _mean_metrics(per_micro: Iterable[dict]) -> dict:
 
 class PerceptionHackingMonitor:
     """Warns when the paper's symptoms of "KL_prcp hacking" appear together (Sec. on the Double
-    Entropy Loss): the perception KL collapses while the high-side clip fraction and the entropies
-    of both branches rise. Compares each step with the mean of the previous ``window`` steps."""
+    Entropy Loss): the policy inflates the perception KL it is rewarded for (the perception
+    loss, -gamma * KL, drops sharply) by emitting tokens unrelated to the image, while the
+    entropies of both branches rise and so does the high-side clip fraction. Compares each
+    step with the mean of the previous ``window`` steps: KL above ``spike`` x its recent mean,
+    both entropies above ``rise`` x theirs, and - when the run clips at all (several optimizer
+    steps per rollout; with one step the ratio is 1 and nothing clips) - the high-side clip
+    fraction above ``rise`` x its recent mean."""
 
-    def __init__(self, window: int = 5, collapse: float = 0.5, rise: float = 1.2):
-        self.window, self.collapse, self.rise = window, collapse, rise
+    def __init__(self, window: int = 5, spike: float = 2.0, rise: float = 1.2):
+        self.window, self.spike, self.rise = window, spike, rise
         self.history: list[dict] = []
 
     def check(self, metrics: dict) -> bool:
@@ -372,16 +377,17 @@ class PerceptionHackingMonitor:
         if len(past) < self.window:
             return False
         mean = {k: sum(p[k] for p in past) / len(past) for k in keys}
-        hacking = (metrics["loss/kl_prcp"] < self.collapse * mean["loss/kl_prcp"]
-                   and metrics["clip/high"] > self.rise * max(mean["clip/high"], 1e-8)
+        clips = mean["clip/high"] > 0 or metrics["clip/high"] > 0
+        hacking = (metrics["loss/kl_prcp"] > self.spike * mean["loss/kl_prcp"]
+                   and (not clips or metrics["clip/high"] > self.rise * mean["clip/high"])
                    and metrics["entropy/original"] > self.rise * mean["entropy/original"]
                    and metrics["entropy/masked"] > self.rise * mean["entropy/masked"])
         if hacking:
             log.warning(
-                "KL_prcp hacking suspected: perception KL fell to %.3g (recent mean %.3g) while "
-                "the high-side clip fraction (%.3g) and both entropies (%.3g, %.3g) rose. "
+                "KL_prcp hacking suspected: perception KL rose to %.3g (recent mean %.3g) while "
+                "both entropies (%.3g, %.3g) and the high-side clip fraction (%.3g) rose. "
                 "Lower algorithm.loss.prcp_gamma or enable the double entropy loss "
                 "(algorithm.loss.entropy_eta_original/masked, as papo_h does).",
-                metrics["loss/kl_prcp"], mean["loss/kl_prcp"], metrics["clip/high"],
-                metrics["entropy/original"], metrics["entropy/masked"])
+                metrics["loss/kl_prcp"], mean["loss/kl_prcp"], metrics["entropy/original"],
+                metrics["entropy/masked"], metrics["clip/high"])
         return hacking

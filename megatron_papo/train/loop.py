@@ -348,8 +348,10 @@ class Trainer:
         if self.monitor.check(record):  # the paper's KL_prcp-hacking symptoms, together
             record["alert/perception_hacking"] = 1.0
             _log(f"[train] ALERT step {record['step']}: perception-KL hacking suspected (KL_prcp "
-                 "collapsed while clipping and both entropies rose): lower algorithm.loss."
-                 "prcp_gamma or turn on the double entropy loss (algorithm.loss.entropy_eta_*)")
+                 "jumped while both entropies rose): lower the perception "
+                 "weight (++algorithm.loss.prcp_gamma=...) or turn on the double entropy loss "
+                 "(++algorithm.loss.entropy_eta_original=0.03 ++algorithm.loss."
+                 "entropy_eta_masked=0.03)")
         self.step_index += 1
         m.write(record)
         return record
