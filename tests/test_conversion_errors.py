@@ -57,7 +57,12 @@ def cli_here(capfd):
 
     def run(*args):
         capfd.readouterr()
-        code = tool.main([str(a) for a in args])
+        environ = dict(os.environ)  # a world of one sets RANK, MASTER_PORT, ... for its engine
+        try:
+            code = tool.main([str(a) for a in args])
+        finally:
+            os.environ.clear()
+            os.environ.update(environ)
         out, err = capfd.readouterr()
         return _Done(code, out, err)
     return run

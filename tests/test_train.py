@@ -218,8 +218,11 @@ def test_a_preset_without_its_required_paths_is_a_one_line_error(tmp_path):
 
 
 def _launch(script, env, *args):
+    clean = {k: v for k, v in os.environ.items()  # only what the test sets reaches the launcher
+             if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID",
+                          "NPROC_PER_NODE", "DRY_RUN") and not k.startswith("SLURM_")}
     return subprocess.run(["bash", os.path.join(ROOT, script), *args], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "PYTHON": "py", **env})
+                          text=True, timeout=60, env={**clean, "PYTHON": "py", **env})
 
 
 def test_launcher_dry_run_prints_the_exact_command():
