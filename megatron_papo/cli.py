@@ -82,7 +82,7 @@ def report(err: BaseException | str) -> None:
     """Print the error line once for the whole job.
 
     Under torchrun the ranks that hit the same error at the same point (every rank validating
-    the same input) agree through the process group's side channel (:func:`parallel.error_channel`)
+    the same input) agree through a side channel of the process group (:func:`parallel.gather_errors`)
     and rank 0 prints it once; a rank whose peers do not join within a few seconds (only it hit
     the error) prints its own line, prefixed with its rank."""
     message = err if isinstance(err, str) else describe(err)
