@@ -95,12 +95,17 @@ def test_cli_errors_are_one_line_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "single"])
 def test_main_job_on_two_processes(tmp_path, single_run, layout):
-    """scripts/train.sh with 2 processes at TP=2 (+SP), PP=2 and DP=2 ('single' on 2 processes): the job
+    """scripts/train.sh with 2 processes at TP=2 (+SP), PP=2 and DP=2 ('single' on 2 processes,
+    with DDP's communication overlap): the job
     completes, every stage reports the loss metrics, the export is written; step 1's perception
     KL equals the one-process run's (same data, seeds and weights; tol 1e-3)."""
     out = str(tmp_path / layout)
+    # DP=2 with the communication overlap: the weights pushed after the warm start's updates
+    # must be the gathered ones
+    overlap = (["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
+               if layout == "single" else [])
     done = subprocess.run(  # through the launcher users run (torchrun, standalone rendezvous)
-        ["bash", os.path.join(ROOT, "scripts", "train.sh"), f"parallel={layout}", *SMALL,
+        ["bash", os.path.join(ROOT, "scripts", "train.sh"), f"parallel={layout}", *SMALL, *overlap,
          f"trainer.output_dir={out}", f"hydra.run.dir={out}"],
         capture_output=True, text=True, cwd=ROOT, timeout=900,
         env={**os.environ, "NPROC_PER_NODE": "2", "PYTHON": sys.executable})

@@ -28,6 +28,36 @@ class ModelConfig:
     tiny_initializer_range: float = 0.1
     tiny_tokenizer: str = "words"    # words: one token per word of the data (fast to learn) | bpe
     params_dtype: str = "float32"
+    layer_spec: str = "local"        # local (megatron-core's own layers, anywhere) | te (GPU)
+    # FP8 (layer_spec=te, bf16 params, Hopper/Ada GPU): hybrid | e4m3 | null; training
+    # forward/backward only, the rollout engine keeps its dtype
+    fp8: str | None = None
+    fp8_recipe: str = "delayed"      # delayed (amax history) | current (per-tensor current scaling)
+    fp8_amax_history_len: int = 1024
+    fp8_bf16_first_layers: int = 0   # decoder layers kept in bf16 at the start / end (current
+    fp8_bf16_last_layers: int = 0    # recipe only)
+    fp8_vision: bool = False         # the vision tower in FP8 too (default: bf16)
+    # activation recompute: null | selective (attention) | full (+ method uniform|block, layers)
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    # GPU-only fused kernels (Transformer Engine)
+    gradient_accumulation_fusion: bool = False
+    apply_rope_fusion: bool = False
+
+    def transformer_overrides(self) -> tuple[dict, dict]:
+        """TransformerConfig fields of the language model and of the vision tower."""
+        from megatron_papo.models.qwen2_5_vl.precision import fp8_fields, recompute_fields
+
+        fp8 = fp8_fields(self.fp8, self.fp8_recipe, self.fp8_bf16_first_layers,
+                         self.fp8_bf16_last_layers, self.fp8_amax_history_len)
+        fused = dict(gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+                     apply_rope_fusion=self.apply_rope_fusion)
+        language = {**fp8, **fused, **recompute_fields(
+            self.recompute_granularity, self.recompute_method, self.recompute_num_layers)}
+        vision = {**fused, **(fp8_fields(self.fp8, self.fp8_recipe, 0, 0,
+                                          self.fp8_amax_history_len) if self.fp8_vision else {})}
+        return language, vision
 
 
 @dataclass
@@ -39,6 +69,10 @@ class ParallelConfig:
     # tools/pp_stages.py suggests a split that lightens the vision tower's stage
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
+    # overlap the data-parallel gradient reduce-scatter with the backward pass and the parameter
+    # all-gather with the next forward (the distributed optimizer); pays off on GPUs
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
 
 
 @dataclass
@@ -235,6 +269,30 @@ def _positive(config: TrainConfig, keys: list[str]) -> None:
             raise ConfigError(f"{key}={value} must be >= 1")
 
 
+def _check_gpu_settings(config: TrainConfig) -> None:
+    """The layer spec, FP8, recompute and GPU-only settings can run on this machine."""
+    from megatron_papo.models.qwen2_5_vl import precision
+
+    m, p = config.model, config.parallel
+    if m.params_dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.params_dtype={m.params_dtype!r}: choose float32, bfloat16 or "
+                          "float16")
+    problem = (precision.layer_spec_problem(m.layer_spec)
+               or precision.fp8_problem(m.fp8, m.fp8_recipe, m.layer_spec, m.params_dtype,
+                                        m.fp8_bf16_first_layers, m.fp8_bf16_last_layers)
+               or precision.recompute_problem(m.recompute_granularity, m.recompute_method,
+                                              m.recompute_num_layers)
+               or precision.gpu_only_problem({f"model.{name}": getattr(m, name)
+                                              for name in precision.GPU_ONLY}))
+    if problem:
+        raise ConfigError(problem)
+    if m.fp8_vision and not m.fp8:
+        raise ConfigError("model.fp8_vision=true needs model.fp8 (hybrid or e4m3)")
+    if p.overlap_param_gather and not p.overlap_grad_reduce:
+        raise ConfigError("parallel.overlap_param_gather=true needs "
+                          "parallel.overlap_grad_reduce=true")
+
+
 def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     """The validated configuration of a run on ``world_size`` processes."""
     config = _section(TrainConfig, {k: v for k, v in raw.items() if k != "hydra"}, "")
@@ -253,6 +311,7 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     if config.model.tiny_tokenizer not in ("words", "bpe"):
         raise ConfigError(f"model.tiny_tokenizer={config.model.tiny_tokenizer!r}: choose words "
                           "or bpe")
+    _check_gpu_settings(config)
     if config.algorithm.masked_branch not in ("frozen", "live"):
         raise ConfigError(f"algorithm.masked_branch={config.algorithm.masked_branch!r}: choose "
                           "frozen or live")

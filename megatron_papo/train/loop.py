@@ -230,11 +230,15 @@ class Trainer:
                                   timeout_minutes=c.trainer.collective_timeout_minutes)
         self.spec = text_spec_from_hf(load_hf_config(self.hf_dir))
         dtype = getattr(torch, c.model.params_dtype)
+        language, vision = c.model.transformer_overrides()
         build = dict(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
                      sequence_parallel=p.sequence_parallel, params_dtype=dtype,
                      first_stage_layers=p.first_stage_layers,
-                     last_stage_layers=p.last_stage_layers)
-        self.chunks = build_model_chunks(self.spec, **build, use_distributed_optimizer=True)
+                     last_stage_layers=p.last_stage_layers, layer_spec=c.model.layer_spec,
+                     vision_overrides=vision, **language)
+        self.chunks = build_model_chunks(self.spec, **build, use_distributed_optimizer=True,
+                                         overlap_grad_reduce=p.overlap_grad_reduce,
+                                         overlap_param_gather=p.overlap_param_gather)
         ck.load_hf_folder(self.chunks, self.spec, self.hf_dir)
         o = c.optim
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
@@ -262,7 +266,9 @@ class Trainer:
             masked_branch=c.algorithm.masked_branch, loss=self.loss, temperature=r.temperature,
             suppressed_token_ids=self.engine.suppressed_token_ids))
         self.rng = random.Random(c.trainer.seed)
-        self._pad = p.tensor_model_parallel_size if p.sequence_parallel else 1
+        # sequence parallelism splits the sequence over TP; FP8 GEMMs need multiples of 16 tokens
+        self._pad = math.lcm(p.tensor_model_parallel_size if p.sequence_parallel else 1,
+                             16 if c.model.fp8 else 1)
         self.metrics = Metrics(self.out, c.logging, dataclasses.asdict(c))
         self.monitor = PerceptionHackingMonitor()
         self.step_index = 0
@@ -420,11 +426,18 @@ class Trainer:
         with open(self.metrics.path) as f:
             return [json.loads(line) for line in f if line.strip()]
 
+    def _sync_params(self) -> None:
+        """Weights read after an optimizer step are complete (parallel.overlap_param_gather)."""
+        from megatron_papo.models.qwen2_5_vl.provider import sync_params
+
+        sync_params(self.chunks)
+
     def push_weights(self) -> None:
         """The updated weights into the rollout engine (in buckets, every rank)."""
         from megatron_papo.rollout import iter_hf_weights
 
         r = self.config.rollout
+        self._sync_params()
         self.engine.load_weights(iter_hf_weights(self.chunks, self.spec, getattr(torch, r.dtype),
                                                  r.weight_bucket_mb * 2**20))
 
@@ -485,6 +498,7 @@ class Trainer:
         from . import checkpoint
 
         heartbeat("checkpoint save", self.step_index)
+        self._sync_params()
         state = {"step": self.step_index, "warmed_up": self.warmed_up,
                  "sampler": _jsonable(self.rng.getstate()), "monitor": self.monitor.history}
         start = time.perf_counter()
@@ -614,6 +628,7 @@ class Trainer:
         from megatron_papo.conversion.checkpoint import write_hf_folder
 
         heartbeat("HF export")
+        self._sync_params()
         write_hf_folder(self.chunks, self.spec, folder, self.hf_dir,
                         getattr(torch, self.config.model.params_dtype), force=True)
         _log(f"[train] HF export of the trained model: {folder}")

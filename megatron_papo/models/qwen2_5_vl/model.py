@@ -124,16 +124,19 @@ class Qwen25VLModel(MegatronModule):
 
 
 def build_qwen25vl(spec: Qwen25VLTextSpec, config: TransformerConfig, layer_spec: str = "local",
-                   vp_stage: int | None = None, with_vision: bool = True) -> Qwen25VLModel:
+                   vp_stage: int | None = None, with_vision: bool = True,
+                   vision_overrides: dict | None = None) -> Qwen25VLModel:
     """The model chunk for this rank's (virtual) pipeline stage; the vision tower is built on the
-    first stage when the HF config has a ``vision_config``."""
+    first stage when the HF config has a ``vision_config`` (``vision_overrides``: fields of its
+    TransformerConfig, e.g. FP8)."""
     virtual = config.virtual_pipeline_model_parallel_size is not None
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
     vision = None
     if pre and with_vision and spec.vision:
         vision_config = vision_transformer_config(
-            spec.vision, tp=config.tensor_model_parallel_size, params_dtype=config.params_dtype)
+            spec.vision, tp=config.tensor_model_parallel_size, params_dtype=config.params_dtype,
+            **(vision_overrides or {}))
         vision = Qwen25VisionModel(vision_config, spec.vision, layer_spec)
     return Qwen25VLModel(spec, config, layer_spec, pre_process=pre, post_process=post,
                          vp_stage=vp_stage, vision_model=vision)

@@ -24,26 +24,54 @@ def build_model_chunks(spec: Qwen25VLTextSpec, tp: int = 1, pp: int = 1, vpp: in
                        params_dtype: torch.dtype = torch.float32, ddp: bool = True,
                        use_distributed_optimizer: bool = False,
                        first_stage_layers: int | None = None, last_stage_layers: int | None = None,
-                       **config_overrides) -> list:
+                       vision_overrides: dict | None = None, overlap_grad_reduce: bool = False,
+                       overlap_param_gather: bool = False, **config_overrides) -> list:
     """The model chunks of this rank (one per virtual stage), optionally wrapped in megatron-core
     DDP (grads reduced in fp32; ``finalize_model_grads`` installed in the config).
-    ``first_stage_layers`` / ``last_stage_layers``: a lighter first / last pipeline stage."""
+    ``first_stage_layers`` / ``last_stage_layers``: a lighter first / last pipeline stage;
+    ``config_overrides``: TransformerConfig fields of the language model (FP8, recompute, fused
+    kernels: precision.py), ``vision_overrides`` those of the vision tower;
+    ``overlap_grad_reduce`` / ``overlap_param_gather``: DDP's communication overlap (GPU; after
+    an optimizer step call :func:`sync_params` before reading the weights)."""
     config = language_transformer_config(spec, tp, pp, vpp, sequence_parallel, params_dtype,
                                          first_stage_layers, last_stage_layers,
                                          **config_overrides)
     if "batch_p2p_comm" not in config_overrides:
         config.batch_p2p_comm = default_batch_p2p_comm(config)
     check_pipeline_communication(config)
-    chunks = [build_qwen25vl(spec, config, layer_spec, vp_stage=v if vpp else None)
+    chunks = [build_qwen25vl(spec, config, layer_spec, vp_stage=v if vpp else None,
+                             vision_overrides=vision_overrides)
               for v in range(vpp or 1)]
     if not ddp:
         return chunks
+    if overlap_param_gather and not (use_distributed_optimizer and overlap_grad_reduce):
+        raise ValueError("overlap_param_gather needs overlap_grad_reduce and the distributed "
+                         "optimizer")
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
         use_distributed_optimizer=use_distributed_optimizer)
     wrapped = [DistributedDataParallel(config, ddp_config, chunk) for chunk in chunks]
     config.finalize_model_grads_func = finalize_model_grads
+    if overlap_grad_reduce:
+        # the schedules reduce only after the last micro-batch (each chunk's buckets launch as
+        # their gradients are ready); as megatron-core's own training loop wires it
+        no_sync = [chunk.no_sync for chunk in wrapped]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if len(wrapped) > 1:
+            config.grad_sync_func = [chunk.start_grad_sync for chunk in wrapped]
+    # overlap_param_gather: DDP's forward pre-hooks wait for (and dispatch) each bucket's gather
     return wrapped
+
+
+def sync_params(chunks: list) -> None:
+    """Finish the parameter all-gather that ``overlap_param_gather`` defers to the next forward,
+    so that the weights read now (export, weight push, checkpoint) are those after the last
+    optimizer step. A no-op without that overlap."""
+    for chunk in chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
 
 
 def load_hf_weights(chunks: list, spec: Qwen25VLTextSpec, get_hf: Callable[[str], torch.Tensor]

@@ -43,15 +43,16 @@ def language_layer_spec(name: str) -> ModuleSpec:
         spec.submodules.pre_mlp_layernorm = RMSNorm
         return spec
     if name == "te":
-        try:
-            from megatron.core.models.gpt.gpt_layer_specs import (
-                get_gpt_layer_with_transformer_engine_spec,
-            )
+        from .precision import layer_spec_problem
 
-            return get_gpt_layer_with_transformer_engine_spec()
-        except ImportError as err:  # TE absent (CPU machines)
-            raise ValueError("model.layer_spec=te needs Transformer Engine (GPU install path: "
-                             "bash scripts/install.sh --gpu); use model.layer_spec=local") from err
+        problem = layer_spec_problem(name)  # megatron-core's builder fails obscurely without TE
+        if problem:
+            raise ValueError(problem)
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
     raise ValueError(f"model.layer_spec={name!r} is not one of {LAYER_SPECS}")
 
 
