@@ -147,3 +147,15 @@ def test_bench_papo_overhead_at_toy_size(tmp_path):
         assert f"{results[name]['ratio']:5.2f}x GRPO  (goal <= {goal:.2f}x" in done.stdout
     done = _tool("bench_papo_overhead.py", "--algorithm", "grpo")
     assert done.returncode == 2 and "has no perception term" in done.stderr
+
+
+def test_gpu_check_compares_the_local_spec_with_transformers_anywhere(tmp_path):
+    """tools/gpu_check.py (the GPU run adds the te and te-fp8 rows): the language model on text,
+    the vision tower's features and the whole model, each against transformers in bf16."""
+    out = tmp_path / "check.json"
+    done = _tool("gpu_check.py", "--specs", "local", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results) == {"local whole model", "local language model", "local vision tower"}
+    for row in results.values():
+        assert row["vs transformers"] < 0.05  # bf16 rounding of a tiny model
