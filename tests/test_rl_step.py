@@ -243,6 +243,10 @@ def test_hacking_monitor_needs_all_symptoms(caplog):
     unclipped = PerceptionHackingMonitor(window=3)
     assert not any(unclipped.check({**calm, "clip/high": 0.0}) for _ in range(3))
     assert unclipped.check({**hacked, "clip/high": 0.0})
+    # a tiny KL doubling (a collapsed policy: 0.003 -> 0.008 nats) is noise, not hacking
+    tiny = PerceptionHackingMonitor(window=3)
+    assert not any(tiny.check({**calm, "loss/kl_prcp": 0.003}) for _ in range(3))
+    assert not tiny.check({**hacked, "loss/kl_prcp": 0.008})
 
 
 def test_rollout_batch_select_keeps_images_with_their_samples():

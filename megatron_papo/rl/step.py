@@ -362,10 +362,12 @@ class PerceptionHackingMonitor:
     step with the mean of the previous ``window`` steps: KL above ``spike`` x its recent mean,
     both entropies above ``rise`` x theirs, and - when the run clips at all (several optimizer
     steps per rollout; with one step the ratio is 1 and nothing clips) - the high-side clip
-    fraction above ``rise`` x its recent mean."""
+    fraction above ``rise`` x its recent mean. A jump of less than ``min_jump`` nats is noise
+    (a collapsed policy's KL of 0.003 doubling is no hacking)."""
 
-    def __init__(self, window: int = 5, spike: float = 2.0, rise: float = 1.2):
-        self.window, self.spike, self.rise = window, spike, rise
+    def __init__(self, window: int = 5, spike: float = 2.0, rise: float = 1.2,
+                 min_jump: float = 0.1):
+        self.window, self.spike, self.rise, self.min_jump = window, spike, rise, min_jump
         self.history: list[dict] = []
 
     def check(self, metrics: dict) -> bool:
@@ -378,7 +380,9 @@ class PerceptionHackingMonitor:
             return False
         mean = {k: sum(p[k] for p in past) / len(past) for k in keys}
         clips = mean["clip/high"] > 0 or metrics["clip/high"] > 0
-        hacking = (metrics["loss/kl_prcp"] > self.spike * mean["loss/kl_prcp"]
+        kl = metrics["loss/kl_prcp"]
+        hacking = (kl > self.spike * mean["loss/kl_prcp"]
+                   and kl - mean["loss/kl_prcp"] >= self.min_jump
                    and (not clips or metrics["clip/high"] > self.rise * mean["clip/high"])
                    and metrics["entropy/original"] > self.rise * mean["entropy/original"]
                    and metrics["entropy/masked"] > self.rise * mean["entropy/masked"])
