@@ -13,7 +13,7 @@ import sys
 USER_ERRORS = frozenset({
     "ConfigError", "DataError", "RolloutInputError", "RewardError", "ModelConfigError",
     "ParallelConfigError", "MappingError", "HFCheckpointError", "ConversionError",
-    "OutputExistsError", "OutputWriteError", "EvaluationError",
+    "OutputExistsError", "OutputWriteError", "EvaluationError", "PerceptionError",
 })
 
 _OS_HINTS = {

@@ -1,0 +1,286 @@
+"""Perception maps: which tokens of a response depend on the image, and which parts of the image
+the response depends on.
+
+* Token map: for each response token, the exact KL over the vocabulary between the policy's
+  next-token distribution with the original image and with a masked image (PAPO's masking: random
+  patches blackened, the training settings), averaged over several masks. PAPO's implicit
+  perception loss maximises the sum of exactly these per-token KLs (estimated at the sampled
+  token); here the full distributions are compared.
+* Occlusion map: each region of the image (default one merged 28x28 patch of the model's input)
+  covered in turn, everything else kept; the response's total KL to the original is that
+  region's heat. The default cover is the image's median colour (its background, for most
+  diagrams): it removes what the region shows. A black cover (PAPO's mask colour) also ADDS a
+  dark blob that a model can read as content - on the counting task a black square on the white
+  background is counted as a shape, and the map then lights up the empty background instead of
+  the shapes.
+
+Everything is scored with our Megatron model (one process, TP=1) from an HF folder; sequences
+of one map differ only in their pixels, so they are batched without padding.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from PIL import Image
+
+
+class PerceptionError(ValueError):
+    """Bad input to a perception map; the message names the argument."""
+
+
+@dataclass
+class PerceptionMap:
+    prompt: str
+    response: str
+    tokens: list[str]
+    token_kl: list[float]              # mean over masks, per response token
+    token_kl_std: list[float]
+    regions: list[tuple[int, int, int, int]]   # (x0, y0, x1, y1) in the model-input image
+    region_kl: list[float]             # the response's total KL with that region blackened
+    image_size: tuple[int, int]        # (width, height) of the model-input image
+    settings: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+class PerceptionScorer:
+    """Our model from an HF folder, on one process; the prompt encoding of the rollouts."""
+
+    def __init__(self, hf_dir: str, dtype: torch.dtype = torch.float32,
+                 min_pixels: int | None = None, max_pixels: int | None = None,
+                 temperature: float = 1.0, batch_size: int = 16):
+        import torch.distributed as dist
+
+        from megatron_papo.conversion import checkpoint as ck
+        from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
+        from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
+        from megatron_papo.parallel import initialize_model_parallel
+        from megatron_papo.rollout.inputs import PromptEncoder
+
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29800 + os.getpid() % 1000))
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0,
+                                    world_size=1)
+        initialize_model_parallel(1, 1)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.spec = text_spec_from_hf(load_hf_config(hf_dir))
+        self.chunks = build_model_chunks(self.spec, ddp=False, params_dtype=dtype)
+        for chunk in self.chunks:
+            chunk.to(self.device)
+        ck.load_hf_folder(self.chunks, self.spec, hf_dir)
+        self.encoder = PromptEncoder(hf_dir, min_pixels, max_pixels)
+        self.tokenizer = self.encoder.tokenizer
+        self.suppressed = self.encoder.suppressed_token_ids(self.spec.vocab_size)
+        self.temperature = temperature
+        self.batch_size = batch_size
+        self.dtype = dtype
+
+    # ------------------------------------------------------------------ scoring
+    def _logprobs(self, ids: torch.Tensor, images: list[Image.Image], grid: list[int],
+                  first: int) -> torch.Tensor:
+        """Log-probs [len(images), R, V] of the sampling distribution at the positions that
+        predict ids[first:], one row per image (the same size, ``grid``; the same token ids)."""
+        from megatron_papo.models.qwen2_5_vl.provider import forward_logits
+        from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
+        from megatron_papo.rl.logprobs import sampling_logits
+
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            pixels = self.encoder.pixel_values(chunk).to(self.device, self.dtype)
+            grid_thw = torch.tensor([grid] * len(chunk), device=self.device)
+            batch_ids = ids[None].expand(len(chunk), -1).to(self.device)
+            positions = get_rope_index(batch_ids, grid_thw, self.spec.image_token_id)
+            logits = forward_logits(self.chunks, batch_ids, positions, None, pixels, grid_thw)
+            z = sampling_logits(logits[:, first - 1:-1], self.temperature, self.suppressed)
+            out.append(torch.log_softmax(z, dim=-1).float().cpu())
+        return torch.cat(out)
+
+    @staticmethod
+    def _kl(original: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """KL(original || other) per row and token: [B, R]."""
+        p = original.exp()
+        return torch.where(p > 0, p * (original - other), torch.zeros_like(p)).sum(-1)
+
+    def prepare(self, image: Image.Image, question: str):
+        """The model-input image (resized as the processor does) and the prompt's token ids."""
+        probe = self.encoder.encode_one(
+            [{"role": "user", "content": [{"type": "image", "image": image},
+                                          {"type": "text", "text": question}]}], 0)
+        t, h, w = probe.image_grid_thw[0].tolist()
+        patch = self.encoder.processor.image_processor.patch_size
+        size = (w * patch, h * patch)
+        resized = probe.images[0].convert("RGB").resize(size, Image.BICUBIC) \
+            if probe.images[0].size != size else probe.images[0].convert("RGB")
+        messages = [{"role": "user", "content": [{"type": "image", "image": resized},
+                                                 {"type": "text", "text": question}]}]
+        return resized, self.encoder.encode_one(messages, 0)
+
+    @torch.no_grad()
+    def generate(self, image: Image.Image, question: str, max_new_tokens: int = 64) -> str:
+        """A greedy response (our model, full forward per token: for short answers)."""
+        from megatron_papo.models.qwen2_5_vl.provider import forward_logits
+        from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
+        from megatron_papo.rl.logprobs import sampling_logits
+
+        resized, encoded = self.prepare(image, question)
+        ids = encoded.input_ids.tolist()
+        prompt_len = len(ids)
+        stops = {self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id}
+        pixels = encoded.pixel_values.to(self.device, self.dtype)
+        grid = encoded.image_grid_thw.to(self.device)
+        for _ in range(max_new_tokens):
+            batch = torch.tensor([ids], device=self.device)
+            logits = forward_logits(self.chunks, batch, get_rope_index(
+                batch, grid, self.spec.image_token_id), None, pixels, grid)
+            token = int(sampling_logits(logits[0, -1], 1.0, self.suppressed).argmax())
+            if token in stops:
+                break
+            ids.append(token)
+        return self.tokenizer.decode(ids[prompt_len:])
+
+    @torch.no_grad()
+    def perception_map(self, image: Image.Image, question: str, response: str,
+                       masks: int = 8, mask_ratio: float = 0.6, mask_patch: int = 14,
+                       region: int = 28, fill="median", seed: int = 0) -> PerceptionMap:
+        """``fill``: the cover of an occluded region: "median" (the image's median colour),
+        "mean", or an RGB tuple (black: (0, 0, 0))."""
+        from megatron_papo.rl.masking import mask_image
+
+        resized, encoded = self.prepare(image, question)
+        response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+        if not response_ids:
+            raise PerceptionError("the response is empty (the model generated nothing): give "
+                                  "--response text")
+        first = encoded.input_ids.shape[0]
+        ids = torch.cat([encoded.input_ids, torch.tensor(response_ids)])
+        masked = [mask_image(resized, mask_ratio, mask_patch, seed=seed + i)
+                  for i in range(masks)]
+        width, height = resized.size
+        if isinstance(fill, str):
+            pixels = torch.tensor(list(resized.getdata()), dtype=torch.float32)
+            if fill not in ("median", "mean"):
+                raise PerceptionError(f"fill={fill!r}: choose median, mean or an RGB tuple")
+            value = pixels.median(0).values if fill == "median" else pixels.mean(0)
+            fill = tuple(int(round(v)) for v in value.tolist())
+        fill = tuple(int(v) for v in fill)
+        boxes = [(x, y, min(x + region, width), min(y + region, height))
+                 for y in range(0, height, region) for x in range(0, width, region)]
+        occluded = []
+        for box in boxes:
+            copy = resized.copy()
+            copy.paste(fill, box)
+            occluded.append(copy)
+        scores = self._logprobs(ids, [resized] + masked + occluded,
+                                encoded.image_grid_thw[0].tolist(), first)
+        original = scores[:1]
+        token_kls = self._kl(original, scores[1:1 + masks])          # [masks, R]
+        region_kls = self._kl(original, scores[1 + masks:]).sum(-1)  # [regions]
+        tokens = [self.tokenizer.decode([t]) for t in response_ids]
+        return PerceptionMap(
+            prompt=question, response=response, tokens=tokens,
+            token_kl=token_kls.mean(0).tolist(),
+            token_kl_std=(token_kls.std(0) if masks > 1 else torch.zeros(len(tokens))).tolist(),
+            regions=boxes, region_kl=region_kls.tolist(), image_size=(width, height),
+            settings=dict(masks=masks, mask_ratio=mask_ratio, mask_patch=mask_patch,
+                          region=region, fill_rgb=list(fill), temperature=self.temperature,
+                          seed=seed))
+
+
+# ---------------------------------------------------------------------- rendering
+def heat_overlay(result: PerceptionMap) -> Image.Image:
+    """An RGBA image of the model-input size: each region red with alpha ~ its heat."""
+    overlay = Image.new("RGBA", tuple(result.image_size), (0, 0, 0, 0))
+    top = max(result.region_kl) or 1.0
+    for box, value in zip(result.regions, result.region_kl):
+        overlay.paste((255, 0, 0, int(200 * max(value, 0.0) / top)), tuple(box))
+    return overlay
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_png(result: PerceptionMap, image: Image.Image, path: str) -> None:
+    """The image, the occlusion heat map over it, and the response shaded by token KL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = image.convert("RGB").resize(tuple(result.image_size))
+    fig = plt.figure(figsize=(10, 5.5))
+    left = fig.add_axes([0.03, 0.3, 0.44, 0.62])
+    left.imshow(shown)
+    left.set_title("input image")
+    left.set_xticks([])
+    left.set_yticks([])
+    right = fig.add_axes([0.5, 0.3, 0.44, 0.62])
+    right.imshow(shown)
+    heat = torch.zeros(result.image_size[1], result.image_size[0])
+    for (x0, y0, x1, y1), value in zip(result.regions, result.region_kl):
+        heat[y0:y1, x0:x1] = value
+    shown_heat = right.imshow(heat.numpy(), cmap="inferno", alpha=0.6)
+    fig.colorbar(shown_heat, ax=right, fraction=0.046, label="response KL when covered")
+    right.set_title("occlusion map")
+    right.set_xticks([])
+    right.set_yticks([])
+    text = fig.add_axes([0.03, 0.02, 0.94, 0.2])
+    text.axis("off")
+    text.set_title("response tokens shaded by perception KL (original vs masked image)",
+                   fontsize=10)
+    top = max(result.token_kl) or 1.0
+    x, y = 0.0, 0.85
+    for token, value in zip(result.tokens, result.token_kl):
+        label = token.replace("\n", "\\n") or " "
+        width = 0.012 * max(len(label), 1) + 0.01
+        if x + width > 1.0:
+            x, y = 0.0, y - 0.2
+        text.text(x, y, label, fontsize=10, family="monospace", va="top",
+                  bbox=dict(facecolor=(1.0, 0.0, 0.0, 0.85 * value / top), edgecolor="none",
+                            pad=1.5))
+        x += width
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_html(result: PerceptionMap, image: Image.Image, path: str) -> None:
+    """One self-contained page: the image with the heat overlay (hover a region for its number)
+    and the response, each token shaded by its KL (hover for the number)."""
+    shown = image.convert("RGB").resize(tuple(result.image_size))
+    scale = max(1, 448 // max(result.image_size))
+    w, h = result.image_size[0] * scale, result.image_size[1] * scale
+    image_uri = "data:image/png;base64," + base64.b64encode(_png_bytes(shown)).decode()
+    top_region = max(result.region_kl) or 1.0
+    cells = "".join(
+        f'<div class="r" title="KL {v:.4g}" style="left:{x0 * scale}px;top:{y0 * scale}px;'
+        f'width:{(x1 - x0) * scale}px;height:{(y1 - y0) * scale}px;'
+        f'background:rgba(255,0,0,{0.75 * max(v, 0) / top_region:.3f})"></div>'
+        for (x0, y0, x1, y1), v in zip(result.regions, result.region_kl))
+    top_token = max(result.token_kl) or 1.0
+    spans = "".join(
+        f'<span title="KL {v:.4g} (sd {s:.2g})" style="background:rgba(255,0,0,'
+        f'{0.85 * v / top_token:.3f})">{html.escape(t)}</span>'
+        for t, v, s in zip(result.tokens, result.token_kl, result.token_kl_std))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Perception map</title>
+<style>body{{font-family:sans-serif;margin:2em}} .img{{position:relative;width:{w}px;height:{h}px}}
+.img img{{width:{w}px;height:{h}px;image-rendering:pixelated}} .r{{position:absolute}}
+.tokens span{{font-family:monospace;font-size:1.2em;white-space:pre;padding:1px}}</style></head>
+<body><h2>Perception map</h2><p><b>Prompt:</b> {html.escape(result.prompt)}</p>
+<div class="img"><img src="{image_uri}">{cells}</div>
+<p>Red: the response's total KL when that region is covered (hover for the number).</p>
+<p class="tokens"><b>Response</b> (shaded by the KL between the original and masked images):<br>
+{spans}</p><pre>{html.escape(json.dumps(result.settings))}</pre></body></html>"""
+    with open(path, "w") as f:
+        f.write(page)
