@@ -1,11 +1,15 @@
 """Evaluation: avg@k accuracy and format rate of a model on datasets.
 
-``python -m megatron_papo.evaluate --model PATH [--data FILE ...]`` evaluates an HF folder or a
+``python -m megatron_papo.evaluate --model PATH [--data FILE ...] [--benchmark NAME=FILE ...]``
+evaluates an HF folder or a
 Megatron checkpoint (``tools/convert_checkpoint.py`` / training checkpoints: converted to HF in a
 temporary folder first) with vLLM, on parquet/JSON files with an image, a problem and an answer
 column, or on the embedded counting task when no file is given. It prints accuracy and format
 rate per dataset, and with ``--swap-images`` also the accuracy when every prompt is shown another
-prompt's image (a model that really looks drops towards chance).
+prompt's image (a model that really looks drops towards chance). ``--benchmark`` reads a file of
+one of the paper's benchmarks through its preset (``configs/benchmark/``: columns, answer type,
+the rows the paper keeps) and ends with the paper's summary table (general vs vision-dependent,
+unweighted means; protocol avg@8 at temperature 1.0, the defaults).
 
 :func:`avg_at_k` is what the trainer's periodic evaluation runs too.
 """
@@ -95,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="*", default=[],
                    help="parquet/JSON files, each reported as its own dataset (default: the "
                         "embedded counting task's held-out split)")
+    p.add_argument("--benchmark", nargs="+", action="extend", default=[], metavar="NAME=FILE",
+                   help="a benchmark file read through its preset (configs/benchmark/NAME.yaml: "
+                        "geometry3k, mathvista, wemath, mmk12, mathverse, mathverse_v, "
+                        "logicvista, clevr_count, mmmu_pro), e.g. mathvista=testmini.parquet")
     p.add_argument("--k", type=int, default=8, help="samples per prompt (avg@k; default 8)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -119,10 +127,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _benchmarks(args, log) -> tuple[dict[str, list], dict]:
+    from megatron_papo.data.benchmarks import load_benchmark, load_preset
+
+    examples, presets = {}, {}
+    for item in args.benchmark:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise EvaluationError(f"--benchmark {item!r}: give NAME=FILE, e.g. "
+                                  "mathvista=testmini.parquet")
+        preset = load_preset(name)
+        if preset.name in presets:
+            raise EvaluationError(f"--benchmark {preset.name} is given twice")
+        rows, summary = load_benchmark(preset, path)
+        log(summary.line().replace("[data]", f"[data] {preset.name}:"))
+        examples[preset.name] = rows[:args.max_prompts or None]
+        presets[preset.name] = preset
+    return examples, presets
+
+
 def _datasets(args, log, scratch: str) -> dict[str, list]:
     from megatron_papo.data import DataConfig, load_split
     from megatron_papo.data.loader import PROMPT_TEMPLATE
 
+    if not args.data and args.benchmark:
+        return {}
     if not args.data:
         from megatron_papo.data import write_counting_dataset
 
@@ -165,7 +194,8 @@ def run(args) -> dict:
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="megatron_papo_eval_") as scratch:
-        datasets = _datasets(args, log, scratch)
+        benchmarks, presets = _benchmarks(args, log)
+        datasets = {**_datasets(args, log, scratch), **benchmarks}
         hf_dir = _hf_folder(args.model, scratch)
         engine = RolloutEngine(EngineConfig(
             hf_dir, dtype=args.dtype, max_model_len=args.max_model_len,
@@ -187,6 +217,17 @@ def run(args) -> dict:
                 results[name] = result
         finally:
             engine.close()
+    if presets:
+        from megatron_papo.data.benchmarks import GROUPS, summary_table
+
+        scored = {n: results[n] for n in presets}
+        log(f"[eval] avg@{args.k} accuracy (%), the paper's grouping:\n"
+            + summary_table(scored, presets))
+        groups = {g: [100 * scored[n]["accuracy"] for n in scored if presets[n].group == g]
+                  for g in GROUPS}
+        results["summary"] = {
+            **{g: sum(v) / len(v) for g, v in groups.items() if v},
+            "overall": sum(100 * r["accuracy"] for r in scored.values()) / len(scored)}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -43,17 +43,37 @@ def tiny_model(tmp_path_factory):
 
 
 def test_hf_folder_and_megatron_checkpoint_score_the_same(tiny_model):
+    """... and the HF run also evaluates the nine benchmark presets on files in their datasets'
+    schemas (tests/benchmark_rows.py) and ends with the paper's summary table."""
+    import benchmark_rows
+
     hf, mcore, base = tiny_model
+    presets = list(benchmark_rows.schemas())
+    files = [f"{n}={benchmark_rows.write(n, str(base))}" for n in presets]
+    from megatron_papo.data import write_counting_dataset
+
+    # the embedded task's file as the evaluator writes it when no data is given
+    counting = write_counting_dataset(str(base / "counting"), train=1, test=256)["test"]
     results = {}
     for name, model in (("hf", hf), ("mcore", mcore)):
         out = str(base / f"{name}.json")
-        done = _evaluate("--model", model, "--out", out, *ARGS)
+        extra = ["--data", counting, "--prompt-template", "{problem}", "--benchmark", *files] \
+            if name == "hf" else []
+        done = _evaluate("--model", model, "--out", out, *ARGS, *extra)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "[eval] test.parquet: accuracy" in done.stdout and "images swapped" in done.stdout
-        results[name] = json.load(open(out))["test.parquet"]
-    assert results["hf"]["samples"] == 24
-    assert 0 <= results["hf"]["accuracy"] <= 1 and 0 <= results["hf"]["format"] <= 1
-    assert results["hf"] == results["mcore"]  # same weights, same seeds: the same samples
+        results[name] = json.load(open(out))
+    assert results["hf"]["test.parquet"]["samples"] == 24
+    assert 0 <= results["hf"]["test.parquet"]["accuracy"] <= 1
+    # same weights, same seeds: the same samples
+    assert results["hf"]["test.parquet"] == results["mcore"]["test.parquet"]
+    kept = {n: s[2] for n, s in benchmark_rows.schemas().items()}
+    for name in presets:
+        assert results["hf"][name]["samples"] == 2 * kept[name], name
+    summary = results["hf"]["summary"]
+    assert set(summary) == {"general", "vision", "overall"}
+    assert summary["overall"] == pytest.approx(
+        sum(100 * results["hf"][n]["accuracy"] for n in presets) / len(presets))
 
 
 def test_bad_model_or_data_is_one_line(tiny_model, tmp_path):

@@ -88,13 +88,16 @@ def _grade(predicted: str, answer: str) -> bool:
 
 
 def score(response: str, answer, config: RewardConfig | None = None) -> ScoredResponse:
-    """Reward of one response against its ground-truth answer."""
+    """Reward of one response against its ground-truth answer (or a tuple of equally accepted
+    forms, e.g. a multiple-choice option's text and its letter)."""
     config = config or RewardConfig()
-    if answer is None or (isinstance(answer, str) and not answer.strip()):
+    golds = answer if isinstance(answer, (tuple, list)) else (answer,)
+    if not golds or any(g is None or (isinstance(g, str) and not g.strip()) for g in golds):
         raise RewardError("the ground-truth answer is empty")
     fmt = 1.0 if format_ok(response, config) else 0.0
     boxed = last_boxed(response)
-    acc = 1.0 if boxed is not None and boxed.strip() and _grade(boxed, str(answer)) else 0.0
+    acc = 1.0 if boxed is not None and boxed.strip() and any(
+        _grade(boxed, str(g)) for g in golds) else 0.0
     reward = config.accuracy_weight * acc + config.format_weight * fmt
     if not math.isfinite(reward):
         raise RewardError(f"non-finite reward {reward}")
