@@ -315,3 +315,45 @@ def test_plot_tool_writes_a_png_from_a_runs_metrics(single_run, tmp_path):
                              text=True, timeout=300)
     assert missing.returncode != 0 and "no metrics file" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_publish_exports_a_model_card_and_a_folder_transformers_and_vllm_load(single_run,
+                                                                               tmp_path):
+    """tools/publish.py on the small run: --dry-run writes the HF folder with README.md (the
+    algorithm's coefficients, the steps, the final metrics, the curves) and uploads nothing; the
+    folder loads in transformers and in vLLM (the evaluator); an upload that cannot happen
+    (offline) is one line and leaves the folder complete."""
+    out, done = single_run
+    assert done.returncode == 0
+    folder = str(tmp_path / "publish")
+    tool = os.path.join(ROOT, "tools", "publish.py")
+    result = subprocess.run([sys.executable, tool, out, "--out", folder, "--dry-run",
+                             "--push-to-hub", "me/papo-tiny"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("README.md", "model.safetensors", "metrics.png", "config.json",
+                 "tokenizer.json"):
+        assert f"  {name}" in result.stdout, name
+    assert "dry run: nothing uploaded" in result.stdout
+    card = open(os.path.join(folder, "README.md")).read()
+    for line in ("| perception loss weight gamma | 0.01 |",
+                 "| double entropy eta (original / masked) | 0.03 / 0.03 |",
+                 "| steps | 2 |", "| val/accuracy |", "![training curves](metrics.png)",
+                 "from_pretrained('me/papo-tiny')"):
+        assert line in card, line
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(folder)
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "megatron_papo.evaluate", "--model", folder, "--k", "1",
+         "--max-prompts", "2", "--max-new-tokens", "4", "--dtype", "float32",
+         "--max-model-len", "256", "--kv-cache-mb", "32"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert evaluated.returncode == 0 and "accuracy" in evaluated.stdout, evaluated.stderr[-2000:]
+    offline = subprocess.run([sys.executable, tool, out, "--out", folder, "--force",
+                              "--push-to-hub", "me/papo-tiny"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 2 and "Traceback" not in offline.stderr
+    assert offline.stderr.strip().splitlines()[-1].startswith(
+        "error: --push-to-hub me/papo-tiny: the upload failed (OfflineModeIsEnabled")
+    assert os.path.exists(os.path.join(folder, "model.safetensors"))
