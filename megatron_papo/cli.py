@@ -14,7 +14,7 @@ USER_ERRORS = frozenset({
     "ConfigError", "DataError", "RolloutInputError", "RewardError", "ModelConfigError",
     "ParallelConfigError", "MappingError", "HFCheckpointError", "ConversionError",
     "OutputExistsError", "OutputWriteError", "EvaluationError", "PerceptionError",
-    "BenchmarkError",
+    "BenchmarkError", "PublishError",
 })
 
 _OS_HINTS = {
@@ -108,3 +108,23 @@ def fail(err: BaseException | str) -> None:
     """Print the one-line error (once per job) and exit with code 2."""
     report(err)
     sys.exit(2)
+
+
+def run_main(run, args) -> int:
+    """A command-line entry point: the process group (torchrun's or a world of one), ``run(args)``,
+    a user error as one line and exit 2, and the process group torn down in every case."""
+    import torch.distributed as dist
+
+    from megatron_papo.parallel import init_processes
+
+    init_processes()
+    try:
+        run(args)
+    except Exception as err:  # noqa: BLE001
+        if not is_user_error(err):
+            raise
+        fail(err)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

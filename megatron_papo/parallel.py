@@ -18,7 +18,8 @@ _ERROR_CHANNEL = None
 
 def init_processes(timeout_minutes: float | None = None) -> None:
     """The default process group: from torchrun's environment (NCCL with CUDA, else gloo), or
-    a world of one gloo process on a free local port. A no-op when already initialised.
+    a world of one process on a free local port (NCCL on GPU 0 with CUDA, else gloo). A no-op
+    when already initialised.
 
     With several processes a small gloo group with a short timeout rides along: ranks that fail
     agree there on one error line (:func:`gather_errors`)."""
@@ -45,7 +46,10 @@ def init_processes(timeout_minutes: float | None = None) -> None:
     # the torchrun variables of a world of one (a colocated vLLM engine reads them too)
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1, **timeout)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0,
+                            world_size=1, **timeout)
 
 
 def gather_errors(message: str) -> list[str] | None:

@@ -24,7 +24,6 @@ import base64
 import html
 import io
 import json
-import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -57,19 +56,13 @@ class PerceptionScorer:
     def __init__(self, hf_dir: str, dtype: torch.dtype = torch.float32,
                  min_pixels: int | None = None, max_pixels: int | None = None,
                  temperature: float = 1.0, batch_size: int = 16):
-        import torch.distributed as dist
-
         from megatron_papo.conversion import checkpoint as ck
         from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
         from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
-        from megatron_papo.parallel import initialize_model_parallel
+        from megatron_papo.parallel import init_processes, initialize_model_parallel
         from megatron_papo.rollout.inputs import PromptEncoder
 
-        if not dist.is_initialized():
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(29800 + os.getpid() % 1000))
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0,
-                                    world_size=1)
+        init_processes()  # a no-op inside an initialised job
         initialize_model_parallel(1, 1)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.spec = text_spec_from_hf(load_hf_config(hf_dir))

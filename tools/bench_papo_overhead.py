@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     from megatron_papo.models.qwen2_5_vl import text_spec_from_hf
     from megatron_papo.models.qwen2_5_vl.config import ModelConfigError
     from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
-    from megatron_papo.parallel import initialize_model_parallel
+    from megatron_papo.parallel import init_processes, initialize_model_parallel
     from megatron_papo.rl.algorithms import PRESETS
     from megatron_papo.rl.step import PolicyUpdater, UpdateConfig
 
@@ -149,11 +149,7 @@ def main(argv=None) -> int:
         return 2
     cuda = torch.cuda.is_available()
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29700 + os.getpid() % 1000))
-    if cuda:
-        torch.cuda.set_device(0)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    init_processes()
     initialize_model_parallel(1, 1)
     chunks = build_model_chunks(spec, params_dtype=dtype, use_distributed_optimizer=True)
     if cuda:

@@ -255,7 +255,7 @@ def main(argv=None) -> int:
         return 2
     from megatron_papo.models.qwen2_5_vl import text_spec_from_hf
     from megatron_papo.models.qwen2_5_vl.config import ModelConfigError
-    from megatron_papo.parallel import initialize_model_parallel
+    from megatron_papo.parallel import init_processes, initialize_model_parallel
 
     try:
         hf = _hf_config(args)
@@ -263,11 +263,7 @@ def main(argv=None) -> int:
     except (ModelConfigError, OSError, ValueError) as err:
         print(f"error: --model {args.model}: {err}", file=sys.stderr)
         return 2
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29600 + os.getpid() % 1000))
-    if cuda:
-        torch.cuda.set_device(0)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    init_processes()
     initialize_model_parallel(1, 1)
     device = torch.device("cuda" if cuda else "cpu")
     with_images = args.images > 0 and bool(spec.vision)

@@ -48,11 +48,9 @@ def main(argv=None) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 2
     device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(0)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    from megatron_papo.parallel import init_processes
+
+    init_processes()
 
     from megatron.core import parallel_state
 

@@ -111,20 +111,9 @@ def main(argv=None) -> int:
 
     args = _parser().parse_args(argv)
     apply_cpu_patches()
-    from megatron_papo.cli import fail, is_user_error
+    from megatron_papo.cli import run_main
 
-    try:
-        run(args)
-    except Exception as err:  # noqa: BLE001
-        if not is_user_error(err):
-            raise
-        fail(err)
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_main(run, args)
 
 
 if __name__ == "__main__":

@@ -216,22 +216,9 @@ def main(argv=None) -> int:
     from megatron_papo.compat import apply_cpu_patches
 
     apply_cpu_patches()
-    from megatron_papo.cli import fail, is_user_error
-    from megatron_papo.parallel import init_processes
+    from megatron_papo.cli import run_main
 
-    init_processes()
-    try:
-        run(args)
-    except Exception as err:  # noqa: BLE001
-        if not (is_user_error(err) or isinstance(err, PublishError)):
-            raise
-        fail(err)
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_main(run, args)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import re
 import string
 from dataclasses import dataclass, field
 
-from .loader import DataError, Example, LoadSummary, _read
+from .loader import DataError, Example, LoadSummary, _read, row_images
 
 # PAPO-Eval's instruction after each question (its processed PAPO_eval splits)
 EVAL_INSTRUCTION = ("You first think through the reasoning process as an internal monologue, "
@@ -163,8 +163,6 @@ def _gold(kind: str, answer: str, options: list[str]):
 def load_benchmark(preset: BenchmarkPreset | str, path: str,
                    max_bad_fraction: float = 0.05) -> tuple[list[Example], LoadSummary]:
     """The examples of a benchmark file read through its preset."""
-    from .images import load_image
-
     preset = load_preset(preset) if isinstance(preset, str) else preset
     table = _read(path)
     columns = table.column_names
@@ -195,14 +193,8 @@ def load_benchmark(preset: BenchmarkPreset | str, path: str,
         if gold is None:
             reason = "missing answer" if not answer else f"answer not a valid {kind}"
         else:
-            raw = row[preset.image]
-            raws = raw if isinstance(raw, list) else [raw]
-            try:
-                if not raws or any(r is None for r in raws):
-                    raise ValueError("missing")
-                images = [load_image(r) for r in raws]
-            except Exception:  # noqa: BLE001 - a corrupt or absent image of any kind
-                reason = "missing or corrupt image"
+            images = row_images(row[preset.image])
+            reason = None if images else "missing or corrupt image"
         if reason:
             summary.bad.setdefault(reason, []).append(i)
             continue

@@ -76,6 +76,18 @@ def _read(path: str):
     return datasets.load_dataset(kind, data_files=path, split="train")
 
 
+def row_images(raw) -> list | None:
+    """The PIL images of one row's image cell (one image or a list of them in any form
+    ``load_image`` reads); None when one is absent or cannot be decoded."""
+    raws = raw if isinstance(raw, list) else [raw]
+    try:
+        if not raws or any(r is None for r in raws):
+            return None
+        return [load_image(r) for r in raws]
+    except Exception:  # noqa: BLE001 - a corrupt or absent image of any kind
+        return None
+
+
 def load_examples(path: str, config: DataConfig) -> tuple[list[Example], LoadSummary]:
     table = _read(path)
     columns = table.column_names
@@ -95,13 +107,8 @@ def load_examples(path: str, config: DataConfig) -> tuple[list[Example], LoadSum
         elif answer is None or not str(answer).strip():
             reason = "missing answer"
         else:
-            raws = raw if isinstance(raw, list) else [raw]
-            try:
-                if not raws or any(r is None for r in raws):
-                    raise ValueError("missing")
-                images = [load_image(r) for r in raws]
-            except Exception:  # noqa: BLE001 - a corrupt or absent image of any kind
-                reason = "missing or corrupt image"
+            images = row_images(raw)
+            reason = None if images else "missing or corrupt image"
         if reason:
             summary.bad.setdefault(reason, []).append(i)
             continue
