@@ -125,14 +125,17 @@ def test_bench_train_step_at_toy_size(tmp_path):
 
 
 @pytest.mark.skipif(HAS_TE, reason="Transformer Engine is installed: the TE spec runs")
-def test_bench_train_step_refuses_te_and_fp8_in_one_line():
-    done = _tool("bench_train_step.py", "--specs", "te")
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith(
-        "error: --specs=te needs Transformer Engine")
-    done = _tool("bench_train_step.py", "--precisions", "fp8-delayed")
-    assert done.returncode == 2 and "error: --precisions fp8-delayed (with --specs local): " \
-                                    "fp8=hybrid needs Transformer Engine" in done.stderr
+def test_bench_train_step_refuses_te_and_fp8_in_one_line(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_train_step
+
+    assert bench_train_step.main(["--specs", "te"]) == 2  # refused before any work
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --specs=te needs Transformer Engine") and "\n" not in err
+    assert bench_train_step.main(["--precisions", "fp8-delayed"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: --precisions fp8-delayed (with --specs local): fp8=hybrid needs Transformer "
+        "Engine")
 
 
 def test_bench_papo_overhead_at_toy_size(tmp_path):

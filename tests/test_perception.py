@@ -32,7 +32,11 @@ def counting_model(tmp_path_factory):
     (hf,) = run_distributed(_fit, 1, folder, timeout=600)
     rows = pd.read_parquet(os.path.join(folder, "data", "test.parquet"))
     images = []
-    for i in range(4):
+    # held-out images of 2-4 shapes: covering one changes the count (the task has no 0, so a
+    # model may keep answering 1 when the only shape is covered)
+    for i in range(len(rows)):
+        if rows.iloc[i]["answer"] == "1" or len(images) == 4:
+            continue
         value = rows.iloc[i]["image"]
         data = value["bytes"] if isinstance(value, dict) else value
         path = os.path.join(folder, f"test{i}.png")

@@ -155,20 +155,21 @@ def test_update_is_invariant_to_micro_batch_size_and_dp(mode, aggregation):
                     assert r["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
-@pytest.mark.parametrize("world,knobs", [
-    (1, dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)),
-    (1, dict(recompute_granularity="selective")),
-    (2, dict(overlap_grad_reduce=True, overlap_param_gather=True)),
-])
-def test_recompute_and_communication_overlap_keep_the_update(world, knobs):
+def test_recompute_and_communication_overlap_keep_the_update():
     """Activation recompute (full, selective) and DDP's overlap of the gradient reduce and the
     parameter gather (at DP=2; weights read after provider.sync_params) give the same update as
     the plain DP=1 run, live masked branch (tol 1e-5)."""
     (ref,) = run_distributed(_update_split, 1, 2, "live", "token-mean")
-    for r in run_distributed(_update_split, world, 2 // world, "live", "token-mean", **knobs):
-        assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
-        for name, value in r["weights"].items():
-            torch.testing.assert_close(value, ref["weights"][name], **TOL, msg=name)
+    for world, knobs in [
+            (1, dict(recompute_granularity="full", recompute_method="uniform",
+                     recompute_num_layers=1)),
+            (1, dict(recompute_granularity="selective")),
+            (2, dict(overlap_grad_reduce=True, overlap_param_gather=True))]:
+        for r in run_distributed(_update_split, world, 2 // world, "live", "token-mean",
+                                 **knobs):
+            assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), knobs
+            for name, value in r["weights"].items():
+                torch.testing.assert_close(value, ref["weights"][name], **TOL, msg=name)
 
 
 def _masked_branch_gradient(mode):

@@ -49,8 +49,10 @@ def train_counting_model(folder: str, steps: int = 300, batch: int = 32, lr: flo
         micro_batch_size=batch, mini_batch_size=batch, loss=LossConfig(kl_beta=0.0, dual_clip=None),
         suppressed_token_ids=encoder.suppressed_token_ids(spec.vocab_size)))
     rng = random.Random(seed)
-    for _ in range(steps):
-        examples = rng.sample(train, batch)
+    rng.shuffle(train)
+    batches = []  # encoded once (the processor costs more than a tiny model's step)
+    for start in range(0, len(train) - batch + 1, batch):
+        examples = train[start:start + batch]
         prompts = [e.messages for e in examples]
         rollouts = []
         for i, example in enumerate(examples):
@@ -58,7 +60,13 @@ def train_counting_model(folder: str, steps: int = 300, batch: int = 32, lr: flo
             ids = tokenizer(target, add_special_tokens=False)["input_ids"] + end
             rollouts.append(PromptRollout(i, encoder.encode_one(prompts[i], i).input_ids.tolist(),
                                           [Response(ids, [0.0] * len(ids), "stop")]))
-        data = build_rollout_batch(prompts, rollouts, encoder, advantages=torch.ones(batch))
+        batches.append(build_rollout_batch(prompts, rollouts, encoder,
+                                           advantages=torch.ones(batch)))
+    order = []
+    for _ in range(steps):
+        if not order:  # a new epoch in a new order
+            order = rng.sample(range(len(batches)), len(batches))
+        data = batches[order.pop()]
         data.old_logp = sft.compute_logprobs(data)  # ratio 1: plain supervised learning
         sft.update(data)
     out = os.path.join(folder, "hf")
