@@ -31,8 +31,8 @@ def build_model_chunks(spec: Qwen25VLTextSpec, tp: int = 1, pp: int = 1, vpp: in
     ``first_stage_layers`` / ``last_stage_layers``: a lighter first / last pipeline stage;
     ``config_overrides``: TransformerConfig fields of the language model (FP8, recompute, fused
     kernels: precision.py), ``vision_overrides`` those of the vision tower;
-    ``overlap_grad_reduce`` / ``overlap_param_gather``: DDP's communication overlap (GPU; after
-    an optimizer step call :func:`sync_params` before reading the weights)."""
+    ``overlap_grad_reduce`` / ``overlap_param_gather``: DDP's communication overlap (pays off on
+    GPUs; after an optimizer step call :func:`sync_params` before reading the weights)."""
     config = language_transformer_config(spec, tp, pp, vpp, sequence_parallel, params_dtype,
                                          first_stage_layers, last_stage_layers,
                                          **config_overrides)
