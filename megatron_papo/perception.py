@@ -14,7 +14,7 @@ the response depends on.
   background is counted as a shape, and the map then lights up the empty background instead of
   the shapes.
 
-Everything is scored with our Megatron model (one process, TP=1) from an HF folder; sequences
+Everything is scored with our Megatron model (one process, TP=1); sequences
 of one map differ only in their pixels, so they are batched without padding.
 """
 
@@ -24,6 +24,7 @@ import base64
 import html
 import io
 import json
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -51,9 +52,11 @@ class PerceptionMap:
 
 
 class PerceptionScorer:
-    """Our model from an HF folder, on one process; the prompt encoding of the rollouts."""
+    """Our model on one process, from an HF folder or a Megatron checkpoint (converted or
+    training: loaded as it is, no HF round trip; its HF sidecar folder gives the processor);
+    the prompt encoding of the rollouts."""
 
-    def __init__(self, hf_dir: str, dtype: torch.dtype = torch.float32,
+    def __init__(self, model: str, dtype: torch.dtype = torch.float32,
                  min_pixels: int | None = None, max_pixels: int | None = None,
                  temperature: float = 1.0, batch_size: int = 16):
         from megatron_papo.conversion import checkpoint as ck
@@ -63,14 +66,22 @@ class PerceptionScorer:
         from megatron_papo.rollout.inputs import PromptEncoder
 
         init_processes()  # a no-op inside an initialised job
-        initialize_model_parallel(1, 1)
+        if os.path.exists(os.path.join(model, "megatron_papo.json")):
+            self.spec, self.chunks, _ = ck.load_mcore_model(model, 1, 1, params_dtype=dtype)
+            processor_dir = os.path.join(model, ck.HF_DIR)
+        elif os.path.exists(os.path.join(model, "config.json")):
+            initialize_model_parallel(1, 1)
+            self.spec = text_spec_from_hf(load_hf_config(model))
+            self.chunks = build_model_chunks(self.spec, ddp=False, params_dtype=dtype)
+            ck.load_hf_folder(self.chunks, self.spec, model)
+            processor_dir = model
+        else:
+            raise PerceptionError(f"--model {model!r} holds neither config.json (an HF folder) "
+                                  "nor megatron_papo.json (a Megatron checkpoint)")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.spec = text_spec_from_hf(load_hf_config(hf_dir))
-        self.chunks = build_model_chunks(self.spec, ddp=False, params_dtype=dtype)
         for chunk in self.chunks:
             chunk.to(self.device)
-        ck.load_hf_folder(self.chunks, self.spec, hf_dir)
-        self.encoder = PromptEncoder(hf_dir, min_pixels, max_pixels)
+        self.encoder = PromptEncoder(processor_dir, min_pixels, max_pixels)
         self.tokenizer = self.encoder.tokenizer
         self.suppressed = self.encoder.suppressed_token_ids(self.spec.vocab_size)
         self.temperature = temperature

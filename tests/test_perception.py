@@ -110,13 +110,25 @@ def _maps(hf, images):
     return out
 
 
-def test_perception_maps_of_the_true_answers(counting_model):
+def _convert(hf, out):
+    from megatron_papo.conversion.checkpoint import hf_to_mcore
+
+    hf_to_mcore(hf, out, dtype="fp32")
+
+
+def test_perception_maps_of_the_true_answers(counting_model, tmp_path):
     """The given (true) responses of three more held-out images, one merged 28 px patch per
     region: the same picture. With a BLACK cover the map inverts on this task (a black square
     on the white background is counted as one more shape): the reason the default cover is the
-    image's median colour."""
+    image's median colour. A Megatron checkpoint of the same weights, loaded as it is, gives the
+    same map."""
     hf, images = counting_model
     (results,) = run_distributed(_maps, 1, hf, images[1:], timeout=300)
+    ckpt = str(tmp_path / "mcore")
+    run_distributed(_convert, 1, hf, ckpt, timeout=300)
+    (from_ckpt,) = run_distributed(_maps, 1, ckpt, images[1:2], timeout=300)
+    for key in ("token_kl", "region_kl"):
+        np.testing.assert_allclose(from_ckpt[0][0][key], results[0][0][key], atol=1e-5)
     inverted = 0
     for (path, _), (merged, black) in zip(images[1:], results):
         _check(merged, path, 28)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,7 +61,6 @@ def run(args) -> str:
     import torch
 
     from megatron_papo.data.images import ImageLoadError, load_image
-    from megatron_papo.evaluate import _hf_folder
     from megatron_papo.perception import PerceptionError, PerceptionScorer, write_html, write_png
 
     for name in ("masks", "region", "max_new_tokens", "batch_size"):
@@ -78,17 +76,17 @@ def run(args) -> str:
         raise PerceptionError(f"--image {args.image}: {err}") from None
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise PerceptionError(f"--out {args.out} is a file: give a folder")
-    with tempfile.TemporaryDirectory(prefix="megatron_papo_map_") as scratch:
-        hf_dir = _hf_folder(args.model, scratch)
-        scorer = PerceptionScorer(hf_dir, getattr(torch, args.dtype), args.min_pixels,
-                                  args.max_pixels, args.temperature, args.batch_size)
-        response = args.response
-        if response is None:
-            response = scorer.generate(image, args.question, args.max_new_tokens)
-            print(f"[map] generated response: {response!r}", flush=True)
-        result = scorer.perception_map(image, args.question, response, masks=args.masks,
-                                       mask_ratio=args.mask_ratio, mask_patch=args.mask_patch,
-                                       region=args.region, fill=FILLS[args.fill], seed=args.seed)
+    if not os.path.isdir(args.model):
+        raise PerceptionError(f"--model {args.model!r} is not a folder")
+    scorer = PerceptionScorer(args.model, getattr(torch, args.dtype), args.min_pixels,
+                              args.max_pixels, args.temperature, args.batch_size)
+    response = args.response
+    if response is None:
+        response = scorer.generate(image, args.question, args.max_new_tokens)
+        print(f"[map] generated response: {response!r}", flush=True)
+    result = scorer.perception_map(image, args.question, response, masks=args.masks,
+                                   mask_ratio=args.mask_ratio, mask_patch=args.mask_patch,
+                                   region=args.region, fill=FILLS[args.fill], seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
     paths = {ext: os.path.join(args.out, f"perception_map.{ext}") for ext in ("png", "html",
                                                                               "json")}
