@@ -66,16 +66,11 @@ def _hf_config(args) -> dict:
 
 
 def _flops(hf: dict, seq: int, images: int, pixels: int, with_vision: bool) -> float:
-    """Forward matmul FLOPs of one sample."""
-    from megatron_papo.models.qwen2_5_vl.stages import (
-        _shapes,
-        decoder_layer_flops,
-        vision_flops,
-    )
+    """Forward matmul FLOPs of one sample (the whole model as one pipeline stage)."""
+    from megatron_papo.models.qwen2_5_vl.stages import stage_costs
 
-    s = _shapes(hf)
-    total = s["layers"] * decoder_layer_flops(hf, seq) + 2.0 * seq * s["h"] * s["vocab"]
-    return total + (images * vision_flops(hf, pixels) if with_vision else 0.0)
+    return stage_costs(hf, 1, seq_len=seq, image_pixels=pixels,
+                       images=images if with_vision else 0)[0].flops
 
 
 def _inputs(spec, hf: dict, args, device, with_images: bool, seed: int = 0) -> dict:

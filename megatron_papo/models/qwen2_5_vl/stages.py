@@ -134,8 +134,9 @@ def image_tokens(hf: dict, image_pixels: int) -> int:
 
 
 def stage_costs(hf: dict, pp: int, first: int | None = None, last: int | None = None,
-                seq_len: int = 4096, image_pixels: int = 1003520) -> list[StageCost]:
-    """Parameters and forward FLOPs (one sample of ``seq_len`` tokens with one image of
+                seq_len: int = 4096, image_pixels: int = 1003520,
+                images: int = 1) -> list[StageCost]:
+    """Parameters and forward FLOPs (one sample of ``seq_len`` tokens with ``images`` images of
     ``image_pixels``) of each pipeline stage."""
     s = _shapes(hf)
     counts = layers_per_stage(s["layers"], pp, first, last)
@@ -145,7 +146,7 @@ def stage_costs(hf: dict, pp: int, first: int | None = None, last: int | None = 
         params, flops, parts = n * layer_p, n * layer_f, []
         if i == 0:
             params += s["vocab"] * s["h"] + vision_params(hf)
-            flops += vision_flops(hf, image_pixels)
+            flops += images * vision_flops(hf, image_pixels)
             parts += ["vision tower", "embedding"]
         if i == pp - 1:
             # the output layer (when tied, a copy of the embedding on a last stage of its own)
