@@ -22,12 +22,10 @@ def train_counting_model(folder: str, steps: int = 300, batch: int = 32, lr: flo
     from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
     from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
     from megatron_papo.parallel import initialize_model_parallel
-    from megatron_papo.rl.algorithms import LossConfig
-    from megatron_papo.rl.step import PolicyUpdater, UpdateConfig
-    from megatron_papo.rollout import PromptRollout, Response, build_rollout_batch
+    from megatron_papo.rollout import build_rollout_batch
     from megatron_papo.rollout.inputs import PromptEncoder
     from megatron_papo.train.config import TrainConfig
-    from megatron_papo.train.loop import tiny_hf_folder
+    from megatron_papo.train.loop import supervised_updater, target_rollout, tiny_hf_folder
 
     config = TrainConfig()
     config.trainer.seed = seed
@@ -43,23 +41,15 @@ def train_counting_model(folder: str, steps: int = 300, batch: int = 32, lr: flo
         params_dtype=torch.float32), chunks)
     r = config.rollout
     encoder = PromptEncoder(initial, r.min_pixels, r.max_pixels)
-    tokenizer = encoder.tokenizer
-    end = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    sft = PolicyUpdater(chunks, optimizer, UpdateConfig(
-        micro_batch_size=batch, mini_batch_size=batch, loss=LossConfig(kl_beta=0.0, dual_clip=None),
-        suppressed_token_ids=encoder.suppressed_token_ids(spec.vocab_size)))
+    sft = supervised_updater(chunks, optimizer, batch, batch,
+                             encoder.suppressed_token_ids(spec.vocab_size))
     rng = random.Random(seed)
     rng.shuffle(train)
     batches = []  # encoded once (the processor costs more than a tiny model's step)
     for start in range(0, len(train) - batch + 1, batch):
-        examples = train[start:start + batch]
-        prompts = [e.messages for e in examples]
-        rollouts = []
-        for i, example in enumerate(examples):
-            target = config.trainer.warmup_target.format(answer=example.answer)
-            ids = tokenizer(target, add_special_tokens=False)["input_ids"] + end
-            rollouts.append(PromptRollout(i, encoder.encode_one(prompts[i], i).input_ids.tolist(),
-                                          [Response(ids, [0.0] * len(ids), "stop")]))
+        prompts = [e.messages for e in train[start:start + batch]]
+        rollouts = [target_rollout(encoder, prompts[i], i, config.trainer.warmup_target.format(
+            answer=example.answer)) for i, example in enumerate(train[start:start + batch])]
         batches.append(build_rollout_batch(prompts, rollouts, encoder,
                                            advantages=torch.ones(batch)))
     order = []

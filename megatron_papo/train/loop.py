@@ -62,6 +62,30 @@ def tiny_hf_folder(folder: str, config: TrainConfig, examples=()) -> str:
     return folder
 
 
+def target_rollout(encoder, messages, index: int, target: str):
+    """Prompt ``index`` with one given response (``target`` + <|im_end|>), as if the engine had
+    sampled it: supervised steps run through the RL update (:func:`supervised_updater`)."""
+    from megatron_papo.rollout import PromptRollout, Response
+
+    tokenizer = encoder.tokenizer
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [
+        tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    return PromptRollout(index, encoder.encode_one(messages, index).input_ids.tolist(),
+                         [Response(ids, [0.0] * len(ids), "stop")])
+
+
+def supervised_updater(chunks: list, optimizer, micro_batch_size: int, mini_batch_size: int,
+                       suppressed_token_ids=()):
+    """The policy-gradient update that, with advantage 1 and the old log-probs of the current
+    weights, is exactly supervised learning of the responses (ratio 1, no clipping, no KL)."""
+    from megatron_papo.rl.algorithms import LossConfig
+    from megatron_papo.rl.step import PolicyUpdater, UpdateConfig
+
+    return PolicyUpdater(chunks, optimizer, UpdateConfig(
+        micro_batch_size=micro_batch_size, mini_batch_size=mini_batch_size,
+        loss=LossConfig(kl_beta=0.0, dual_clip=None), suppressed_token_ids=suppressed_token_ids))
+
+
 class Metrics:
     """Per-step metrics on rank 0: JSONL always, TensorBoard when installed, W&B when
     configured; plus the per-phase timer."""
@@ -447,33 +471,24 @@ class Trainer:
         random answers: the policy-gradient update with advantage 1 and the old log-probs of the
         current weights is exactly supervised learning of the target (ratio 1, no clipping)."""
         heartbeat("format warm start")
-        from megatron_papo.rl.algorithms import LossConfig
-        from megatron_papo.rl.step import PolicyUpdater, UpdateConfig
-        from megatron_papo.rollout import PromptRollout, Response, build_rollout_batch
+        from megatron_papo.rollout import build_rollout_batch
         from megatron_papo.rollout.engine import split_evenly
 
         c = self.config
-        encoder, tokenizer = self.engine.encoder, self.engine.encoder.tokenizer
-        end = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        encoder = self.engine.encoder
         local = c.trainer.prompts_per_step // self.dp_size
-        sft = PolicyUpdater(self.chunks, self.optimizer, UpdateConfig(
-            micro_batch_size=math.gcd(self.updater.config.micro_batch_size, local),
-            mini_batch_size=local,
-            loss=LossConfig(kl_beta=0.0, dual_clip=None),
-            suppressed_token_ids=self.engine.suppressed_token_ids))
+        sft = supervised_updater(self.chunks, self.optimizer,
+                                 math.gcd(self.updater.config.micro_batch_size, local), local,
+                                 self.engine.suppressed_token_ids)
         answers = sorted({e.answer for e in self.train_data})
         for step in range(c.trainer.warmup_steps):
             examples = self.rng.sample(self.train_data, c.trainer.prompts_per_step)
             prompts = [e.messages for e in examples]
             # drawn for the whole batch on every rank: the ranks' generators stay in step
             labels = [self.rng.choice(answers) for _ in prompts]
-            rollouts = []
-            for i in split_evenly(len(prompts), self.dp_size, self.dp_rank):
-                target = c.trainer.warmup_target.format(answer=labels[i])
-                ids = tokenizer(target, add_special_tokens=False)["input_ids"] + end
-                prompt_ids = encoder.encode_one(prompts[i], i).input_ids.tolist()
-                rollouts.append(PromptRollout(i, prompt_ids, [Response(ids, [0.0] * len(ids),
-                                                                       "stop")]))
+            rollouts = [target_rollout(encoder, prompts[i], i,
+                                       c.trainer.warmup_target.format(answer=labels[i]))
+                        for i in split_evenly(len(prompts), self.dp_size, self.dp_rank)]
             batch = build_rollout_batch(prompts, rollouts, encoder, pad_multiple=self._pad,
                                         advantages=torch.ones(len(rollouts)))
             batch.old_logp = sft.compute_logprobs(batch)
