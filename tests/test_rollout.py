@@ -14,16 +14,26 @@ from megatron_papo.testing.tiny import write_tiny_checkpoint
 SMALL_BUCKET = 96 * 1024  # many buckets per push: the packing and the PP broadcast are exercised
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """Two tiny fp32 HF folders with different weights (seed 0 and seed 1)."""
-    root = tmp_path_factory.mktemp("rollout")
+def _two_folders(root, tied: bool) -> list[str]:
     out = []
     for seed in (0, 1):
         folder = str(root / f"hf{seed}")
-        write_tiny_checkpoint(folder, dtype=torch.float32, seed=seed)
+        write_tiny_checkpoint(folder, tied=tied, dtype=torch.float32, seed=seed)
         out.append(folder)
     return out
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Two tiny fp32 HF folders with different weights (seed 0 and seed 1), untied heads."""
+    return _two_folders(tmp_path_factory.mktemp("rollout"), tied=False)
+
+
+@pytest.fixture(scope="module")
+def tied_folders(tmp_path_factory):
+    """The same with TIED embeddings (Qwen2.5-VL-3B's layout): the output head IS the embedding,
+    the HF folders hold no lm_head tensor and the engine derives its head from the embedding."""
+    return _two_folders(tmp_path_factory.mktemp("rollout_tied"), tied=True)
 
 
 def _fresh_engine_tokens(hf_dir):
@@ -38,6 +48,24 @@ def _fresh_engine_tokens(hf_dir):
 def fresh(folders):
     """Greedy (tokens, log-probs) of a fresh engine loaded from each HF folder."""
     return [run_distributed(_fresh_engine_tokens, 1, folder)[0] for folder in folders]
+
+
+@pytest.fixture(scope="module")
+def tied_fresh(tied_folders):
+    return [run_distributed(_fresh_engine_tokens, 1, folder)[0] for folder in tied_folders]
+
+
+def _differ(a, b) -> bool:
+    """Two greedy results differ in their tokens or in their log-probs (random TIED models tend
+    to echo the last prompt token whatever the weights: their log-probs still tell them apart)."""
+    return a[0] != b[0] or not torch.allclose(a[1], b[1], rtol=0, atol=1e-3)
+
+
+def _pair(request, head: str):
+    """(HF folders, fresh engines' greedy results) for an untied or tied head."""
+    if head == "tied":
+        return request.getfixturevalue("tied_folders"), request.getfixturevalue("tied_fresh")
+    return request.getfixturevalue("folders"), request.getfixturevalue("fresh")
 
 
 def _push_and_generate(hf0, hf1, tp, pp):
@@ -58,16 +86,21 @@ def _push_and_generate(hf0, hf1, tp, pp):
     return dict(before=before, first=first, second=second, restored=restored, stats=stats)
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_pushed_weights_generate_like_a_fresh_engine(folders, fresh, tp, pp):
+@pytest.mark.parametrize("head,tp,pp", [("untied", 1, 1), ("untied", 2, 1), ("untied", 1, 2),
+                                         ("untied", 2, 2), ("tied", 1, 1), ("tied", 2, 1),
+                                         ("tied", 1, 2)])
+def test_pushed_weights_generate_like_a_fresh_engine(request, head, tp, pp):
     """Greedy tokens (text and image prompts) after a push from TP x PP equal a fresh engine's on
     the HF folder of the same weights; a push of other weights changes them (to that folder's
-    tokens); pushing the originals back restores them exactly (no stale prefix/encoder cache)."""
-    hf0, hf1 = folders
-    want0, want1 = fresh
-    assert want0[0] != want1[0] and all(len(t) == 10 for t in want0[0])
+    tokens); pushing the originals back restores them exactly (no stale prefix/encoder cache).
+    Tied heads too (PP 2: the last stage holds its own copy of the embedding, never exported):
+    vLLM's head is derived from the embedding, and a reload that refreshed only the embedding
+    served new rows with the OLD head (neither model)."""
+    (hf0, hf1), (want0, want1) = _pair(request, head)
+    assert _differ(want0, want1) and all(len(t) == 10 for t in want0[0])
     for r in run_distributed(_push_and_generate, tp * pp, hf0, hf1, tp, pp, timeout=600):
         assert r["before"][0] == want1[0]
+        torch.testing.assert_close(r["before"][1], want1[1], rtol=0, atol=1e-4)
         for got, want in [(r["first"], want0), (r["second"], want1), (r["restored"], want0)]:
             assert got[0] == want[0]  # tokens, exactly
             torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-4)  # and their log-probs
@@ -262,18 +295,20 @@ def _rollout_tp2(hf0, hf1, tp):
                 engine=engine_logp, indices=[r.index for r in rollouts])
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_rollout_tensor_parallel_engine_over_the_world(folders, fresh, tp):
+@pytest.mark.parametrize("head,tp", [("untied", 1), ("untied", 2), ("tied", 2)])
+def test_rollout_tensor_parallel_engine_over_the_world(request, head, tp):
     """Rollout TP 2 through vLLM's external launcher (the GPU cluster path, on CPU): one engine
     sharded over both ranks, fed from training TP=1 (DP 2: each rank pushes the full model) or
-    TP=2. Greedy tokens after pushes equal a fresh engine's on the same weights; sampled log-probs
-    equal our recomputation (T 0.7, tol 1e-3); results arrive in the training layout."""
-    hf0, hf1 = folders
-    want0, want1 = fresh
+    TP=2 (untied and tied heads: each engine rank derives its vocabulary shard of the head from
+    the pushed embedding). Greedy tokens and log-probs after pushes equal a fresh engine's on the
+    same weights; sampled log-probs equal our recomputation (T 0.7, tol 1e-3); results arrive in
+    the training layout."""
+    (hf0, hf1), (want0, want1) = _pair(request, head)
     results = run_distributed(_rollout_tp2, 2, hf0, hf1, tp, timeout=600)
     for r in results:
         assert r["engine_tp"] == 2
         assert r["pushed_other"][0] == want1[0] and r["pushed"][0] == want0[0]
+        torch.testing.assert_close(r["pushed_other"][1], want1[1], rtol=0, atol=1e-4)
         torch.testing.assert_close(r["pushed"][1], want0[1], rtol=0, atol=1e-4)
         assert r["ours"].numel() > 10
         torch.testing.assert_close(r["ours"], r["engine"], rtol=0, atol=1e-3)

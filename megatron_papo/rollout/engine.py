@@ -31,6 +31,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from megatron_papo.compat.vllm import reprocess_tied_modules
+
 from .inputs import EncodedPrompt, PromptEncoder, RolloutInputError
 
 log = logging.getLogger(__name__)
@@ -405,6 +407,8 @@ class RolloutEngine:
         start = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=counted(),
                                                               is_checkpoint_format=True))
+        # a tied output head must be re-derived from the shared tensor (see the function)
+        self.llm.collective_rpc(reprocess_tied_modules)
         self.reset_caches()
         count["seconds"] = time.perf_counter() - start
         return count
