@@ -14,7 +14,7 @@ USER_ERRORS = frozenset({
     "ConfigError", "DataError", "RolloutInputError", "RewardError", "ModelConfigError",
     "ParallelConfigError", "MappingError", "HFCheckpointError", "ConversionError",
     "OutputExistsError", "OutputWriteError", "EvaluationError", "PerceptionError",
-    "BenchmarkError", "PublishError",
+    "BenchmarkError", "PublishError", "EngineMismatchError",
 })
 
 _OS_HINTS = {

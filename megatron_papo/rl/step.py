@@ -262,6 +262,12 @@ class PolicyUpdater:
             })
             if masked_logp is not None:
                 metrics["entropy/masked"] = token_mean(-masked_logp.detach(), mask)
+            if mb.rollout_logp is not None:
+                # engine vs trainer on the same tokens; in a rollout's FIRST mini-batch the
+                # weights are still those the engine sampled with, so this is the mismatch the
+                # trainer's recomputation would measure, without its extra forward
+                metrics["check/logprob_mismatch"] = token_mean(
+                    (logp.detach() - mb.rollout_logp).abs(), mask)
             return loss, metrics
         return loss_func
 

@@ -69,7 +69,8 @@ def tiny_hf_config(tied: bool = False, layers: int = 4, **text_overrides) -> dic
 
 def sized_hf_config(hidden: int, layers: int, head_dim: int = 32, kv_heads: int | None = None,
                     intermediate: int | None = None, vision_hidden: int | None = None,
-                    vocab: int = VOCAB, initializer_range: float | None = None) -> dict:
+                    vocab: int = VOCAB, initializer_range: float | None = None,
+                    tied: bool = False) -> dict:
     """A tiny config scaled to ``hidden``/``layers`` with everything that must follow kept
     consistent: heads from ``head_dim`` (vLLM's CPU attention needs >= 32), the MRoPE sections
     (summing to head_dim / 2), the vision tower's output width (= hidden), its heads, and the
@@ -84,7 +85,7 @@ def sized_hf_config(hidden: int, layers: int, head_dim: int = 32, kv_heads: int 
                                                    (head_dim // 2 - quarter) // 2]})
     if initializer_range is not None:
         text["initializer_range"] = initializer_range
-    config = tiny_hf_config(layers=layers, **text)
+    config = tiny_hf_config(tied, layers=layers, **text)
     vision = config["vision_config"]
     vision["out_hidden_size"] = hidden
     if vision_hidden is not None:

@@ -27,6 +27,7 @@ class ModelConfig:
     tiny_vision_hidden_size: int = 64
     tiny_initializer_range: float = 0.1
     tiny_tokenizer: str = "words"    # words: one token per word of the data (fast to learn) | bpe
+    tiny_tied_embeddings: bool = False  # the output head IS the embedding (as in Qwen2.5-VL-3B)
     params_dtype: str = "float32"
     layer_spec: str = "local"        # local (megatron-core's own layers, anywhere) | te (GPU)
     # FP8 (layer_spec=te, bf16 params, Hopper/Ada GPU): hybrid | e4m3 | null; training
@@ -91,6 +92,14 @@ class AlgorithmConfig:
     overlong_penalty_factor: float = 1.0
 
 
+# Default stop line of rollout.max_logprob_mismatch (mean |delta log p| per response token, engine
+# vs trainer). Healthy runs measured on CPU (tiny model, 2026-12-02): fp32 engine ~2e-7 per step;
+# bf16 engine ~2e-3 (fp32 or bf16 trainer). A tied output head served stale (the bug this guards
+# against) measured 0.12-0.15 from the first step. bf16 at real widths was not measured (no GPU):
+# 0.1 leaves room for long sequences; lower it once a GPU run has measured a healthy level.
+MISMATCH_LIMITS = {"float32": 1e-2, "half": 0.1}
+
+
 @dataclass
 class RolloutConfig:
     n: int = 8
@@ -109,8 +118,18 @@ class RolloutConfig:
     # recomputation; exact only with a float32 engine (the mismatch is still measured on the
     # first step and at every evaluation)
     old_logprobs_from_engine: bool = False
+    # the job stops when the engine's log-probs differ from the trainer's by more than this
+    # (mean |delta log p| per response token, measured every step): the engine is not serving
+    # the trained weights. None: by rollout.dtype (MISMATCH_LIMITS); 0: no check
+    max_logprob_mismatch: float | None = None
     min_pixels: int = 28 * 28
     max_pixels: int = 56 * 56
+
+    def logprob_mismatch_limit(self) -> float:
+        """``max_logprob_mismatch``, or the default of this engine dtype (0: no check)."""
+        if self.max_logprob_mismatch is not None:
+            return self.max_logprob_mismatch
+        return MISMATCH_LIMITS["float32" if self.dtype == "float32" else "half"]
 
     def sampling(self, seed: int | None, n: int | None = None):
         """The engine's sampling settings of these keys (``n``: another sample count, e.g. k of
@@ -333,6 +352,9 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
                           f"{config.trainer.collective_timeout_minutes} must be > 0")
     if "{answer}" not in config.trainer.warmup_target:
         raise ConfigError("trainer.warmup_target must contain '{answer}'")
+    if config.rollout.max_logprob_mismatch is not None and config.rollout.max_logprob_mismatch < 0:
+        raise ConfigError(f"rollout.max_logprob_mismatch={config.rollout.max_logprob_mismatch} "
+                          "must be >= 0 (0: no check; null: the default of rollout.dtype)")
     if config.rollout.old_logprobs_from_engine and config.rollout.dtype != "float32":
         raise ConfigError(f"rollout.old_logprobs_from_engine=true needs rollout.dtype=float32 "
                           f"(got {config.rollout.dtype!r}: a {config.rollout.dtype} engine's "

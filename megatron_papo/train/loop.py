@@ -28,6 +28,10 @@ EXPORT_DIR = "hf"
 MISMATCH_WARN = 1e-3  # mean |log p| per token, engine vs trainer (fp32: ~1e-6)
 
 
+class EngineMismatchError(RuntimeError):
+    """The rollout engine's log-probs left the trainer's: it samples from other weights."""
+
+
 def _log(message: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(message, flush=True)
@@ -58,7 +62,8 @@ def tiny_hf_folder(folder: str, config: TrainConfig, examples=()) -> str:
                           tokenizer=tokenizer, hf_config=sized_hf_config(
                               m.tiny_hidden_size, m.tiny_layers,
                               vision_hidden=m.tiny_vision_hidden_size,
-                              initializer_range=m.tiny_initializer_range))
+                              initializer_range=m.tiny_initializer_range,
+                              tied=m.tiny_tied_embeddings))
     return folder
 
 
@@ -340,7 +345,9 @@ class Trainer:
                 batch.old_logp = self.updater.compute_logprobs(batch)
                 mask = batch.response_mask.bool()
                 mismatch = float((batch.old_logp - batch.rollout_logp)[mask].abs().mean())
-                if c.rollout.old_logprobs_from_engine and mismatch > MISMATCH_WARN:
+                # (above the stop line the step ends in EngineMismatchError instead)
+                if (c.rollout.old_logprobs_from_engine
+                        and MISMATCH_WARN < mismatch <= c.rollout.logprob_mismatch_limit()):
                     _log(f"[train] warning: engine vs trainer log-probs differ by {mismatch:.2e} "
                          "per token; the importance ratios are off: set "
                          "rollout.old_logprobs_from_engine=false")
@@ -368,6 +375,8 @@ class Trainer:
         if measure:
             local["logprob_mismatch"] = mismatch
         record = mean_over_data_parallel(local)
+        if not measure:  # the update's first mini-batch measured it, at no extra cost
+            record["logprob_mismatch"] = updates[0]["check/logprob_mismatch"]
         record["tokens"] *= self.dp_size
         record.update({k: v for k, v in updates[-1].items()  # shared by every rank
                        if k.startswith(("loss/", "clip/", "entropy/")) or k == "grad_norm"})
@@ -384,7 +393,25 @@ class Trainer:
                  "entropy_eta_masked=0.03)")
         self.step_index += 1
         m.write(record)
+        self._check_mismatch(record)
         return record
+
+    def _check_mismatch(self, record: dict) -> None:
+        """Stop (one line) when the engine's log-probs left the trainer's: training on would
+        sample from, and take old log-probs from, a policy that is not the trained one."""
+        r = self.config.rollout
+        limit = r.logprob_mismatch_limit()
+        value = record.get("logprob_mismatch", 0.0)
+        if limit and not value <= limit:  # NaN stops too
+            raise EngineMismatchError(
+                f"step {record['step']}: the rollout engine's log-probs differ from the trainer's "
+                f"by {value:.3g} per response token (limit {limit:g} for a {r.dtype} engine, "
+                "rollout.max_logprob_mismatch); the engine is not serving the trained weights. "
+                "Likely causes: weights not pushed after the update, an output head tied to the "
+                "embedding not refreshed by the engine, engine and trainer dtypes or processors "
+                "that differ (rollout.dtype, model.params_dtype, rollout.min/max_pixels). The "
+                "metrics up to this step are in metrics.jsonl; raise the limit or set it to 0 "
+                "only if this level is expected")
 
     def _draw_groups(self, round_index: int) -> list[_Group]:
         """Draw ``trainer.prompts_per_step`` prompts, roll out this DP rank's share and score
