@@ -48,7 +48,7 @@ def rollout_batch() -> RolloutBatch:
 
 
 def _policy(tp, pp, mode, algorithm="papo_h", sp=False, micro=2, mini=4, aggregation=None,
-            **build):
+            packing=False, max_tokens=0, **build):
     hf_config = Q.tiny_hf_config()
     sd = Q.reference_model(hf_config).state_dict()
     spec = text_spec_from_hf(hf_config)
@@ -61,12 +61,30 @@ def _policy(tp, pp, mode, algorithm="papo_h", sp=False, micro=2, mini=4, aggrega
                         use_distributed_optimizer=True, params_dtype=torch.float32), chunks)
     loss = preset(algorithm, **({"aggregation": aggregation} if aggregation else {}))
     config = UpdateConfig(micro_batch_size=micro, mini_batch_size=mini, masked_branch=mode,
-                          loss=loss)
+                          loss=loss, packing=packing, pad_multiple=tp if sp else 1,
+                          max_tokens_per_micro_batch=max_tokens)
     return spec, chunks, PolicyUpdater(chunks, optimizer, config)
 
 
-def _one_update(tp, pp, mode, sp=False):
-    spec, chunks, updater = _policy(tp, pp, mode, sp=sp)
+def _count_packed_forwards(chunks) -> list:
+    """Record every core-attention call that ran on a packed (THD) row: a test of packing that
+    silently ran the padded path would see none."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        if kwargs.get("packed_seq_params") is not None:
+            calls.append(int(kwargs["packed_seq_params"].cu_seqlens_q.numel() - 1))
+    for chunk in chunks:
+        for module in chunk.modules():
+            if type(module).__name__ == "PackedDotProductAttention":
+                module.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+def _one_update(tp, pp, mode, sp=False, algorithm="papo_h", packing=False, max_tokens=0):
+    spec, chunks, updater = _policy(tp, pp, mode, sp=sp, algorithm=algorithm, packing=packing,
+                                    max_tokens=max_tokens)
+    packed_calls = _count_packed_forwards(chunks)
     # the frozen reference model: same initial weights, no DDP, never updated
     reference = build_model_chunks(spec, tp, pp, sequence_parallel=sp, ddp=False)
     load_hf_weights(reference, spec, Q.reference_model(Q.tiny_hf_config()).state_dict().__getitem__)
@@ -83,7 +101,8 @@ def _one_update(tp, pp, mode, sp=False):
     return dict(metrics=metrics, weights=weights, current=current, ref_before=ref_before,
                 ref_after=updater.compute_logprobs(batch, model_chunks=reference),
                 policy_after=updater.compute_logprobs(batch),
-                last=parallel_state.is_pipeline_last_stage())
+                last=parallel_state.is_pipeline_last_stage(), packed_calls=len(packed_calls),
+                tokens=batch.attention_mask.bool())
 
 
 @pytest.mark.parametrize("mode", ["frozen", "live"])
@@ -113,11 +132,13 @@ def test_update_at_tp_pp_equals_tp1(mode):
             torch.testing.assert_close(value, ref["weights"][name], **TOL, msg=f"{name} {tp}x{pp}")
 
 
-def _update_split(micro, mode, aggregation, **build):
+def _update_split(micro, mode, aggregation, packing=False, max_tokens=0, **build):
     """One update of the 4-sample mini-batch, each DP rank holding its contiguous share."""
     dp = torch.distributed.get_world_size()
     spec, chunks, updater = _policy(1, 1, mode, micro=micro, mini=4 // dp,
-                                    aggregation=aggregation, **build)
+                                    aggregation=aggregation, packing=packing,
+                                    max_tokens=max_tokens, **build)
+    packed_calls = _count_packed_forwards(chunks)
     batch = rollout_batch()
     batch.response_mask.zero_()
     for i, (length, n) in enumerate(zip(batch.attention_mask.sum(-1).tolist(), (2, 7, 4, 5))):
@@ -132,7 +153,7 @@ def _update_split(micro, mode, aggregation, **build):
     (metrics,) = updater.update(batch.select(rank * share, (rank + 1) * share))
     sync_params(chunks)  # parameters gathered (overlap_param_gather defers it to the next forward)
     return dict(grad_norm=metrics["grad_norm"], weights=dict(export_hf_weights(chunks, spec)),
-                metrics=metrics)
+                metrics=metrics, packed_calls=len(packed_calls))
 
 
 @pytest.mark.parametrize("mode,aggregation", [("frozen", "token-mean"), ("live", "token-mean"),
@@ -153,6 +174,114 @@ def test_update_is_invariant_to_micro_batch_size_and_dp(mode, aggregation):
             for key, value in ref["metrics"].items():
                 if key.startswith(("loss/", "clip/", "entropy/")):
                     assert r["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+PACK_TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+def _assert_same_update(got, ref, tol=PACK_TOL):
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-6)
+    for name, value in got["weights"].items():
+        torch.testing.assert_close(value, ref["weights"][name], **tol, msg=name)
+
+
+@pytest.mark.parametrize("mode,algorithm,layouts", [
+    ("frozen", "papo_h", [(1, 1, False), (2, 1, True), (1, 2, False)]),
+    ("live", "papo_h", [(1, 1, False), (2, 1, True)]),
+    ("frozen", "grpo", [(1, 1, False)])])
+def test_packed_update_equals_the_padded_one(mode, algorithm, layouts):
+    """Packing (each micro-batch's samples in one THD row, its own MRoPE positions, attention
+    bounded by cu_seqlens) against the padded path on the same layout: log-probs within 1e-6 on
+    every token, the loss terms, and the weights after one optimizer step within 1e-6 (fp32),
+    at TP 1, TP 2 + SP, PP 2, and DP 2 with micro-batch 1 (a pack of one sample; 2e-6, the
+    padded path's own floor there). Every packed
+    run really ran packed rows (its core attention saw cu_seqlens)."""
+    for tp, pp, sp in layouts:
+        padded = run_distributed(_one_update, tp * pp, tp, pp, mode, sp=sp, algorithm=algorithm)
+        packed = run_distributed(_one_update, tp * pp, tp, pp, mode, sp=sp, algorithm=algorithm,
+                                 packing=True)
+        weights = ({}, {})
+        for r, ref in zip(packed, padded):
+            assert r["packed_calls"] > 0 and ref["packed_calls"] == 0
+            mask = r["tokens"].clone()
+            mask[:, 0] = False  # position 0 has no log-prob
+            torch.testing.assert_close(r["current"][mask], ref["current"][mask], **PACK_TOL)
+            if r["last"]:
+                for key in ("loss/total", "loss/policy", "clip/high", "entropy/original"):
+                    assert r["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-6,
+                                                              abs=1e-7), key
+            weights[0].update(r["weights"])
+            weights[1].update(ref["weights"])
+        _assert_same_update(dict(grad_norm=packed[0]["metrics"]["grad_norm"], weights=weights[0]),
+                            dict(grad_norm=padded[0]["metrics"]["grad_norm"], weights=weights[1]))
+    if algorithm == "papo_h":
+        padded = run_distributed(_update_split, 2, 1, mode, "token-mean")
+        packed = run_distributed(_update_split, 2, 1, mode, "token-mean", packing=True)
+        for r, ref in zip(packed, padded):
+            assert r["packed_calls"] > 0
+            # DP 2 reaches Adam's fp32 floor on near-zero gradients: the PADDED path's own DP 2
+            # vs DP 1 updates differ by 1.3e-6 on this batch
+            _assert_same_update(r, ref, tol=dict(rtol=1e-6, atol=2e-6))
+
+
+@pytest.mark.parametrize("mode", ["frozen", "live"])
+def test_token_budget_micro_batches_keep_the_update(mode):
+    """Micro-batches bin-packed under a token budget (samples of 27, 8, 21 and 38 tokens; the
+    live branch runs each with its masked copy: twice the tokens): a budget of the longest
+    sample (3 micro-batches), one that groups samples out of order ([0, 2] and [1, 3]) and, at
+    DP 2, one that makes the ranks bin differently (each then runs 2) give the padded update
+    within 2e-6 (the padded path's own floor across micro-batch sizes); a sample above the
+    budget is one error naming both numbers and the key."""
+    from megatron_papo.rl.packing import plan_micro_batches
+
+    weight = 2 if mode == "live" else 1
+    lengths = [27, 8, 21, 38]
+    assert plan_micro_batches(lengths, 38 * weight, weight) == [[0, 1], [2], [3]]
+    assert plan_micro_batches(lengths, 48 * weight, weight) == [[0, 2], [1, 3]]
+    with pytest.raises(ValueError, match=r"sample 3 has 38 tokens, more than "
+                                         r"trainer.max_tokens_per_micro_batch=37; raise"):
+        plan_micro_batches(lengths, 37)
+    # the reference: the padded path, one micro-batch; its own micro-batch 1 and 2 updates differ
+    # from it by 1.0-1.2e-6 on this batch (Adam's fp32 floor on near-zero gradients): 2e-6
+    floor = dict(rtol=1e-6, atol=2e-6)
+    (padded,) = run_distributed(_update_split, 1, 4, mode, "token-mean")
+    for budget in (38, 48):
+        (r,) = run_distributed(_update_split, 1, 4, mode, "token-mean", packing=True,
+                               max_tokens=budget * weight)
+        assert r["packed_calls"] > 0
+        _assert_same_update(r, padded, tol=floor)
+    for r in run_distributed(_update_split, 2, 2, mode, "token-mean", packing=True,
+                             max_tokens=40 * weight):
+        _assert_same_update(r, padded, tol=floor)
+
+
+def _packed_logprobs_with_other_first_sample():
+    from megatron_papo.rl.packing import pack
+
+    spec, chunks, updater = _policy(1, 1, "frozen", micro=4, packing=True)
+    batch = rollout_batch()
+    before = updater.compute_logprobs(batch)
+    changed = rollout_batch()
+    text = changed.input_ids[0] != Q.IMAGE_TOKEN
+    changed.input_ids[0, text] = (changed.input_ids[0, text] * 7 + 3) % 250  # other text, same
+    after = updater.compute_logprobs(changed)                                # length and image
+    row = pack(batch.input_ids, batch.position_ids, batch.attention_mask)
+    return dict(before=before, after=after, cu=row.params.cu_seqlens_q.tolist(),
+                positions=row.position_ids, per_sample=batch.position_ids,
+                mask=batch.attention_mask.bool())
+
+
+def test_packed_samples_do_not_see_each_other():
+    """One pack of four samples: changing the first sample's text changes its own log-probs but
+    leaves the three others' exactly as they were (no attention across a boundary); the packed
+    row's MRoPE positions are each sample's own (restarting at 0, image grids included)."""
+    (r,) = run_distributed(_packed_logprobs_with_other_first_sample, 1)
+    assert r["cu"] == [0, 27, 35, 56, 94]
+    assert not torch.allclose(r["before"][0], r["after"][0])
+    assert torch.equal(r["before"][1:], r["after"][1:])
+    for i, (start, end) in enumerate(zip(r["cu"][:-1], r["cu"][1:])):
+        assert torch.equal(r["positions"][:, 0, start:end], r["per_sample"][:, i, r["mask"][i]])
+        assert int(r["positions"][0, 0, start]) == 0
 
 
 def test_recompute_and_communication_overlap_keep_the_update():
@@ -177,7 +306,8 @@ def _masked_branch_gradient(mode):
     batch = rollout_batch().select(0, 2)
     batch.masked_logp = torch.zeros(batch.input_ids.shape)  # what a frozen rollout would carry
     model = chunks[0]
-    output, split = updater.branch_logprobs(model, batch)
+    (layout,), _, _ = updater.layouts([batch], paired=mode == "live")
+    output, split = updater.branch_logprobs(model, layout)
     _, masked_logp, _, _ = split(output)
     vision = [p for n, p in model.module.named_parameters() if n.startswith("vision_model.")]
     if not masked_logp.requires_grad:

@@ -71,6 +71,13 @@ def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
     ({"trainer": {"mini_batch_size": 48}}, 1, "trainer.mini_batch_size=48 must divide the 512"),
     ({"rollout": {"temperature": 0.0}}, 1, "rollout.temperature=0.0 must be > 0"),
     ({"rollout": {"top_p": 1.5}}, 1, "rollout.top_p=1.5 is invalid: must be in (0, 1]"),
+    ({"rollout": {"max_logprob_mismatch": -1.0}}, 1, "rollout.max_logprob_mismatch=-1.0 must be"),
+    ({"trainer": {"max_tokens_per_micro_batch": 1024}}, 1,
+     "trainer.max_tokens_per_micro_batch needs trainer.packing=true"),
+    ({"trainer": {"packing": True, "max_tokens_per_micro_batch": 600},
+      "algorithm": {"masked_branch": "live"}}, 1,
+     "trainer.max_tokens_per_micro_batch=600 is below the longest possible sample, "
+     "rollout.max_model_len=512 x 2 (the live masked branch"),
 ])
 def test_config_errors_name_the_key(raw, world, message):
     with pytest.raises(ConfigError) as err:
@@ -140,6 +147,29 @@ def test_performance_knobs_keep_the_math(tmp_path, single_run):
     # (no extra forward): the same engine-vs-trainer gap, at fp32 noise
     assert step(out, 2)["logprob_mismatch"] < 1e-5
     assert step(single_run[0], 2)["logprob_mismatch"] < 1e-5
+
+
+def test_packed_job_logs_the_padded_jobs_metrics(tmp_path, single_run):
+    """trainer.packing=true with a token budget of 512 (rollout.max_model_len: the 32 samples of a
+    step, ~2,000 tokens, run as several packed micro-batches; the warm start too) logs the same
+    steps as the padded default run (one micro-batch of 32 padded samples): rewards exactly,
+    loss terms, grad norm, perception KL and entropies within 1e-5 relative."""
+    out = str(tmp_path / "packed")
+    done = _main(SMALL + ["trainer.packing=true", "trainer.max_tokens_per_micro_batch=512",
+                          "trainer.export_hf=false", "trainer.save_every=0"], out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert single_run[1].returncode == 0
+    for n in (1, 2):
+        ours, ref = _step(out, n), _step(single_run[0], n)
+        assert ours["reward"] == ref["reward"] and ours["tokens"] == ref["tokens"]
+        for key in ("loss/total", "loss/policy", "loss/kl_prcp", "entropy/original",
+                    "entropy/masked", "grad_norm"):
+            assert ours[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (n, key)
+
+
+def _step(folder, n):
+    records = [json.loads(x) for x in open(os.path.join(folder, "metrics.jsonl"))]
+    return next(r for r in records if r.get("step") == n and "reward" in r)
 
 
 def test_tied_head_job_keeps_engine_and_trainer_together(tmp_path):

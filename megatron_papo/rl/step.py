@@ -32,6 +32,7 @@ from .algorithms import (
     combined_loss,
 )
 from .logprobs import sampling_logits, token_entropy, token_logprobs
+from .packing import pack, packed_length, plan_micro_batches, sample_lengths, split_to_count
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,30 @@ class RolloutBatch:
                 out["image_grid_thw"] = out["pixel_values"] = out["masked_pixel_values"] = None
         return RolloutBatch(**out)
 
+    def take(self, indices: list[int]) -> "RolloutBatch":
+        """The samples at ``indices`` (in that order) with their images."""
+        if list(indices) == list(range(indices[0], indices[0] + len(indices))):
+            return self.select(indices[0], indices[0] + len(indices))
+        return RolloutBatch.concat([self.select(i, i + 1) for i in indices])
+
+    @staticmethod
+    def concat(parts: list["RolloutBatch"]) -> "RolloutBatch":
+        """Batches of one width, one after the other."""
+        out = {}
+        for f in fields(RolloutBatch):
+            values = [getattr(p, f.name) for p in parts]
+            present = [v for v in values if v is not None]
+            if not present:
+                out[f.name] = None
+            elif f.name == "images_per_sample":
+                out[f.name] = torch.cat([v if v is not None else torch.zeros(len(p), dtype=torch.long)
+                                         for v, p in zip(values, parts)])
+            elif f.name in ("pixel_values", "masked_pixel_values", "image_grid_thw"):
+                out[f.name] = torch.cat(present)
+            else:
+                out[f.name] = torch.cat(present, dim=1 if f.name == "position_ids" else 0)
+        return RolloutBatch(**out)
+
     def with_masked_images(self) -> "RolloutBatch":
         """The same sequences with the masked images instead of the originals (a slice without
         images is its own masked copy)."""
@@ -122,11 +147,32 @@ def model_forward(model, mb: RolloutBatch) -> torch.Tensor:
                  mb.image_grid_thw)
 
 
-def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Token-aligned log-probs [N, L] from vocab-parallel logits [N, L, V/TP] (already passed
-    through :func:`sampling_logits` where the sampling distribution matters)."""
-    targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))
-    return shift_to_tokens(token_logprobs(logits, targets))
+class _Layout:
+    """How one micro-batch meets the model. ``mb``: the micro-batch (its padded [n, L] tensors
+    are what the loss sees); ``run``: what the model runs (``mb`` or, for the live masked
+    branch, its original + masked pair). Padded: ``run`` as it is. Packed: ``run``'s samples in
+    one row (rl/packing.py). ``targets``: the next token at each position of what the model
+    sees; :meth:`per_token` brings per-position values back to ``run``'s token-aligned layout."""
+
+    def __init__(self, mb: "RolloutBatch", run: "RolloutBatch", packed_to: int | None = None):
+        self.mb, self.run = mb, run
+        self.row = None
+        if packed_to is not None:
+            self.row = pack(run.input_ids, run.position_ids, run.attention_mask, packed_to)
+            self.targets = self.row.targets
+        else:
+            self.targets = torch.nn.functional.pad(run.input_ids[:, 1:], (0, 1))
+
+    def forward(self, model) -> torch.Tensor:
+        if self.row is None:
+            return model_forward(model, self.run)
+        return model(self.row.input_ids, self.row.position_ids, None, self.run.pixel_values,
+                     self.run.image_grid_thw, packed_seq_params=self.row.params)
+
+    def per_token(self, per_position: torch.Tensor) -> torch.Tensor:
+        if self.row is None:
+            return shift_to_tokens(per_position)
+        return self.row.per_token(per_position)
 
 
 @dataclass
@@ -138,8 +184,20 @@ class UpdateConfig:
     # the rollout's sampling distribution: logits / temperature, suppressed ids at p = 0
     temperature: float = 1.0
     suppressed_token_ids: tuple[int, ...] = ()
+    # packed (THD) micro-batches: the samples of a micro-batch in one row, no padding computed
+    # (the same update: rl/packing.py); pad_multiple: the packed row's length is a multiple of it
+    # (TP with sequence parallelism, 16 with FP8)
+    packing: bool = False
+    pad_multiple: int = 1
+    # > 0: micro-batches by tokens instead of samples (bin-packed under this budget; packing only)
+    max_tokens_per_micro_batch: int = 0
 
     def __post_init__(self):
+        if self.max_tokens_per_micro_batch < 0:
+            raise ValueError(f"trainer.max_tokens_per_micro_batch="
+                             f"{self.max_tokens_per_micro_batch} must be >= 0 (0: off)")
+        if self.max_tokens_per_micro_batch and not self.packing:
+            raise ValueError("trainer.max_tokens_per_micro_batch needs trainer.packing=true")
         if self.masked_branch not in MASKED_BRANCH_MODES:
             raise ValueError(f"rl.masked_branch={self.masked_branch!r}: choose one of "
                              f"{list(MASKED_BRANCH_MODES)}")
@@ -170,15 +228,16 @@ class PolicyUpdater:
         if masked:
             batch = batch.with_masked_images()
         stored: list[torch.Tensor] = []
-        mbs = self.config.micro_batch_size
-        micro = [batch.select(i, min(i + mbs, len(batch))) for i in range(0, len(batch), mbs)]
+        plan, micro = self.micro_batches(batch, paired=False)
+        layouts, seq_length, run_mbs = self.layouts(micro, paired=False)
 
         def forward_step(data_iterator, model):
-            mb = next(data_iterator)
-            output = model_forward(model, mb)
+            layout = next(data_iterator)
+            output = layout.forward(model)
 
             def keep(logits):
-                stored.append(logprobs_from_logits(self.sampling_logits(logits), mb.input_ids))
+                logits = self.sampling_logits(logits)
+                stored.append(layout.per_token(token_logprobs(logits, layout.targets)))
                 return logits.sum() * 0.0, {}
             return output, keep
 
@@ -186,14 +245,16 @@ class PolicyUpdater:
             chunk.eval()
         try:
             get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(micro), model=chunks,
-                num_microbatches=len(micro), seq_length=batch.input_ids.shape[1],
-                micro_batch_size=mbs, forward_only=True)
+                forward_step_func=forward_step, data_iterator=iter(layouts), model=chunks,
+                num_microbatches=len(layouts), seq_length=seq_length,
+                micro_batch_size=run_mbs, forward_only=True)
         finally:
             for chunk in chunks:
                 chunk.train()
         if parallel_state.is_pipeline_last_stage():
-            result = torch.cat(stored, dim=0).float()
+            result = torch.empty(batch.input_ids.shape, dtype=torch.float32)
+            for indices, values in zip(plan, stored):
+                result[indices] = values.float()
         else:
             result = torch.empty(batch.input_ids.shape, dtype=torch.float32)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -205,20 +266,56 @@ class PolicyUpdater:
     def sampling_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return sampling_logits(logits, self.config.temperature, self.config.suppressed_token_ids)
 
+    def micro_batches(self, batch: RolloutBatch, paired: bool
+                      ) -> tuple[list[list[int]], list[RolloutBatch]]:
+        """(sample indices of each micro-batch, the micro-batches): fixed
+        ``micro_batch_size`` slices, or bins under ``max_tokens_per_micro_batch`` with the same
+        count on every data-parallel rank."""
+        c = self.config
+        if not c.max_tokens_per_micro_batch:
+            mbs = c.micro_batch_size
+            plan = [list(range(i, min(i + mbs, len(batch)))) for i in range(0, len(batch), mbs)]
+        else:
+            plan = plan_micro_batches(sample_lengths(batch.attention_mask),
+                                      c.max_tokens_per_micro_batch, weight=2 if paired else 1)
+            count = torch.tensor([len(plan)])
+            if parallel_state.get_data_parallel_world_size() > 1:
+                torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX,
+                                             group=parallel_state.get_data_parallel_group())
+            plan = split_to_count(plan, int(count))
+        return plan, [batch.take(p) for p in plan]
+
+    def layouts(self, micro: list[RolloutBatch], paired: bool
+                ) -> tuple[list[_Layout], int, int]:
+        """The micro-batches as the model will run them (``paired``: original + masked together)
+        and the (seq_length, micro_batch_size) of the schedule. Packed rows share one length
+        under pipeline parallelism (the p2p tensors have one shape per schedule)."""
+        runs = [mb.paired() if paired else mb for mb in micro]
+        if not self.config.packing:
+            width = max(r.input_ids.shape[1] for r in runs)
+            return ([_Layout(mb, run) for mb, run in zip(micro, runs)], width,
+                    max(len(r) for r in runs))
+        multiple = self.config.pad_multiple
+        lengths = [packed_length(sample_lengths(r.attention_mask), multiple) for r in runs]
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            lengths = [max(lengths)] * len(lengths)
+        return ([_Layout(mb, run, n) for mb, run, n in zip(micro, runs, lengths)],
+                max(lengths), 1)
+
     # ------------------------------------------------------------------ the loss
-    def branch_logprobs(self, model, mb: RolloutBatch):
+    def branch_logprobs(self, model, layout: _Layout):
         """(output of this stage, function logits -> (logp, masked_logp, entropy, masked_entropy))
         for one micro-batch: live mode runs the paired batch, frozen the original only."""
         live = self.config.masked_branch == "live" and self.config.loss.needs_masked_branch
-        run = mb.paired() if live else mb
-        output = model_forward(model, run)
+        mb = layout.mb
+        output = layout.forward(model)
         exact = self.config.loss.entropy_estimator == "exact"
         b = len(mb)
 
         def split(logits):
             logits = self.sampling_logits(logits)
-            logp = logprobs_from_logits(logits, run.input_ids)
-            entropy = shift_to_tokens(token_entropy(logits)) if exact else None
+            logp = layout.per_token(token_logprobs(logits, layout.targets))
+            entropy = layout.per_token(token_entropy(logits)) if exact else None
             if live:
                 return (logp[:b], logp[b:], entropy[:b] if exact else None,
                         entropy[b:] if exact else None)
@@ -291,9 +388,8 @@ class PolicyUpdater:
 
     def _step(self, mini: RolloutBatch) -> dict:
         cfg = self.config
-        mbs = cfg.micro_batch_size
-        micro = [mini.select(i, min(i + mbs, len(mini))) for i in range(0, len(mini), mbs)]
         live = cfg.masked_branch == "live" and cfg.loss.needs_masked_branch
+        _, micro = self.micro_batches(mini, paired=live)
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -311,15 +407,17 @@ class PolicyUpdater:
         tokens = float(counts[1].clamp_min(1.0))
         scale = float(len(micro) * dp)
 
+        layouts, seq_length, run_mbs = self.layouts(micro, paired=live)
+
         def forward_step(data_iterator, model):
-            mb = next(data_iterator)
-            output, split = self.branch_logprobs(model, mb)
-            return output, self._loss_func(mb, split, denominator, scale, tokens)
+            layout = next(data_iterator)
+            output, split = self.branch_logprobs(model, layout)
+            return output, self._loss_func(layout.mb, split, denominator, scale, tokens)
 
         per_micro = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro), model=self.model,
-            num_microbatches=len(micro), seq_length=mini.input_ids.shape[1],
-            micro_batch_size=mbs * (2 if live else 1), forward_only=False)
+            forward_step_func=forward_step, data_iterator=iter(layouts), model=self.model,
+            num_microbatches=len(layouts), seq_length=seq_length,
+            micro_batch_size=run_mbs, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         metrics = _shared_metrics(_mean_metrics(per_micro))
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")

@@ -165,6 +165,12 @@ class TrainerConfig:
     steps: int = 200
     prompts_per_step: int = 64
     micro_batch_size: int = 512      # samples per forward/backward (same update for any value)
+    # each micro-batch's samples packed into one row (THD, cu_seqlens): no compute on padding,
+    # the same update (rl/packing.py)
+    packing: bool = False
+    # > 0 (needs packing): micro-batches by tokens, bin-packed under this budget, instead of
+    # micro_batch_size samples; memory then depends on the budget, not on the longest response
+    max_tokens_per_micro_batch: int = 0
     mini_batch_size: int = 0         # samples per optimizer step and DP rank (0: from below)
     optimizer_steps_per_rollout: int = 1   # when mini_batch_size is 0 (authors: 3)
     seed: int = 0
@@ -352,6 +358,22 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
                           f"{config.trainer.collective_timeout_minutes} must be > 0")
     if "{answer}" not in config.trainer.warmup_target:
         raise ConfigError("trainer.warmup_target must contain '{answer}'")
+    t = config.trainer
+    if t.max_tokens_per_micro_batch:
+        if not t.packing:
+            raise ConfigError("trainer.max_tokens_per_micro_batch needs trainer.packing=true")
+        live = (config.algorithm.masked_branch == "live"
+                and config.loss_config().needs_masked_branch)
+        longest = config.rollout.max_model_len * (2 if live else 1)
+        if t.max_tokens_per_micro_batch < longest:
+            raise ConfigError(
+                f"trainer.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} is below "
+                f"the longest possible sample, rollout.max_model_len={config.rollout.max_model_len}"
+                + (" x 2 (the live masked branch runs each sample with its masked copy)"
+                   if live else "") + f": raise it to at least {longest}")
+    elif t.max_tokens_per_micro_batch < 0:
+        raise ConfigError(f"trainer.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} "
+                          "must be >= 0 (0: micro_batch_size samples)")
     if config.rollout.max_logprob_mismatch is not None and config.rollout.max_logprob_mismatch < 0:
         raise ConfigError(f"rollout.max_logprob_mismatch={config.rollout.max_logprob_mismatch} "
                           "must be >= 0 (0: no check; null: the default of rollout.dtype)")

@@ -80,7 +80,8 @@ def target_rollout(encoder, messages, index: int, target: str):
 
 
 def supervised_updater(chunks: list, optimizer, micro_batch_size: int, mini_batch_size: int,
-                       suppressed_token_ids=()):
+                       suppressed_token_ids=(), packing: bool = False, pad_multiple: int = 1,
+                       max_tokens_per_micro_batch: int = 0):
     """The policy-gradient update that, with advantage 1 and the old log-probs of the current
     weights, is exactly supervised learning of the responses (ratio 1, no clipping, no KL)."""
     from megatron_papo.rl.algorithms import LossConfig
@@ -88,7 +89,9 @@ def supervised_updater(chunks: list, optimizer, micro_batch_size: int, mini_batc
 
     return PolicyUpdater(chunks, optimizer, UpdateConfig(
         micro_batch_size=micro_batch_size, mini_batch_size=mini_batch_size,
-        loss=LossConfig(kl_beta=0.0, dual_clip=None), suppressed_token_ids=suppressed_token_ids))
+        loss=LossConfig(kl_beta=0.0, dual_clip=None), suppressed_token_ids=suppressed_token_ids,
+        packing=packing, pad_multiple=pad_multiple,
+        max_tokens_per_micro_batch=max_tokens_per_micro_batch))
 
 
 class Metrics:
@@ -290,14 +293,16 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         _, mini, micro = c.batch_sizes(self.dp_size)
-        self.updater = PolicyUpdater(self.chunks, self.optimizer, UpdateConfig(
-            micro_batch_size=micro, mini_batch_size=mini,
-            masked_branch=c.algorithm.masked_branch, loss=self.loss, temperature=r.temperature,
-            suppressed_token_ids=self.engine.suppressed_token_ids))
-        self.rng = random.Random(c.trainer.seed)
         # sequence parallelism splits the sequence over TP; FP8 GEMMs need multiples of 16 tokens
         self._pad = math.lcm(p.tensor_model_parallel_size if p.sequence_parallel else 1,
                              16 if c.model.fp8 else 1)
+        self.updater = PolicyUpdater(self.chunks, self.optimizer, UpdateConfig(
+            micro_batch_size=micro, mini_batch_size=mini,
+            masked_branch=c.algorithm.masked_branch, loss=self.loss, temperature=r.temperature,
+            suppressed_token_ids=self.engine.suppressed_token_ids,
+            packing=c.trainer.packing, pad_multiple=self._pad,
+            max_tokens_per_micro_batch=c.trainer.max_tokens_per_micro_batch))
+        self.rng = random.Random(c.trainer.seed)
         self.metrics = Metrics(self.out, c.logging, dataclasses.asdict(c))
         self.monitor = PerceptionHackingMonitor()
         self.step_index = 0
@@ -506,7 +511,8 @@ class Trainer:
         local = c.trainer.prompts_per_step // self.dp_size
         sft = supervised_updater(self.chunks, self.optimizer,
                                  math.gcd(self.updater.config.micro_batch_size, local), local,
-                                 self.engine.suppressed_token_ids)
+                                 self.engine.suppressed_token_ids, c.trainer.packing, self._pad,
+                                 c.trainer.max_tokens_per_micro_batch)
         answers = sorted({e.answer for e in self.train_data})
         for step in range(c.trainer.warmup_steps):
             examples = self.rng.sample(self.train_data, c.trainer.prompts_per_step)

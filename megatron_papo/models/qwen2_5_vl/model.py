@@ -110,9 +110,19 @@ class Qwen25VLModel(MegatronModule):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, pixel_values=None, image_grid_thw=None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, packed_seq_params=None) -> torch.Tensor:
         """``attention_mask``: None (causal, no padding), HF-style [b, s] (1 = token, 0 = padding)
-        or megatron's boolean [b, 1, s, s] (True = masked)."""
+        or megatron's boolean [b, 1, s, s] (True = masked).
+
+        ``packed_seq_params`` (megatron-core ``PackedSeqParams``, qkv_format "thd"): the samples
+        are concatenated into ONE row (input_ids [1, t], position_ids [3, 1, t] = each sample's
+        own MRoPE positions, concatenated) and ``cu_seqlens_q`` bounds them (its last entry = t:
+        trailing padding is a segment of its own); attention stays within each segment and the
+        rotary embedding is applied per token (megatron-core's THD RoPE takes the frequencies at
+        each token's offset when they cover all t tokens); ``attention_mask`` must be None."""
+        if packed_seq_params is not None and attention_mask is not None:
+            raise ValueError("a packed micro-batch takes no attention_mask (cu_seqlens bound the "
+                             "samples)")
         if attention_mask is not None and attention_mask.dim() == 2:
             attention_mask = causal_padding_mask(attention_mask)
         decoder_input = None
@@ -120,7 +130,7 @@ class Qwen25VLModel(MegatronModule):
             decoder_input = self.embed(input_ids, pixel_values, image_grid_thw)
         return self.language_model(input_ids=None, position_ids=position_ids,
                                    attention_mask=attention_mask, decoder_input=decoder_input,
-                                   labels=labels)
+                                   labels=labels, packed_seq_params=packed_seq_params)
 
 
 def build_qwen25vl(spec: Qwen25VLTextSpec, config: TransformerConfig, layer_spec: str = "local",
