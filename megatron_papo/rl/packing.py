@@ -32,6 +32,7 @@ class PackedRow:
     lengths: list[int]               # tokens per sample
     width: int                       # L of the padded layout
     params: PackedSeqParams
+    _unpack: torch.Tensor | None = None  # [N, L] gather index of per_token (built once)
 
     @property
     def tokens(self) -> int:
@@ -41,15 +42,19 @@ class PackedRow:
         """[1, T] values computed at position t for token t+1 -> [N, L] aligned with the tokens
         (position 0 and padding hold 0), as ``shift_to_tokens`` gives on the padded layout.
         Differentiable."""
-        flat = per_position.reshape(-1)
-        rows, start = [], 0
-        zero = flat.new_zeros(1)
-        for length in self.lengths:
-            # token j of the sample (j >= 1) takes the value computed at its position j - 1
-            pad = flat.new_zeros(self.width - length)
-            rows.append(torch.cat([zero, flat[start:start + length - 1], pad]))
-            start += length
-        return torch.stack(rows)
+        if self._unpack is None:
+            # token j >= 1 of sample i takes the value at packed position start_i + j - 1; the
+            # rest read the zero appended at index T
+            total = self.input_ids.shape[1]
+            lengths = torch.tensor(self.lengths)
+            starts = torch.cumsum(lengths, 0) - lengths
+            j = torch.arange(self.width)[None]
+            inside = (j >= 1) & (j < lengths[:, None])
+            self._unpack = torch.where(inside, starts[:, None] + j - 1,
+                                       torch.full_like(inside, total, dtype=torch.long)
+                                       ).to(per_position.device)
+        flat = torch.cat([per_position.reshape(-1), per_position.new_zeros(1)])
+        return flat[self._unpack]
 
 
 def sample_lengths(attention_mask: torch.Tensor) -> list[int]:
@@ -84,12 +89,11 @@ def pack(input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: to
     valid = attention_mask.bool()
     ids = input_ids[valid]
     pos = position_ids[:, valid]
-    nxt = torch.zeros_like(ids)
     bounds = [0]
     for n in lengths:
-        start = bounds[-1]
-        nxt[start:start + n - 1] = ids[start + 1:start + n]
-        bounds.append(start + n)
+        bounds.append(bounds[-1] + n)
+    nxt = torch.cat([ids[1:], ids.new_zeros(1)])
+    nxt[torch.tensor(bounds[1:]) - 1] = 0  # a sample's last token has no next token in it
     extra = length - total
     if extra:
         ids = torch.cat([ids, ids.new_zeros(extra)])
