@@ -14,7 +14,7 @@ USER_ERRORS = frozenset({
     "ConfigError", "DataError", "RolloutInputError", "RewardError", "ModelConfigError",
     "ParallelConfigError", "MappingError", "HFCheckpointError", "ConversionError",
     "OutputExistsError", "OutputWriteError", "EvaluationError", "PerceptionError",
-    "BenchmarkError", "PublishError", "EngineMismatchError",
+    "BenchmarkError", "PublishError", "EngineMismatchError", "ModelPathError",
 })
 
 _OS_HINTS = {
@@ -104,15 +104,41 @@ def report(err: BaseException | str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
+def internal_error(err: BaseException, prog: str, log_dir: str | None = None) -> int:
+    """An exception that no user-error handling caught (a bug, or a failure nobody foresaw): the
+    traceback goes to a log file (``log_dir``, e.g. the run folder, else the temp folder), the
+    terminal gets one line with the cause and that file. Returns the exit code (1)."""
+    import tempfile
+    import traceback
+
+    rank, world = _rank_and_world()
+    folder = log_dir if log_dir and os.path.isdir(log_dir) else tempfile.gettempdir()
+    name = f"{prog}-error" + (f"-rank{rank}" if world > 1 else "") + f"-{os.getpid()}.log"
+    path = os.path.join(folder, name)
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+        where = f"the traceback is in {path}"
+    except OSError:
+        where = "the traceback could not be written: " + text.strip().splitlines()[-1]
+    cause = (str(err).strip().splitlines() or [""])[0][:300]
+    who = f"rank {rank}: " if world > 1 else ""
+    print(f"error: {who}{prog} failed unexpectedly ({type(err).__name__}: {cause}); {where}. "
+          "This is a bug: please report it with that file.", file=sys.stderr, flush=True)
+    return 1
+
+
 def fail(err: BaseException | str) -> None:
     """Print the one-line error (once per job) and exit with code 2."""
     report(err)
     sys.exit(2)
 
 
-def run_main(run, args) -> int:
+def run_main(run, args, prog: str = "megatron_papo") -> int:
     """A command-line entry point: the process group (torchrun's or a world of one), ``run(args)``,
-    a user error as one line and exit 2, and the process group torn down in every case."""
+    a user error as one line and exit 2, any other exception as one line naming the log file
+    that holds its traceback (exit 1), and the process group torn down in every case."""
     import torch.distributed as dist
 
     from megatron_papo.parallel import init_processes
@@ -122,7 +148,7 @@ def run_main(run, args) -> int:
         run(args)
     except Exception as err:  # noqa: BLE001
         if not is_user_error(err):
-            raise
+            sys.exit(internal_error(err, prog))
         fail(err)
     finally:
         if dist.is_initialized():

@@ -94,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
         description="avg@k accuracy and format rate of an HF folder or a Megatron checkpoint on "
                     "datasets (vLLM rollouts, the math-verified reward).")
     p.add_argument("--model", required=True,
-                   help="an HF Qwen2.5-VL folder, or a Megatron checkpoint folder (one with "
-                        "megatron_papo.json, e.g. a trainer's checkpoint or hf-to-mcore output)")
+                   help="an HF Qwen2.5-VL folder, a Megatron checkpoint folder (one with "
+                        "megatron_papo.json: a trainer's checkpoint or hf-to-mcore output) or a "
+                        "run folder (trainer.output_dir: its newest complete checkpoint)")
     p.add_argument("--data", nargs="*", default=[],
                    help="parquet/JSON files, each reported as its own dataset (default: the "
                         "embedded counting task's held-out split)")
@@ -168,19 +169,19 @@ def _datasets(args, log, scratch: str) -> dict[str, list]:
     return out
 
 
-def _hf_folder(model: str, scratch: str) -> str:
+def _hf_folder(model: str, scratch: str, log) -> str:
+    """An HF folder for the engine: the model itself, or a Megatron checkpoint (converted or
+    training; a run folder's newest) exported into ``scratch``."""
     from megatron_papo.conversion.checkpoint import mcore_to_hf
+    from megatron_papo.conversion.locate import resolve_model_path
 
-    if not os.path.isdir(model):
-        raise EvaluationError(f"--model {model!r} is not a folder")
-    if os.path.exists(os.path.join(model, "config.json")):
-        return model
-    if os.path.exists(os.path.join(model, "megatron_papo.json")):
-        out = os.path.join(scratch, "hf")
-        mcore_to_hf(model, out)
-        return out
-    raise EvaluationError(f"--model {model!r} holds neither config.json (an HF folder) nor "
-                          "megatron_papo.json (a Megatron checkpoint)")
+    found = resolve_model_path(model)
+    log(f"[eval] model: {found.describe()}")
+    if not found.is_megatron:
+        return found.path
+    out = os.path.join(scratch, "hf")
+    mcore_to_hf(found.path, out)
+    return out
 
 
 def run(args) -> dict:
@@ -196,7 +197,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="megatron_papo_eval_") as scratch:
         benchmarks, presets = _benchmarks(args, log)
         datasets = {**_datasets(args, log, scratch), **benchmarks}
-        hf_dir = _hf_folder(args.model, scratch)
+        hf_dir = _hf_folder(args.model, scratch, log)
         engine = RolloutEngine(EngineConfig(
             hf_dir, dtype=args.dtype, max_model_len=args.max_model_len,
             kv_cache_bytes=args.kv_cache_mb * 2**20, min_pixels=args.min_pixels,
@@ -241,7 +242,7 @@ def main(argv=None) -> int:
     apply_cpu_patches()
     from megatron_papo.cli import run_main
 
-    return run_main(run, args)
+    return run_main(run, args, prog="evaluate")
 
 
 if __name__ == "__main__":

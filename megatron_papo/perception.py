@@ -65,19 +65,19 @@ class PerceptionScorer:
         from megatron_papo.parallel import init_processes, initialize_model_parallel
         from megatron_papo.rollout.inputs import PromptEncoder
 
+        from megatron_papo.conversion.locate import resolve_model_path
+
         init_processes()  # a no-op inside an initialised job
-        if os.path.exists(os.path.join(model, "megatron_papo.json")):
-            self.spec, self.chunks, _ = ck.load_mcore_model(model, 1, 1, params_dtype=dtype)
-            processor_dir = os.path.join(model, ck.HF_DIR)
-        elif os.path.exists(os.path.join(model, "config.json")):
-            initialize_model_parallel(1, 1)
-            self.spec = text_spec_from_hf(load_hf_config(model))
-            self.chunks = build_model_chunks(self.spec, ddp=False, params_dtype=dtype)
-            ck.load_hf_folder(self.chunks, self.spec, model)
-            processor_dir = model
+        found = resolve_model_path(model)
+        if found.is_megatron:
+            self.spec, self.chunks, _ = ck.load_mcore_model(found.path, 1, 1, params_dtype=dtype)
+            processor_dir = os.path.join(found.path, ck.HF_DIR)
         else:
-            raise PerceptionError(f"--model {model!r} holds neither config.json (an HF folder) "
-                                  "nor megatron_papo.json (a Megatron checkpoint)")
+            initialize_model_parallel(1, 1)
+            self.spec = text_spec_from_hf(load_hf_config(found.path))
+            self.chunks = build_model_chunks(self.spec, ddp=False, params_dtype=dtype)
+            ck.load_hf_folder(self.chunks, self.spec, found.path)
+            processor_dir = found.path
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         for chunk in self.chunks:
             chunk.to(self.device)

@@ -134,3 +134,38 @@ def write(name: str, folder: str, rows=None) -> str:
     path = os.path.join(folder, f"{name}.parquet")
     Dataset.from_dict(columns, features=Features(spec)).to_parquet(path)
     return path
+
+
+def png_of(side: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", side, "white").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bad_rows_file(folder: str, form: str, with_paths: bool, column: str = "images") -> str:
+    """A counting-task parquet file written by HF ``datasets`` with an image column of
+    ``Image()`` (``form`` "single") or ``Sequence(Image())`` ("sequence"), as HF-hosted image
+    datasets are stored: 6 good rows, then a corrupt image, an image below the processor's
+    28 px side, an empty problem and a missing answer."""
+    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Image as HFImage
+
+    from megatron_papo.data import counting_rows
+
+    def cell(data, i):
+        value = {"bytes": data, "path": f"img{i}.png" if with_paths else None}
+        return [value] if form == "sequence" else value
+    rows = counting_rows(10, seed=4)
+    images = [r["image"] for r in rows[:6]] + [b"\x89PNG but not really", png_of((20, 64)),
+                                               rows[8]["image"], rows[9]["image"]]
+    problems = [r["problem"] for r in rows[:8]] + [" ", rows[9]["problem"]]
+    answers = [r["answer"] for r in rows[:9]] + [None]
+    feature = Sequence(HFImage()) if form == "sequence" else HFImage()
+    table = Dataset.from_dict(
+        {column: [cell(d, i) for i, d in enumerate(images)], "problem": problems,
+         "answer": answers},
+        features=Features({column: feature, "problem": Value("string"),
+                           "answer": Value("string")}))
+    path = os.path.join(folder, f"{form}{'_paths' if with_paths else ''}.parquet")
+    table.to_parquet(path)
+    return path

@@ -9,12 +9,25 @@ dist-checkpoint writer is a bug (it holds memory and cores on a CI machine)."""
 import os
 import uuid
 
+import pytest
+
 from megatron_papo.compat import apply_cpu_patches
 
 apply_cpu_patches()
 
 RUN_MARKER = "MEGATRON_PAPO_TEST_RUN"
 GRACE_S = 15.0
+
+
+@pytest.fixture(scope="session")
+def single_run(tmp_path_factory):
+    """The small main job on one process, once per session: (its output folder, the completed
+    process). It leaves a training checkpoint (checkpoints/step_00000002), metrics and an HF
+    export (hf/): the artifacts users hand to evaluate, perception_map, publish, the converter."""
+    from train_utils import SMALL, run_main_job
+
+    out = str(tmp_path_factory.mktemp("train") / "run")
+    return out, run_main_job(SMALL, out)
 
 
 def pytest_configure(config):

@@ -214,7 +214,7 @@ def test_missing_paths_and_bad_argument_values(sources, tmp_path, cli_here):
     _one_line_error(cli_here("verify", "--hf", tmp_path / "nothing", "--ckpt", mc),
                     f"no config.json at {tmp_path / 'nothing'}")
     _one_line_error(cli_here("mcore-to-hf", "--ckpt", tmp_path / "nothing", "--out",
-                             tmp_path / "o"), "is not a megatron_papo checkpoint")
+                             tmp_path / "o"), "is not a folder: give an HF folder, a Megatron")
     for value in ("5G", "5XB", "0", "-1", "0.1B"):
         _one_line_error(_cli("mcore-to-hf", "--ckpt", mc, "--out", tmp_path / "o",
                              "--max-shard-size", value), "--max-shard-size", repr(value))

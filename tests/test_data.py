@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmark_rows import bad_rows_file, png_of
 from megatron_papo.data import DataConfig, DataError, counting_rows, load_examples, load_split
 from megatron_papo.data.synthetic import QUESTION
 
@@ -60,7 +61,7 @@ def test_parquet_rows_become_prompts_and_bad_rows_are_counted(tmp_path):
     path = _write(tmp_path, good + bad)
     examples, summary = load_examples(path, DataConfig(max_bad_fraction=0.4))
     assert summary.rows == 12 and summary.kept == 8 and len(examples) == 8
-    assert summary.bad == {"missing or corrupt image": [8, 9], "empty problem": [10],
+    assert summary.bad == {"missing image": [8], "corrupt image": [9], "empty problem": [10],
                            "missing answer": [11]}
     assert "8/12 rows kept, 4 skipped" in summary.line()
     first = examples[0]
@@ -100,3 +101,35 @@ def test_wrong_column_or_file_is_a_clear_error(tmp_path):
         load_examples(str(tmp_path / "missing.parquet"), DataConfig())
     with pytest.raises(DataError, match="data.prompt_template must contain"):
         DataConfig(prompt_template="no placeholder")
+
+
+@pytest.mark.parametrize("form,with_paths", [("single", False), ("single", True),
+                                             ("sequence", False), ("sequence", True)])
+def test_hf_image_features_with_bad_rows_are_counted_not_fatal(tmp_path, form, with_paths):
+    """Image columns stored with HF ``Image`` features (single and ``Sequence``, with and
+    without ``path`` fields): a corrupt image, an image smaller than the processor's minimum
+    side, an empty problem and a missing answer are each a counted, skipped row with its reason
+    (datasets' own decoding would have raised on the corrupt one); the good rows load; above
+    data.max_bad_fraction it is one error naming the file and the rows."""
+    path = bad_rows_file(str(tmp_path), form, with_paths)
+    lines = []
+    config = DataConfig(image_key="images", max_bad_fraction=0.5)
+    examples = load_split([path], config, log=lines.append)
+    assert len(examples) == 6
+    assert all(isinstance(e.messages[0]["content"][0]["image"], Image.Image) for e in examples)
+    assert lines == [f"[data] {path}: 6/10 rows kept, 4 skipped (1 corrupt image, 1 image "
+                     "smaller than 28 px, 1 empty problem, 1 missing answer)"]
+    with pytest.raises(DataError, match=r"4 of 10 rows are bad .* first bad rows: "
+                                        r"\[6, 7, 8, 9\]") as err:
+        load_examples(path, DataConfig(image_key="images", max_bad_fraction=0.1))
+    assert "\n" not in str(err.value)
+
+
+def test_images_above_the_pixel_limit_are_refused_before_decoding():
+    from megatron_papo.data.images import check_image
+
+    big = io.BytesIO()
+    Image.new("1", (12_000, 8_000)).save(big, format="PNG")  # 96 MP: a small file
+    assert check_image(big.getvalue()) == "image larger than 89478485 pixels"
+    assert check_image(png_of((56, 27))) == "image smaller than 28 px"
+    assert check_image(png_of((56, 56))) is None and check_image(None) == "missing image"

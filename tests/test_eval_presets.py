@@ -107,6 +107,25 @@ def test_rows_whose_gold_does_not_fit_their_type_are_counted(tmp_path):
         load_benchmark("mmk12", benchmark_rows.write("mmk12", str(tmp_path), bad[:4]))
 
 
+@pytest.mark.parametrize("name", ["geometry3k", "mmk12"])  # Sequence(Image()) and Image()
+def test_corrupt_and_tiny_images_in_a_benchmark_file_are_counted(name, tmp_path):
+    """A benchmark file written by HF datasets with a corrupt image and one below the
+    processor's 28 px side among good rows: both counted and skipped with their reasons (HF's
+    own decoding would have raised while iterating)."""
+    column = "images" if name == "geometry3k" else "image"
+    rows = benchmark_rows.schemas()[name][1]
+
+    def with_image(row, data):
+        value = {"bytes": data, "path": "x.png"}
+        return {**row, column: [value] if name == "geometry3k" else value}
+    bad = [with_image(rows[0], b"GIF89a not really"),
+           with_image(rows[1], benchmark_rows.png(size=20))]
+    path = benchmark_rows.write(name, str(tmp_path), rows * 20 + bad)
+    examples, summary = load_benchmark(name, path)
+    assert len(examples) == 60
+    assert summary.bad == {"corrupt image": [60], "image smaller than 28 px": [61]}
+
+
 def test_summary_table_averages_each_group_as_the_paper():
     presets = {n: load_preset(n) for n in ("geometry3k", "mathvista", "clevr_count")}
     table = summary_table({"geometry3k": {"accuracy": 0.2872}, "mathvista": {"accuracy": 0.5934},

@@ -54,16 +54,23 @@ def test_hf_folder_and_megatron_checkpoint_score_the_same(tiny_model):
 
     # the embedded task's file as the evaluator writes it when no data is given
     counting = write_counting_dataset(str(base / "counting"), train=1, test=256)["test"]
+    # a file saved by HF datasets with Image features and bad rows: counted, not fatal
+    bad_rows = benchmark_rows.bad_rows_file(str(base), "single", True, column="image")
     results = {}
     for name, model in (("hf", hf), ("mcore", mcore)):
         out = str(base / f"{name}.json")
-        extra = ["--data", counting, "--prompt-template", "{problem}", "--benchmark", *files] \
-            if name == "hf" else []
+        extra = ["--data", counting, bad_rows, "--prompt-template", "{problem}", "--benchmark",
+                 *files] if name == "hf" else []
         done = _evaluate("--model", model, "--out", out, *ARGS, *extra)
         assert done.returncode == 0, done.stderr[-3000:]
+        if name == "hf":
+            done_hf = done
         assert "[eval] test.parquet: accuracy" in done.stdout and "images swapped" in done.stdout
         results[name] = json.load(open(out))
     assert results["hf"]["test.parquet"]["samples"] == 24
+    assert results["hf"]["single_paths.parquet"]["samples"] == 12  # the 6 good rows, k=2
+    assert (f"[data] {bad_rows}: 6/10 rows kept, 4 skipped (1 corrupt image, 1 image smaller "
+            "than 28 px, 1 empty problem, 1 missing answer)") in done_hf.stdout
     assert 0 <= results["hf"]["test.parquet"]["accuracy"] <= 1
     # same weights, same seeds: the same samples
     assert results["hf"]["test.parquet"] == results["mcore"]["test.parquet"]
@@ -78,11 +85,73 @@ def test_hf_folder_and_megatron_checkpoint_score_the_same(tiny_model):
 
 def test_bad_model_or_data_is_one_line(tiny_model, tmp_path):
     done = _evaluate("--model", str(tmp_path), *ARGS)
-    assert done.returncode == 2 and "holds neither config.json" in done.stderr
+    assert done.returncode == 2 and f"error: --model {str(tmp_path)!r} is none of: an HF " \
+        "folder" in done.stderr
     assert "Traceback" not in done.stderr
     done = _evaluate("--model", tiny_model[0], "--data", str(tmp_path / "none.parquet"), *ARGS)
     assert done.returncode == 2 and "does not exist" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_training_checkpoint_and_a_run_folder_are_models(single_run, tmp_path):
+    """What the default job leaves behind, as README shows it: its training checkpoint (which
+    also holds the run's config.json: the Megatron marker wins) and the run folder itself (its
+    newest complete checkpoint) evaluate, with the same numbers; mcore-to-hf takes both, and
+    perception_map the run folder."""
+    out, job = single_run
+    assert job.returncode == 0, job.stderr[-2000:]
+    checkpoint = os.path.join(out, "checkpoints", "step_00000002")
+    assert os.path.exists(os.path.join(checkpoint, "config.json"))
+    args = ["--k", "1", "--max-prompts", "4", "--dtype", "float32", "--max-new-tokens", "8",
+            "--max-model-len", "256", "--kv-cache-mb", "32"]
+    results = []
+    for model in (checkpoint, out):
+        result = str(tmp_path / f"{len(results)}.json")
+        done = _evaluate("--model", model, "--out", result, *args)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "[eval] model: training checkpoint" in done.stdout
+        assert "[eval] test.parquet: accuracy" in done.stdout
+        results.append(json.load(open(result)))
+    assert results[0] == results[1]
+    hf = str(tmp_path / "hf")  # (a training checkpoint itself: tests/test_checkpoint.py)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"),
+                           "mcore-to-hf", "--ckpt", out, "--out", hf],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert any(f.endswith(".safetensors") for f in os.listdir(hf))
+    from PIL import Image
+
+    from megatron_papo.data.synthetic import QUESTION
+
+    image = str(tmp_path / "shapes.png")
+    Image.new("RGB", (56, 56), "white").save(image)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "perception_map.py"),
+                           "--model", out, "--image", image, "--question", QUESTION,
+                           "--masks", "1", "--region", "28", "--out", str(tmp_path / "map")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "map" / "perception_map.json").exists()
+
+
+def test_an_unexpected_failure_is_one_line_naming_its_log(tiny_model, tmp_path):
+    """An exception no user-error handling knows (here: the data reader breaks) ends in one
+    line with the cause and the file holding the traceback, exit 1, no traceback on the
+    terminal."""
+    code = ("import sys, megatron_papo.evaluate as E\n"
+            "def broken(*a, **k): raise RuntimeError('scorer exploded')\n"
+            "E._datasets = broken\n"
+            "sys.exit(E.main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, "--model", tiny_model[0], *ARGS],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert errors[0].startswith("error: evaluate failed unexpectedly (RuntimeError: scorer "
+                                "exploded); the traceback is in ")
+    log = errors[0].split("the traceback is in ")[1].split(". This is a bug")[0]
+    text = open(log).read()
+    assert "Traceback" in text and "scorer exploded" in text
+    os.remove(log)
 
 
 def test_swapped_images_come_from_other_prompts():

@@ -11,23 +11,8 @@ import pytest
 
 from megatron_papo.train import ConfigError, build_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["trainer.steps=2", "trainer.prompts_per_step=8", "trainer.eval_prompts=8",
-         "data.synthetic_train=32", "data.synthetic_val=16", "rollout.n=4",
-         "rollout.max_new_tokens=16", "trainer.warmup_steps=3"]
-
-
-def _main(args, out):
-    return subprocess.run([sys.executable, "-m", "megatron_papo.train", *args,
-                           f"trainer.output_dir={out}", f"hydra.run.dir={out}"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def single_run(tmp_path_factory):
-    """The small job on one process: (its output folder, the completed process)."""
-    out = str(tmp_path_factory.mktemp("train") / "run")
-    return out, _main(SMALL, out)
+from train_utils import ROOT, SMALL
+from train_utils import run_main_job as _main
 
 
 def _first_step(out):

@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     apply_cpu_patches()
     import torch.distributed as dist
 
-    from megatron_papo.cli import is_user_error, quiet_redundant_logs, report
+    from megatron_papo.cli import internal_error, is_user_error, quiet_redundant_logs, report
     from megatron_papo.conversion import checkpoint as ck
     from megatron_papo.parallel import init_processes
 
@@ -134,7 +134,13 @@ def main(argv=None) -> int:
         if args.command == "hf-to-mcore":
             ck.hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.dtype, args.force, **stages)
         elif args.command == "mcore-to-hf":
-            ck.mcore_to_hf(args.ckpt, args.out, args.tp, args.pp, args.dtype, args.naming,
+            from megatron_papo.conversion.locate import ModelPathError, resolve_model_path
+
+            found = resolve_model_path(args.ckpt, option="--ckpt")
+            if not found.is_megatron:
+                raise ModelPathError(f"--ckpt {args.ckpt!r} is an HF folder: mcore-to-hf takes a "
+                                     "Megatron checkpoint or a run folder")
+            ck.mcore_to_hf(found.path, args.out, args.tp, args.pp, args.dtype, args.naming,
                            args.max_shard_size, args.force, args.hf_config, **stages)
         else:
             diff = ck.verify_conversion(args.hf, args.ckpt, args.tp, args.pp, **stages)
@@ -145,9 +151,10 @@ def main(argv=None) -> int:
             code = 0 if ok else 1
     except Exception as err:  # noqa: BLE001
         if not is_user_error(err):
-            raise
-        report(err)  # one line, once for all ranks
-        code = 2
+            code = internal_error(err, "convert_checkpoint")
+        else:
+            report(err)  # one line, once for all ranks
+            code = 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     apply_cpu_patches()
     from megatron_papo.cli import run_main
 
-    return run_main(run, args)
+    return run_main(run, args, prog="perception_map")
 
 
 if __name__ == "__main__":

@@ -31,18 +31,15 @@ def resolve(path: str) -> tuple[str, str | None]:
     """(training checkpoint folder, the run folder holding metrics.jsonl or None)."""
     from megatron_papo.train.checkpoint import CONFIG_FILE, find_resumable
 
-    if not os.path.isdir(path):
-        raise PublishError(f"{path!r} is not a folder: give a run folder (trainer.output_dir) or "
-                           "a training checkpoint (checkpoints/step_N)")
-    if os.path.exists(os.path.join(path, "megatron_papo.json")):
-        checkpoint = path
-    else:
+    from megatron_papo.conversion.locate import resolve_model_path
+
+    found = resolve_model_path(path, option="run")
+    if not found.is_megatron:
         root = os.path.join(path, "checkpoints")
-        checkpoint = find_resumable(root, log=lambda m: None) if os.path.isdir(root) else None
-        if checkpoint is None:
-            raise PublishError(f"{path!r} holds no complete training checkpoint (looked for "
-                               f"{root}/step_N; trainer.save_every > 0 writes them)")
-    if not os.path.exists(os.path.join(checkpoint, CONFIG_FILE)):
+        raise PublishError(f"{path!r} holds no complete training checkpoint (looked for "
+                           f"{root}/step_N; trainer.save_every > 0 writes them)")
+    checkpoint = found.path
+    if found.kind != "training" or not os.path.exists(os.path.join(checkpoint, CONFIG_FILE)):
         raise PublishError(f"{checkpoint!r} has no {CONFIG_FILE}: publish a TRAINING checkpoint "
                            "(a converted one does not carry the run's configuration)")
     run = next((d for d in (path, os.path.dirname(os.path.dirname(checkpoint.rstrip("/"))))
@@ -218,7 +215,7 @@ def main(argv=None) -> int:
     apply_cpu_patches()
     from megatron_papo.cli import run_main
 
-    return run_main(run, args)
+    return run_main(run, args, prog="publish")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import re
 import string
 from dataclasses import dataclass, field
 
-from .loader import DataError, Example, LoadSummary, _read, row_images
+from .loader import DataError, Example, LoadSummary, _read, image_problem, row_images, undecoded
 
 # PAPO-Eval's instruction after each question (its processed PAPO_eval splits)
 EVAL_INSTRUCTION = ("You first think through the reasoning process as an internal monologue, "
@@ -171,6 +171,7 @@ def load_benchmark(preset: BenchmarkPreset | str, path: str,
             raise BenchmarkError(
                 f"{preset.where()}: column {name!r} is not in '{path}' (its columns: "
                 f"{columns}); the preset reads the {preset.dataset} {preset.split} schema")
+    table = undecoded(table, preset.image)
     summary = LoadSummary(path, len(table), 0)
     examples = []
     for i, row in enumerate(table):
@@ -193,8 +194,10 @@ def load_benchmark(preset: BenchmarkPreset | str, path: str,
         if gold is None:
             reason = "missing answer" if not answer else f"answer not a valid {kind}"
         else:
-            images = row_images(row[preset.image])
-            reason = None if images else "missing or corrupt image"
+            reason = image_problem(row[preset.image])
+            images = None if reason else row_images(row[preset.image])
+            if not reason and images is None:
+                reason = "corrupt image"
         if reason:
             summary.bad.setdefault(reason, []).append(i)
             continue

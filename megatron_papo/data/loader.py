@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .images import load_image
+from .images import check_image, load_image
 
 # The authors' instruction (EasyR1's math format prompt), appended to each problem.
 PROMPT_TEMPLATE = (
@@ -76,15 +76,47 @@ def _read(path: str):
     return datasets.load_dataset(kind, data_files=path, split="train")
 
 
+def undecoded(table, column: str):
+    """``table`` with HF ``datasets``' automatic image decoding turned off for ``column``
+    (``Image()``, or a list/sequence of them): datasets would decode while iterating and a
+    corrupt image would end the iteration with an exception; here each cell stays
+    {"bytes", "path"} and :func:`row_images` decodes it, so a bad image is one counted row."""
+    from datasets import Image as HFImage
+    from datasets import List, Sequence
+
+    feature = table.features.get(column)
+    if isinstance(feature, HFImage) and feature.decode:
+        return table.cast_column(column, HFImage(decode=False))
+    inner = getattr(feature, "feature", None)
+    if isinstance(feature, (List, Sequence)) and isinstance(inner, HFImage) and inner.decode:
+        return table.cast_column(column, List(HFImage(decode=False)))
+    if isinstance(feature, list) and len(feature) == 1 and isinstance(feature[0], HFImage):
+        return table.cast_column(column, [HFImage(decode=False)])
+    return table
+
+
+def image_problem(raw) -> str | None:
+    """Why one row's image cell (one image or a list of them, any form ``load_image`` reads)
+    cannot be used, or None. Sizes are read from the file header before any pixel is decoded."""
+    raws = raw if isinstance(raw, (list, tuple)) else [raw]
+    if not raws or any(r is None for r in raws):
+        return "missing image"
+    for r in raws:
+        problem = check_image(r)
+        if problem:
+            return problem
+    return None
+
+
 def row_images(raw) -> list | None:
-    """The PIL images of one row's image cell (one image or a list of them in any form
-    ``load_image`` reads); None when one is absent or cannot be decoded."""
-    raws = raw if isinstance(raw, list) else [raw]
+    """The PIL images of one row's image cell; None when one is absent, corrupt, smaller than
+    the processor's minimum side or larger than the pixel limit (``image_problem`` says why)."""
+    if image_problem(raw):
+        return None
+    raws = raw if isinstance(raw, (list, tuple)) else [raw]
     try:
-        if not raws or any(r is None for r in raws):
-            return None
         return [load_image(r) for r in raws]
-    except Exception:  # noqa: BLE001 - a corrupt or absent image of any kind
+    except Exception:  # noqa: BLE001 - a corrupt image of any kind
         return None
 
 
@@ -96,6 +128,7 @@ def load_examples(path: str, config: DataConfig) -> tuple[list[Example], LoadSum
         if name not in columns:
             raise DataError(f"data.{key}='{name}' is not a column of '{path}' (columns: "
                             f"{columns})")
+    table = undecoded(table, config.image_key)
     summary = LoadSummary(path, len(table), 0)
     examples = []
     for i, row in enumerate(table):
@@ -107,8 +140,10 @@ def load_examples(path: str, config: DataConfig) -> tuple[list[Example], LoadSum
         elif answer is None or not str(answer).strip():
             reason = "missing answer"
         else:
-            images = row_images(raw)
-            reason = None if images else "missing or corrupt image"
+            reason = image_problem(raw)
+            images = None if reason else row_images(raw)
+            if not reason and images is None:
+                reason = "corrupt image"
         if reason:
             summary.bad.setdefault(reason, []).append(i)
             continue

@@ -33,7 +33,7 @@ def run(raw: dict) -> None:
     apply_cpu_patches()
     import torch.distributed as dist
 
-    from megatron_papo.cli import fail, is_user_error, quiet_redundant_logs
+    from megatron_papo.cli import fail, internal_error, is_user_error, quiet_redundant_logs
     from megatron_papo.parallel import (
         diagnose_collective_failure,
         init_processes,
@@ -60,11 +60,12 @@ def run(raw: dict) -> None:
             if trainer is not None:
                 trainer.engine.close()
             _exit_now(3)
-        if not is_user_error(err):
-            raise
         if trainer is not None:
             trainer.close()
             trainer = None
+        if not is_user_error(err):
+            # a bug or an unforeseen failure: one line, the traceback in the run folder
+            sys.exit(internal_error(err, "train", (raw.get("trainer") or {}).get("output_dir")))
         fail(err)
     finally:
         if trainer is not None:
