@@ -107,7 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=8, help="samples per prompt (avg@k; default 8)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default {DEFAULT_MAX_NEW_TOKENS}, lowered to what --max-model-len leaves "
+                        "after the longest prompt (said in one line)")
     p.add_argument("--max-prompts", type=int, default=0, help="first N prompts per dataset (0: all)")
     p.add_argument("--image-key", default="image")
     p.add_argument("--problem-key", default="problem")
@@ -121,7 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", help="engine dtype (float32 on CPU for exact "
                                                        "log-probs; default bfloat16)")
-    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help=f"default {DEFAULT_MAX_MODEL_LEN}, or the model's "
+                        "max_position_embeddings if smaller")
     p.add_argument("--kv-cache-mb", type=int, default=1024)
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
@@ -169,6 +173,66 @@ def _datasets(args, log, scratch: str) -> dict[str, list]:
     return out
 
 
+DEFAULT_MAX_MODEL_LEN = 8192
+DEFAULT_MAX_NEW_TOKENS = 2048
+
+
+def _model_length(args, hf_dir: str, log) -> int:
+    """--max-model-len, or the default clamped to the model's max_position_embeddings."""
+    from megatron_papo.models.qwen2_5_vl import load_hf_config
+
+    config = load_hf_config(hf_dir)
+    limit = (config.get("text_config") or config).get("max_position_embeddings") \
+        or config.get("max_position_embeddings")
+    if args.max_model_len is not None:
+        if limit and args.max_model_len > limit:
+            raise EvaluationError(f"--max-model-len {args.max_model_len} exceeds the model's "
+                                  f"max_position_embeddings ({limit}); pass at most {limit}")
+        return args.max_model_len
+    if limit and limit < DEFAULT_MAX_MODEL_LEN:
+        log(f"[eval] --max-model-len {limit}: the model's max_position_embeddings (default "
+            f"{DEFAULT_MAX_MODEL_LEN})")
+        return limit
+    return DEFAULT_MAX_MODEL_LEN
+
+
+def _new_tokens(args, engine, datasets: dict, max_model_len: int, log) -> int:
+    """--max-new-tokens, or the default lowered so that the longest prompt of the data still
+    fits; one line naming the flags when nothing fits."""
+    longest, where = 0, ""
+    for name, examples in datasets.items():
+        for i, example in enumerate(examples):
+            n = int(engine.encoder.encode_one(example.messages, i).input_ids.numel())
+            if n > longest:
+                longest, where = n, f"{name} prompt {i}"
+    room = max_model_len - longest
+    wanted = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    if room < 1 or (args.max_new_tokens and args.max_new_tokens > room):
+        raise EvaluationError(
+            f"the longest prompt ({where}: {longest} tokens) + --max-new-tokens {wanted} exceed "
+            f"--max-model-len {max_model_len}; raise --max-model-len (the model allows its "
+            "max_position_embeddings) or lower --max-new-tokens")
+    if args.max_new_tokens is None and room < wanted:
+        log(f"[eval] --max-new-tokens {room}: what --max-model-len {max_model_len} leaves after "
+            f"the longest prompt ({longest} tokens; default {wanted})")
+        return room
+    return wanted
+
+
+def _in_flags(fn, *args, **kwargs):
+    """``fn``, with the engine's prompt-length error told in this command's flags."""
+    from megatron_papo.rollout import RolloutInputError
+
+    try:
+        return fn(*args, **kwargs)
+    except RolloutInputError as err:
+        text = (str(err).replace("rollout.sampling.max_new_tokens=", "--max-new-tokens ")
+                .replace("rollout.max_model_len=", "--max-model-len ")
+                .replace("raise max_model_len or drop long prompts (data.max_prompt_length)",
+                         "raise --max-model-len or lower --max-new-tokens"))
+        raise EvaluationError(text) from None
+
+
 def _hf_folder(model: str, scratch: str, log) -> str:
     """An HF folder for the engine: the model itself, or a Megatron checkpoint (converted or
     training; a run folder's newest) exported into ``scratch``."""
@@ -198,20 +262,23 @@ def run(args) -> dict:
         benchmarks, presets = _benchmarks(args, log)
         datasets = {**_datasets(args, log, scratch), **benchmarks}
         hf_dir = _hf_folder(args.model, scratch, log)
+        max_model_len = _model_length(args, hf_dir, log)
         engine = RolloutEngine(EngineConfig(
-            hf_dir, dtype=args.dtype, max_model_len=args.max_model_len,
+            hf_dir, dtype=args.dtype, max_model_len=max_model_len,
             kv_cache_bytes=args.kv_cache_mb * 2**20, min_pixels=args.min_pixels,
             max_pixels=args.max_pixels, seed=args.seed))
         try:
+            max_new_tokens = _new_tokens(args, engine, datasets, max_model_len, log)
             for name, examples in datasets.items():
                 kwargs = dict(sampling=SamplingConfig(
                     n=args.k, temperature=args.temperature, top_p=args.top_p,
-                    max_new_tokens=args.max_new_tokens, seed=args.seed), training_dp=False)
-                result = avg_at_k(engine, examples, **kwargs)
+                    max_new_tokens=max_new_tokens, seed=args.seed), training_dp=False)
+                result = _in_flags(avg_at_k, engine, examples, **kwargs)
                 line = (f"[eval] {name}: accuracy {result['accuracy']:.4f} (avg@{args.k}, "
                         f"{len(examples)} prompts), format {result['format']:.4f}")
                 if args.swap_images:
-                    swapped = avg_at_k(engine, examples, images_swapped=True, **kwargs)
+                    swapped = _in_flags(avg_at_k, engine, examples, images_swapped=True,
+                                        **kwargs)
                     result["accuracy_images_swapped"] = swapped["accuracy"]
                     line += f", accuracy with images swapped {swapped['accuracy']:.4f}"
                 log(line)

@@ -94,25 +94,32 @@ def test_bad_model_or_data_is_one_line(tiny_model, tmp_path):
 
 
 def test_a_training_checkpoint_and_a_run_folder_are_models(single_run, tmp_path):
-    """What the default job leaves behind, as README shows it: its training checkpoint (which
-    also holds the run's config.json: the Megatron marker wins) and the run folder itself (its
-    newest complete checkpoint) evaluate, with the same numbers; mcore-to-hf takes both, and
-    perception_map the run folder."""
+    """What the default job leaves behind: its training checkpoint (which also holds the run's
+    config.json: the Megatron marker wins) and the run folder itself (its newest complete
+    checkpoint, here with README's evaluation defaults) evaluate; mcore-to-hf and
+    perception_map take the run folder."""
     out, job = single_run
     assert job.returncode == 0, job.stderr[-2000:]
     checkpoint = os.path.join(out, "checkpoints", "step_00000002")
     assert os.path.exists(os.path.join(checkpoint, "config.json"))
     args = ["--k", "1", "--max-prompts", "4", "--dtype", "float32", "--max-new-tokens", "8",
             "--max-model-len", "256", "--kv-cache-mb", "32"]
-    results = []
-    for model in (checkpoint, out):
-        result = str(tmp_path / f"{len(results)}.json")
-        done = _evaluate("--model", model, "--out", result, *args)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "[eval] model: training checkpoint" in done.stdout
-        assert "[eval] test.parquet: accuracy" in done.stdout
-        results.append(json.load(open(result)))
-    assert results[0] == results[1]
+    done = _evaluate("--model", checkpoint, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[eval] model: training checkpoint" in done.stdout
+    assert "[eval] test.parquet: accuracy" in done.stdout
+    # the run folder (its newest checkpoint) with README's evaluation defaults, sized for 7B:
+    # the limits follow the model (max_position_embeddings 2,048) and the data, in one line each
+    done = _evaluate("--model", out, "--dtype", "float32", "--swap-images", "--max-prompts", "2",
+                     "--k", "1", "--kv-cache-mb", "64")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"[eval] model: training checkpoint {checkpoint}" in done.stdout
+    assert "[eval] --max-model-len 2048: the model's max_position_embeddings" in done.stdout
+    assert "[eval] --max-new-tokens 20" in done.stdout and "accuracy with images swapped" \
+        in done.stdout
+    done = _evaluate("--model", out, "--max-model-len", "4096", *args[:6])
+    assert done.returncode == 2 and "error: --max-model-len 4096 exceeds the model's " \
+        "max_position_embeddings (2048); pass at most 2048" in done.stderr
     hf = str(tmp_path / "hf")  # (a training checkpoint itself: tests/test_checkpoint.py)
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"),
                            "mcore-to-hf", "--ckpt", out, "--out", hf],
