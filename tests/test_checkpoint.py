@@ -81,8 +81,7 @@ def test_sigterm_saves_then_stops_and_the_run_continues(uninterrupted, tmp_path)
     assert sorted(ours) == [1, 2, 3, 4, 5]
 
 
-def test_broken_newest_checkpoint_is_skipped_and_a_training_checkpoint_converts(uninterrupted,
-                                                                               tmp_path):
+def test_broken_newest_checkpoint_is_skipped(uninterrupted):
     root = os.path.join(uninterrupted, "checkpoints")
     assert sorted(os.listdir(root)) == ["latest", "step_00000004", "step_00000005"]  # keep 2
     weights = os.path.join(root, "step_00000005", "weights")
@@ -94,14 +93,9 @@ def test_broken_newest_checkpoint_is_skipped_and_a_training_checkpoint_converts(
     assert "skipping checkpoint" in resumed.stdout
     assert f"weights/{data} is truncated" in resumed.stdout
     assert "resumed from" in resumed.stdout and "step_00000004" in resumed.stdout
-    hf = str(tmp_path / "hf")
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"),
-                           "mcore-to-hf", "--ckpt", os.path.join(root, "step_00000006"),
-                           "--out", hf], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    assert Qwen2_5_VLForConditionalGeneration.from_pretrained(hf).config.text_config.hidden_size == 64
+    # (training checkpoints convert: tests/test_conversion.py, and a run folder's newest one:
+    # tests/test_evaluate.py)
+    assert os.path.exists(os.path.join(root, "step_00000006", "megatron_papo.json"))
 
 
 def test_explicit_resume_of_a_folder_that_is_no_checkpoint_is_one_line(tmp_path):

@@ -209,6 +209,20 @@ def test_full_disk_and_unwritable_output_are_one_line(sources, tmp_path, cli_her
     assert (_digest(hf), _digest(mc)) == before
 
 
+def test_output_overlapping_the_input_is_refused_even_with_force(sources, cli_here):
+    """--out equal to the input, inside it or containing it deleted the source with --force
+    (both directions): refused with one line, the source intact."""
+    _, hf, mc = sources
+    before = {hf: _digest(hf), mc: _digest(mc)}
+    for out in (hf, os.path.join(hf, "sub"), os.path.dirname(hf)):
+        done = cli_here("hf-to-mcore", "--hf", hf, "--out", out, "--force")
+        assert done.returncode == 2, (out, done.stderr[-2000:])
+        assert "overlaps the input" in done.stderr and "Traceback" not in done.stderr
+    done = cli_here("mcore-to-hf", "--ckpt", mc, "--out", mc, "--force")
+    assert done.returncode == 2 and "overlaps the input" in done.stderr
+    assert before == {hf: _digest(hf), mc: _digest(mc)}
+
+
 def test_missing_paths_and_bad_argument_values(sources, tmp_path, cli_here):
     _, hf, mc = sources
     _one_line_error(cli_here("verify", "--hf", tmp_path / "nothing", "--ckpt", mc),

@@ -29,7 +29,7 @@ class PublishError(ValueError):
 
 def resolve(path: str) -> tuple[str, str | None]:
     """(training checkpoint folder, the run folder holding metrics.jsonl or None)."""
-    from megatron_papo.train.checkpoint import CONFIG_FILE, find_resumable
+    from megatron_papo.train.checkpoint import CONFIG_FILE
 
     from megatron_papo.conversion.locate import resolve_model_path
 
