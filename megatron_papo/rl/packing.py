@@ -34,10 +34,6 @@ class PackedRow:
     params: PackedSeqParams
     _unpack: torch.Tensor | None = None  # [N, L] gather index of per_token (built once)
 
-    @property
-    def tokens(self) -> int:
-        return sum(self.lengths)
-
     def per_token(self, per_position: torch.Tensor) -> torch.Tensor:
         """[1, T] values computed at position t for token t+1 -> [N, L] aligned with the tokens
         (position 0 and padding hold 0), as ``shift_to_tokens`` gives on the padded layout.
