@@ -179,17 +179,15 @@ DEFAULT_MAX_NEW_TOKENS = 2048
 
 def _model_length(args, hf_dir: str, log) -> int:
     """--max-model-len, or the default clamped to the model's max_position_embeddings."""
-    from megatron_papo.models.qwen2_5_vl import load_hf_config
+    from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
 
-    config = load_hf_config(hf_dir)
-    limit = (config.get("text_config") or config).get("max_position_embeddings") \
-        or config.get("max_position_embeddings")
+    limit = text_spec_from_hf(load_hf_config(hf_dir)).max_position_embeddings
     if args.max_model_len is not None:
-        if limit and args.max_model_len > limit:
+        if args.max_model_len > limit:
             raise EvaluationError(f"--max-model-len {args.max_model_len} exceeds the model's "
                                   f"max_position_embeddings ({limit}); pass at most {limit}")
         return args.max_model_len
-    if limit and limit < DEFAULT_MAX_MODEL_LEN:
+    if limit < DEFAULT_MAX_MODEL_LEN:
         log(f"[eval] --max-model-len {limit}: the model's max_position_embeddings (default "
             f"{DEFAULT_MAX_MODEL_LEN})")
         return limit

@@ -128,8 +128,8 @@ def test_performance_knobs_keep_the_math(tmp_path, single_run):
         assert ours["reward"] == ref["reward"] and ours["tokens"] == ref["tokens"]
         for key in ("loss/policy", "loss/kl_prcp", "entropy/original", "entropy/masked"):
             assert ours[key] == pytest.approx(ref[key], abs=1e-4), (n, key)
-    # step 2: the trainer's recomputation here, the update's first mini-batch in the default run
-    # (no extra forward): the same engine-vs-trainer gap, at fp32 noise
+    # step 2: the engine-vs-trainer gap at fp32 noise whether the old log-probs are the trainer's
+    # recomputation (here) or the engine's (the default run)
     assert step(out, 2)["logprob_mismatch"] < 1e-5
     assert step(single_run[0], 2)["logprob_mismatch"] < 1e-5
 
@@ -160,9 +160,9 @@ def _step(folder, n):
 def test_tied_head_job_keeps_engine_and_trainer_together(tmp_path):
     """The main job on a tiny model with TIED embeddings (Qwen2.5-VL-3B's layout): after the
     warm start's and step 1's weight pushes the engine serves the trained weights (its log-probs
-    equal the trainer's at the untied model's level, < 1e-5 per token, measured by recomputation
-    at step 1 and by the update at step 2). Before the engine re-derived its tied head after a
-    push, step 1 measured 0.12 and the guard stopped the job there."""
+    equal the trainer's at the untied model's level, < 1e-5 per token, at steps 1 and 2).
+    Before the engine re-derived its tied head after a push, step 1 measured 0.02-0.12 and the
+    guard stopped the job there."""
     out = str(tmp_path / "tied")
     done = _main(SMALL + ["model.tiny_tied_embeddings=true", "trainer.export_hf=false",
                           "trainer.save_every=0"], out)

@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 
-META_FILE = "megatron_papo.json"
+from .checkpoint import META_FILE
 
 
 class ModelPathError(ValueError):

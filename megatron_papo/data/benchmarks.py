@@ -35,7 +35,7 @@ import re
 import string
 from dataclasses import dataclass, field
 
-from .loader import DataError, Example, LoadSummary, _read, image_problem, row_images, undecoded
+from .loader import DataError, Example, LoadSummary, _read, row_images, undecoded
 
 # PAPO-Eval's instruction after each question (its processed PAPO_eval splits)
 EVAL_INSTRUCTION = ("You first think through the reasoning process as an internal monologue, "
@@ -194,10 +194,7 @@ def load_benchmark(preset: BenchmarkPreset | str, path: str,
         if gold is None:
             reason = "missing answer" if not answer else f"answer not a valid {kind}"
         else:
-            reason = image_problem(row[preset.image])
-            images = None if reason else row_images(row[preset.image])
-            if not reason and images is None:
-                reason = "corrupt image"
+            images, reason = row_images(row[preset.image])
         if reason:
             summary.bad.setdefault(reason, []).append(i)
             continue

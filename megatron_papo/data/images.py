@@ -13,6 +13,10 @@ class ImageLoadError(ValueError):
     """An image that is missing or cannot be decoded; the message says why."""
 
 
+class ImageMissingError(ImageLoadError):
+    """No image: None, or a path to no file."""
+
+
 # Qwen2.5-VL's processor needs each side >= one merged patch (2 x 14 px); images above this many
 # pixels (PIL's own decompression-bomb line) are refused before decoding: the processor would
 # only downscale them to max_pixels after holding them whole in memory.
@@ -23,12 +27,12 @@ MAX_IMAGE_PIXELS = 89_478_485
 def _open(value):
     """A lazily opened PIL image (header read, pixels not decoded) or an ImageLoadError."""
     if value is None:
-        raise ImageLoadError("the image is missing (None)")
+        raise ImageMissingError("the image is missing (None)")
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, (str, os.PathLike)):
         if not os.path.exists(value):
-            raise ImageLoadError(f"image file '{value}' does not exist")
+            raise ImageMissingError(f"image file '{value}' does not exist")
         return Image.open(value)
     if isinstance(value, (bytes, bytearray)):
         return Image.open(io.BytesIO(value))
@@ -46,9 +50,8 @@ def check_image(value, min_side: int = MIN_IMAGE_SIDE,
     Reads the header only: the size is known before any pixel is decoded."""
     try:
         image = _open(value)
-    except ImageLoadError as err:
-        return "missing image" if "missing" in str(err) or "does not exist" in str(err) \
-            else "corrupt image"
+    except ImageMissingError:
+        return "missing image"
     except Exception:  # noqa: BLE001 - PIL raises many kinds for data that is no image
         return "corrupt image"
     width, height = image.size

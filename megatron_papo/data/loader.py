@@ -108,16 +108,17 @@ def image_problem(raw) -> str | None:
     return None
 
 
-def row_images(raw) -> list | None:
-    """The PIL images of one row's image cell; None when one is absent, corrupt, smaller than
-    the processor's minimum side or larger than the pixel limit (``image_problem`` says why)."""
-    if image_problem(raw):
-        return None
+def row_images(raw) -> tuple[list | None, str | None]:
+    """(the PIL images of one row's image cell, None), or (None, why not): absent, corrupt,
+    smaller than the processor's minimum side or larger than the pixel limit."""
+    problem = image_problem(raw)
+    if problem:
+        return None, problem
     raws = raw if isinstance(raw, (list, tuple)) else [raw]
     try:
-        return [load_image(r) for r in raws]
-    except Exception:  # noqa: BLE001 - a corrupt image of any kind
-        return None
+        return [load_image(r) for r in raws], None
+    except Exception:  # noqa: BLE001 - pixels that do not decode behind a valid header
+        return None, "corrupt image"
 
 
 def load_examples(path: str, config: DataConfig) -> tuple[list[Example], LoadSummary]:
@@ -140,10 +141,7 @@ def load_examples(path: str, config: DataConfig) -> tuple[list[Example], LoadSum
         elif answer is None or not str(answer).strip():
             reason = "missing answer"
         else:
-            reason = image_problem(raw)
-            images = None if reason else row_images(raw)
-            if not reason and images is None:
-                reason = "corrupt image"
+            images, reason = row_images(raw)
         if reason:
             summary.bad.setdefault(reason, []).append(i)
             continue

@@ -64,11 +64,9 @@ def sample_lengths(attention_mask: torch.Tensor) -> list[int]:
     return [int(n) for n in lengths]
 
 
-def packed_length(lengths: list[int], multiple: int = 1, at_least: int = 0) -> int:
-    """The row length of a pack: its tokens rounded up to ``multiple``, and at least
-    ``at_least`` (a fixed p2p shape for the pipeline)."""
-    total = max(sum(lengths), at_least)
-    return -(-total // multiple) * multiple
+def packed_length(lengths: list[int], multiple: int = 1) -> int:
+    """The row length of a pack: its tokens rounded up to ``multiple``."""
+    return -(-sum(lengths) // multiple) * multiple
 
 
 def pack(input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -342,22 +342,9 @@ class Trainer:
                 advantages=advantages)
         # what the policy did (every group drawn this step), not only what it trains on
         scored = [s for g in everything for s in g.scored]
-        # the mismatch engine vs trainer is measured on the first step and at evaluations
-        measure = not c.rollout.old_logprobs_from_engine or self.step_index == 0 or (
-            c.trainer.eval_every and self.step_index % c.trainer.eval_every == 0)
         with m.phase("logprobs"):
-            if measure:
-                batch.old_logp = self.updater.compute_logprobs(batch)
-                mask = batch.response_mask.bool()
-                mismatch = float((batch.old_logp - batch.rollout_logp)[mask].abs().mean())
-                # (above the stop line the step ends in EngineMismatchError instead)
-                if (c.rollout.old_logprobs_from_engine
-                        and MISMATCH_WARN < mismatch <= c.rollout.logprob_mismatch_limit()):
-                    _log(f"[train] warning: engine vs trainer log-probs differ by {mismatch:.2e} "
-                         "per token; the importance ratios are off: set "
-                         "rollout.old_logprobs_from_engine=false")
-            if c.rollout.old_logprobs_from_engine:
-                batch.old_logp = batch.rollout_logp
+            batch.old_logp = (batch.rollout_logp if c.rollout.old_logprobs_from_engine
+                              else self.updater.compute_logprobs(batch))
             if self.reference is not None:
                 batch.ref_logp = self.updater.compute_logprobs(batch, model_chunks=self.reference)
             if needs_masked and c.algorithm.masked_branch == "frozen":
@@ -377,11 +364,14 @@ class Trainer:
             "tokens": float(mask.sum()),
             **sampling_stats,
         }
-        if measure:
-            local["logprob_mismatch"] = mismatch
         record = mean_over_data_parallel(local)
-        if not measure:  # the update's first mini-batch measured it, at no extra cost
-            record["logprob_mismatch"] = updates[0]["check/logprob_mismatch"]
+        # engine vs trainer on every step, measured in the update's first mini-batch (the
+        # sampling weights still): no extra forward
+        record["logprob_mismatch"] = mismatch = updates[0]["check/logprob_mismatch"]
+        if (c.rollout.old_logprobs_from_engine   # (above the limit: EngineMismatchError below)
+                and MISMATCH_WARN < mismatch <= c.rollout.logprob_mismatch_limit()):
+            _log(f"[train] warning: engine vs trainer log-probs differ by {mismatch:.2e} per "
+                 "token; the importance ratios are off: set rollout.old_logprobs_from_engine=false")
         record["tokens"] *= self.dp_size
         record.update({k: v for k, v in updates[-1].items()  # shared by every rank
                        if k.startswith(("loss/", "clip/", "entropy/")) or k == "grad_norm"})
