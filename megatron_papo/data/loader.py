@@ -82,7 +82,7 @@ def undecoded(table, column: str):
     corrupt image would end the iteration with an exception; here each cell stays
     {"bytes", "path"} and :func:`row_images` decodes it, so a bad image is one counted row."""
     from datasets import Image as HFImage
-    from datasets import List, Sequence
+    from datasets import List, Sequence  # List: datasets >= 4 (requirements.txt)
 
     feature = table.features.get(column)
     if isinstance(feature, HFImage) and feature.decode:
