@@ -35,7 +35,7 @@ def build_rollout_batch(prompts: list, rollouts: list[PromptRollout], encoder: P
     rows, prompt_lens, logps = [], [], []
     pixels, masked, grids, per_sample = [], [], [], []
     for rollout in rollouts:
-        encoded = encoder.encode_one(prompts[rollout.index], rollout.index)
+        encoded = rollout.encoded or encoder.encode_one(prompts[rollout.index], rollout.index)
         if encoded.input_ids.tolist() != rollout.prompt_ids:
             raise RuntimeError(
                 f"prompt {rollout.index}: the trainer's processor gives other prompt ids than the "

@@ -20,6 +20,8 @@ ids (:func:`megatron_papo.rl.logprobs.sampling_logits`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 import logging
 import os
@@ -128,6 +130,9 @@ class PromptRollout:
     index: int                # position of the prompt in the global batch
     prompt_ids: list[int]     # exactly what the engine consumed (image pads expanded)
     responses: list[Response] = field(default_factory=list)
+    # the prompt's encoding (pixel values, grids) when this rank encoded it for the engine: the
+    # trainer's batch reuses it instead of running the processor again; never sent between ranks
+    encoded: EncodedPrompt | None = field(default=None, repr=False, compare=False)
 
 
 def _rollout_layout(tp: int) -> tuple[int, int, int]:
@@ -388,7 +393,9 @@ class RolloutEngine:
         everything = sorted((r for part in gathered if part for r in part), key=lambda r: r.index)
         if dp_rank is None or dp_size is None:
             dp_rank, dp_size = _training_dp()
-        return [everything[i] for i in split_evenly(len(everything), dp_size, dp_rank)]
+        mine = dict(zip(share, encoded))  # this rank's encodings travel with its own rollouts
+        return [dataclasses.replace(everything[i], encoded=mine.get(everything[i].index))
+                for i in split_evenly(len(everything), dp_size, dp_rank)]
 
     # ------------------------------------------------------------------ weights and memory
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> dict:

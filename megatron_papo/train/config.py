@@ -177,12 +177,18 @@ class TrainerConfig:
     eval_every: int = 50
     eval_prompts: int = 256
     eval_k: int = 8
+    # stop once a held-out evaluation (every eval_every steps) reaches this avg@eval_k accuracy
+    # (null: run all `steps`); the checkpoint, final metrics and HF export are written as at the end
+    stop_at_accuracy: float | None = None
     output_dir: str = "outputs/run"
     export_hf: bool = True
     # Format warm start: supervised steps on "<think> </think> \\boxed{k}" with RANDOM labels k
     # (drawn from the training answers), so that outputs parse while RL does all the learning.
     warmup_steps: int = 30
     warmup_target: str = "<think> </think> \\boxed{{{answer}}}"
+    # false: the warm start's loss leaves out the answer's tokens (the random labels would teach
+    # the policy that the answer does not depend on the image); true: the whole target
+    warmup_answer_loss: bool = False
     # checkpoints (train/checkpoint.py): every save_every steps and at the end (0: none)
     save_every: int = 50
     keep_last: int = 2
@@ -356,6 +362,13 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     if not config.trainer.collective_timeout_minutes > 0:
         raise ConfigError(f"trainer.collective_timeout_minutes="
                           f"{config.trainer.collective_timeout_minutes} must be > 0")
+    target = config.trainer.stop_at_accuracy
+    if target is not None:
+        if not 0 < target <= 1:
+            raise ConfigError(f"trainer.stop_at_accuracy={target} must be in (0, 1] (null: off)")
+        if not config.trainer.eval_every:
+            raise ConfigError("trainer.stop_at_accuracy needs held-out evaluations: set "
+                              "trainer.eval_every > 0")
     if "{answer}" not in config.trainer.warmup_target:
         raise ConfigError("trainer.warmup_target must contain '{answer}'")
     t = config.trainer

@@ -75,8 +75,32 @@ def target_rollout(encoder, messages, index: int, target: str):
     tokenizer = encoder.tokenizer
     ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [
         tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    return PromptRollout(index, encoder.encode_one(messages, index).input_ids.tolist(),
-                         [Response(ids, [0.0] * len(ids), "stop")])
+    encoded = encoder.encode_one(messages, index)
+    return PromptRollout(index, encoded.input_ids.tolist(),
+                         [Response(ids, [0.0] * len(ids), "stop")], encoded=encoded)
+
+
+def answer_span(tokenizer, target: str, answers: list) -> tuple[int, int]:
+    """(tokens before, tokens after) the answer in the response ``target.format(answer=a)`` +
+    <|im_end|>, the same for every answer in ``answers``: the answer's tokens are those between
+    (what the tokenizations of different answers do not share)."""
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = [tokenizer(target.format(answer=a), add_special_tokens=False)["input_ids"] + [end]
+           for a in answers]
+    shortest = min(len(x) for x in ids)
+
+    def shared(rows):
+        n = 0
+        while n < shortest and all(r[n] == rows[0][n] for r in rows):
+            n += 1
+        return n
+    # answers that share leading / trailing tokens ("1" and "12"): the template's own text bounds
+    # the span, so those shared answer tokens are left out too
+    head, tail = target.format(answer="\0").split("\0")
+    before = min(shared(ids), len(tokenizer(head, add_special_tokens=False)["input_ids"]))
+    after = min(shared([r[::-1] for r in ids]), shortest - before,
+                len(tokenizer(tail, add_special_tokens=False)["input_ids"]) + 1)
+    return before, after
 
 
 def supervised_updater(chunks: list, optimizer, micro_batch_size: int, mini_batch_size: int,
@@ -307,6 +331,7 @@ class Trainer:
         self.monitor = PerceptionHackingMonitor()
         self.step_index = 0
         self.warmed_up = False
+        self.reached: float | None = None  # the held-out accuracy that met stop_at_accuracy
         self.checkpoint_dir = c.trainer.checkpoint_dir or os.path.join(self.out, "checkpoints")
 
     # ------------------------------------------------------------------ one step
@@ -332,7 +357,7 @@ class Trainer:
             rollouts.append(dataclasses.replace(group.rollout, index=slot.rollout.index))
         rewards = torch.cat([g.rewards for g in train_groups])
         groups = torch.tensor([r.index for r in rollouts for _ in r.responses])
-        with m.phase("reward"):
+        with m.phase("batch"):  # advantages, the trainer's tensors, the masked images
             advantages = group_advantages(rewards, groups)
             needs_masked = self.loss.needs_masked_branch
             batch = build_rollout_batch(
@@ -504,6 +529,7 @@ class Trainer:
                                  self.engine.suppressed_token_ids, c.trainer.packing, self._pad,
                                  c.trainer.max_tokens_per_micro_batch)
         answers = sorted({e.answer for e in self.train_data})
+        before, after = answer_span(encoder.tokenizer, c.trainer.warmup_target, answers)
         for step in range(c.trainer.warmup_steps):
             examples = self.rng.sample(self.train_data, c.trainer.prompts_per_step)
             prompts = [e.messages for e in examples]
@@ -514,6 +540,11 @@ class Trainer:
                         for i in split_evenly(len(prompts), self.dp_size, self.dp_rank)]
             batch = build_rollout_batch(prompts, rollouts, encoder, pad_multiple=self._pad,
                                         advantages=torch.ones(len(rollouts)))
+            if not c.trainer.warmup_answer_loss:
+                for row, r in enumerate(rollouts):  # no loss on the (random) answer's tokens
+                    first = len(r.prompt_ids)
+                    batch.response_mask[row, first + before:
+                                        first + len(r.responses[0].token_ids) - after] = 0
             batch.old_logp = sft.compute_logprobs(batch)
             (metrics,) = sft.update(batch)
             if (step + 1) % 10 == 0 or step + 1 == c.trainer.warmup_steps:
@@ -538,7 +569,8 @@ class Trainer:
         heartbeat("checkpoint save", self.step_index)
         self._sync_params()
         state = {"step": self.step_index, "warmed_up": self.warmed_up,
-                 "sampler": _jsonable(self.rng.getstate()), "monitor": self.monitor.history}
+                 "sampler": _jsonable(self.rng.getstate()), "monitor": self.monitor.history,
+                 "reached": self.reached}
         start = time.perf_counter()
         path = checkpoint.save(self.checkpoint_dir, self.step_index, self.chunks, self.optimizer,
                                state, dataclasses.asdict(self.config), self.hf_dir,
@@ -568,6 +600,7 @@ class Trainer:
         self.warmed_up = bool(state["warmed_up"])
         self.rng.setstate(_tupled(state["sampler"]))
         self.monitor.history = list(state["monitor"])
+        self.reached = state.get("reached")
         self.push_weights()
         if self.metrics.jsonl and os.path.exists(self.metrics.path):  # drop what came after
             kept = [r for r in self._logged() if r.get("step", 0) <= self.step_index]
@@ -584,11 +617,17 @@ class Trainer:
 
         heartbeat("evaluation" + (" (images swapped)" if images_swapped else ""))
         c = self.config
+        start = time.perf_counter()
         result = avg_at_k(self.engine, self.val_data[:c.trainer.eval_prompts],
                           c.rollout.sampling(seed=EVAL_SEED, n=c.trainer.eval_k),
                           images_swapped=images_swapped, progress=c.logging.progress_bars)
+        result["seconds"] = time.perf_counter() - start
         prefix = "val_swapped/" if images_swapped else "val/"
         return {prefix + k: v for k, v in result.items() if k != "samples"}
+
+    def _target_reached(self) -> bool:
+        target = self.config.trainer.stop_at_accuracy
+        return target is not None and self.reached is not None and self.reached >= target
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
@@ -616,9 +655,11 @@ class Trainer:
         _log("[train] per step: reward, accuracy, format rate, signal = share of groups whose "
              "rewards differ (0: no gradient), perception KL, entropy original/masked image, clip "
              "fraction high/low, seconds per phase")
-        last = {}
+        last, after = {}, None
         stop = _StopSignals()
         for _ in range(self.step_index, c.trainer.steps):
+            if self._target_reached():  # a resumed run that had already reached it
+                break
             record = self.step()
             s = record
             _log(f"[train] step {s['step']}/{c.trainer.steps} reward {s['reward']:.3f} acc "
@@ -635,24 +676,34 @@ class Trainer:
                 evaluation = self.evaluate()
                 self.metrics.write({"step": s["step"], **evaluation})
                 _log(f"[train] held-out at step {s['step']}: accuracy "
-                     f"{evaluation.get('val/accuracy', 0):.3f}")
+                     f"{evaluation.get('val/accuracy', 0):.3f} ({evaluation['val/seconds']:.1f}s)")
+                if c.trainer.stop_at_accuracy is not None:
+                    self.reached = evaluation["val/accuracy"]
+                    if self._target_reached():
+                        after = evaluation  # the final evaluation: these weights, just measured
+                        _log(f"[train] held-out accuracy {self.reached:.3f} >= "
+                             f"trainer.stop_at_accuracy={c.trainer.stop_at_accuracy} at step "
+                             f"{s['step']}: training ends here")
             last = s
             heartbeat("end of step", s["step"])
             signal_number = stop.agreed()
             if signal_number or (c.trainer.save_every and s["step"] % c.trainer.save_every == 0
-                                 and s["step"] < c.trainer.steps):
+                                 and s["step"] < c.trainer.steps and after is None):
                 self.save()
             if signal_number:
                 _log(f"[train] signal {signal_number}: checkpoint of step {s['step']} saved; "
                      "stopping (resume with the same command: trainer.resume=auto)")
                 stop.restore()
                 return {"interrupted": signal_number, "last": last}
+            if after is not None:
+                break
         stop.restore()
         if c.trainer.save_every:
             self.save()
-        after = self.evaluate()
+        if after is None:
+            after = self.evaluate()
         swapped = self.evaluate(images_swapped=True)
-        self.metrics.write({"step": c.trainer.steps, **after, **swapped})
+        self.metrics.write({"step": self.step_index, **after, **swapped})
         _log(f"[train] held-out after training: accuracy {after.get('val/accuracy', 0):.3f} "
              f"(before {before.get('val/accuracy', 0):.3f}, avg@{c.trainer.eval_k}), format "
              f"{after.get('val/format', 0):.3f}; with the images swapped between prompts: "
