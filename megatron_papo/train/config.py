@@ -158,6 +158,8 @@ class OptimConfig:
     clip_grad: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
+    # the vision tower's learning rate = lr x this (its own parameter group; 1: one group)
+    vision_lr_mult: float = 1.0
 
 
 @dataclass
@@ -362,6 +364,8 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     if not config.trainer.collective_timeout_minutes > 0:
         raise ConfigError(f"trainer.collective_timeout_minutes="
                           f"{config.trainer.collective_timeout_minutes} must be > 0")
+    if not config.optim.vision_lr_mult > 0:
+        raise ConfigError(f"optim.vision_lr_mult={config.optim.vision_lr_mult} must be > 0")
     target = config.trainer.stop_at_accuracy
     if target is not None:
         if not 0 < target <= 1:

@@ -236,7 +236,12 @@ class _StopSignals:
 class Trainer:
     def __init__(self, config: TrainConfig):
         from megatron.core import parallel_state
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import (
+            OptimizerConfig,
+            ParamKey,
+            get_megatron_optimizer,
+            get_standard_config_overrides,
+        )
 
         from megatron_papo.conversion import checkpoint as ck
         from megatron_papo.conversion.atomic import overlapping_input
@@ -297,10 +302,17 @@ class Trainer:
                                          overlap_param_gather=p.overlap_param_gather)
         ck.load_hf_folder(self.chunks, self.spec, self.hf_dir)
         o = c.optim
-        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+        optim_config = OptimizerConfig(
             optimizer="adam", lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
             adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, use_distributed_optimizer=True,
-            params_dtype=dtype, bf16=dtype == torch.bfloat16), self.chunks)
+            params_dtype=dtype, bf16=dtype == torch.bfloat16)
+        overrides = None  # megatron-core's standard groups (no weight decay on biases, norms)
+        if o.vision_lr_mult != 1:
+            overrides = get_standard_config_overrides(optim_config)
+            overrides[ParamKey(name="*vision_model.*")] = {"max_lr": o.lr * o.vision_lr_mult}
+        self.optimizer = get_megatron_optimizer(optim_config, self.chunks, overrides)
+        for group in self.optimizer.param_groups:  # no scheduler: each group's lr is its max_lr
+            group["lr"] = group["max_lr"]
         self.loss = c.loss_config()
         self.reference = None
         if self.loss.kl_beta > 0:  # the reference model exists only when it is used
