@@ -390,3 +390,36 @@ def test_rollout_batch_select_keeps_images_with_their_samples():
     paired = part.paired()
     assert paired.input_ids.shape[0] == 4 and paired.image_grid_thw.shape[0] == 2
     assert torch.equal(paired.pixel_values[32:], part.masked_pixel_values)
+
+
+def _adam_first_step(lr, mult):
+    from megatron_papo.train.config import OptimConfig
+    from megatron_papo.train.loop import build_optimizer
+
+    hf_config = Q.tiny_hf_config()
+    spec = text_spec_from_hf(hf_config)
+    initialize_model_parallel(1, 1)
+    chunks = build_model_chunks(spec, use_distributed_optimizer=True)
+    load_hf_weights(chunks, spec, Q.reference_model(hf_config).state_dict().__getitem__)
+    optimizer = build_optimizer(chunks, OptimConfig(lr=lr, vision_lr_mult=mult, clip_grad=0.0),
+                                torch.float32)
+    before = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+    for p in chunks[0].parameters():  # the same gradient everywhere: Adam's first step is lr
+        p.main_grad.fill_(1.0)
+    optimizer.step()
+    moved = {"vision": 0.0, "language": 0.0}
+    for n, p in chunks[0].named_parameters():
+        part = "vision" if "vision_model." in n else "language"
+        moved[part] = max(moved[part], float((p.detach() - before[n]).abs().max()))
+    return moved
+
+
+def test_vision_tower_learning_rate_multiplier():
+    """optim.vision_lr_mult: Adam's first step moves every parameter by its group's lr, so the
+    vision tower moves 4x as far as the language model with a multiplier of 4 (and as far
+    without one)."""
+    (moved,) = run_distributed(_adam_first_step, 1, 1e-3, 4.0)
+    assert moved["vision"] == pytest.approx(4e-3, rel=1e-3)
+    assert moved["language"] == pytest.approx(1e-3, rel=1e-3)
+    (moved,) = run_distributed(_adam_first_step, 1, 1e-3, 1.0)
+    assert moved["vision"] == pytest.approx(1e-3, rel=1e-3)

@@ -188,9 +188,6 @@ class TrainerConfig:
     # (drawn from the training answers), so that outputs parse while RL does all the learning.
     warmup_steps: int = 30
     warmup_target: str = "<think> </think> \\boxed{{{answer}}}"
-    # false: the warm start's loss leaves out the answer's tokens (the random labels would teach
-    # the policy that the answer does not depend on the image); true: the whole target
-    warmup_answer_loss: bool = False
     # checkpoints (train/checkpoint.py): every save_every steps and at the end (0: none)
     save_every: int = 50
     keep_last: int = 2

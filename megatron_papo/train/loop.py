@@ -80,29 +80,6 @@ def target_rollout(encoder, messages, index: int, target: str):
                          [Response(ids, [0.0] * len(ids), "stop")], encoded=encoded)
 
 
-def answer_span(tokenizer, target: str, answers: list) -> tuple[int, int]:
-    """(tokens before, tokens after) the answer in the response ``target.format(answer=a)`` +
-    <|im_end|>, the same for every answer in ``answers``: the answer's tokens are those between
-    (what the tokenizations of different answers do not share)."""
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    ids = [tokenizer(target.format(answer=a), add_special_tokens=False)["input_ids"] + [end]
-           for a in answers]
-    shortest = min(len(x) for x in ids)
-
-    def shared(rows):
-        n = 0
-        while n < shortest and all(r[n] == rows[0][n] for r in rows):
-            n += 1
-        return n
-    # answers that share leading / trailing tokens ("1" and "12"): the template's own text bounds
-    # the span, so those shared answer tokens are left out too
-    head, tail = target.format(answer="\0").split("\0")
-    before = min(shared(ids), len(tokenizer(head, add_special_tokens=False)["input_ids"]))
-    after = min(shared([r[::-1] for r in ids]), shortest - before,
-                len(tokenizer(tail, add_special_tokens=False)["input_ids"]) + 1)
-    return before, after
-
-
 def supervised_updater(chunks: list, optimizer, micro_batch_size: int, mini_batch_size: int,
                        suppressed_token_ids=(), packing: bool = False, pad_multiple: int = 1,
                        max_tokens_per_micro_batch: int = 0):
@@ -116,6 +93,30 @@ def supervised_updater(chunks: list, optimizer, micro_batch_size: int, mini_batc
         loss=LossConfig(kl_beta=0.0, dual_clip=None), suppressed_token_ids=suppressed_token_ids,
         packing=packing, pad_multiple=pad_multiple,
         max_tokens_per_micro_batch=max_tokens_per_micro_batch))
+
+
+def build_optimizer(chunks: list, o, dtype: torch.dtype):
+    """megatron-core's distributed Adam over ``chunks`` (``o``: the run's OptimConfig), the
+    vision tower in its own parameter group at ``o.lr x o.vision_lr_mult``."""
+    from megatron.core.optimizer import (
+        OptimizerConfig,
+        ParamKey,
+        get_megatron_optimizer,
+        get_standard_config_overrides,
+    )
+
+    config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, use_distributed_optimizer=True,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16)
+    overrides = None  # megatron-core's standard groups (no weight decay on biases and norms)
+    if o.vision_lr_mult != 1:
+        overrides = get_standard_config_overrides(config)
+        overrides[ParamKey(name="*vision_model.*")] = {"max_lr": o.lr * o.vision_lr_mult}
+    optimizer = get_megatron_optimizer(config, chunks, overrides)
+    for group in optimizer.param_groups:  # no lr scheduler: each group runs at its max_lr
+        group["lr"] = group["max_lr"]
+    return optimizer
 
 
 class Metrics:
@@ -236,12 +237,6 @@ class _StopSignals:
 class Trainer:
     def __init__(self, config: TrainConfig):
         from megatron.core import parallel_state
-        from megatron.core.optimizer import (
-            OptimizerConfig,
-            ParamKey,
-            get_megatron_optimizer,
-            get_standard_config_overrides,
-        )
 
         from megatron_papo.conversion import checkpoint as ck
         from megatron_papo.conversion.atomic import overlapping_input
@@ -301,18 +296,7 @@ class Trainer:
                                          overlap_grad_reduce=p.overlap_grad_reduce,
                                          overlap_param_gather=p.overlap_param_gather)
         ck.load_hf_folder(self.chunks, self.spec, self.hf_dir)
-        o = c.optim
-        optim_config = OptimizerConfig(
-            optimizer="adam", lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
-            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, use_distributed_optimizer=True,
-            params_dtype=dtype, bf16=dtype == torch.bfloat16)
-        overrides = None  # megatron-core's standard groups (no weight decay on biases, norms)
-        if o.vision_lr_mult != 1:
-            overrides = get_standard_config_overrides(optim_config)
-            overrides[ParamKey(name="*vision_model.*")] = {"max_lr": o.lr * o.vision_lr_mult}
-        self.optimizer = get_megatron_optimizer(optim_config, self.chunks, overrides)
-        for group in self.optimizer.param_groups:  # no scheduler: each group's lr is its max_lr
-            group["lr"] = group["max_lr"]
+        self.optimizer = build_optimizer(self.chunks, c.optim, dtype)
         self.loss = c.loss_config()
         self.reference = None
         if self.loss.kl_beta > 0:  # the reference model exists only when it is used
@@ -541,7 +525,6 @@ class Trainer:
                                  self.engine.suppressed_token_ids, c.trainer.packing, self._pad,
                                  c.trainer.max_tokens_per_micro_batch)
         answers = sorted({e.answer for e in self.train_data})
-        before, after = answer_span(encoder.tokenizer, c.trainer.warmup_target, answers)
         for step in range(c.trainer.warmup_steps):
             examples = self.rng.sample(self.train_data, c.trainer.prompts_per_step)
             prompts = [e.messages for e in examples]
@@ -552,11 +535,6 @@ class Trainer:
                         for i in split_evenly(len(prompts), self.dp_size, self.dp_rank)]
             batch = build_rollout_batch(prompts, rollouts, encoder, pad_multiple=self._pad,
                                         advantages=torch.ones(len(rollouts)))
-            if not c.trainer.warmup_answer_loss:
-                for row, r in enumerate(rollouts):  # no loss on the (random) answer's tokens
-                    first = len(r.prompt_ids)
-                    batch.response_mask[row, first + before:
-                                        first + len(r.responses[0].token_ids) - after] = 0
             batch.old_logp = sft.compute_logprobs(batch)
             (metrics,) = sft.update(batch)
             if (step + 1) % 10 == 0 or step + 1 == c.trainer.warmup_steps:
