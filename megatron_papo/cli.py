@@ -15,6 +15,7 @@ USER_ERRORS = frozenset({
     "ParallelConfigError", "MappingError", "HFCheckpointError", "ConversionError",
     "OutputExistsError", "OutputWriteError", "EvaluationError", "PerceptionError",
     "BenchmarkError", "PublishError", "EngineMismatchError", "ModelPathError",
+    "FolderLockedError",
 })
 
 _OS_HINTS = {

@@ -5,6 +5,7 @@ checkpoint is skipped with the reason; a training checkpoint converts to HF with
 tool; a rank that dies or hangs ends a two-process job non-zero within the collective timeout,
 naming the rank."""
 
+import contextlib
 import json
 import os
 import random
@@ -164,8 +165,8 @@ def uninterrupted_two(tmp_path_factory):
 
 def test_two_processes_killed_at_a_random_step_resume_exactly(uninterrupted_two, tmp_path):
     """kill -9 of the whole job (both ranks and torchrun) right after the log line of a random
-    step, wherever the ranks are then (rollout, update, a checkpoint half written): the resumed
-    job reproduces the uninterrupted one's metrics."""
+    step, wherever the ranks are then (rollout, update, a checkpoint half written): the next job
+    takes over the dead job's run-folder lock and reproduces the uninterrupted one's metrics."""
     step = random.Random().randint(1, 4)
     out = str(tmp_path / "killed")
     launcher = _start_two(out, "trainer.save_every=1")
@@ -173,7 +174,12 @@ def test_two_processes_killed_at_a_random_step_resume_exactly(uninterrupted_two,
     for line in launcher.stdout:
         seen.append(line)
         if f"step {step}/5" in line:
+            # torchrun starts its workers in sessions of their own: the whole tree, not the group
+            tree = psutil.Process(launcher.pid).children(recursive=True)
             os.killpg(launcher.pid, signal.SIGKILL)
+            for process in tree:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
             break
     code, rest = _finish(launcher)
     assert code == -signal.SIGKILL, ("".join(seen) + rest)[-2000:]
@@ -181,6 +187,8 @@ def test_two_processes_killed_at_a_random_step_resume_exactly(uninterrupted_two,
     code, output = _finish(resumed)
     assert code == 0, (step, output[-3000:])
     assert "resumed from" in output or step == 1, (step, output[-3000:])
+    # the killed job's run-folder lock: taken over, its holder gone (runlock.py)
+    assert "took over the lock" in output and "is gone" in output, output[-3000:]
     ours, ref = _steps(out), _steps(uninterrupted_two)
     assert sorted(ours) == [1, 2, 3, 4, 5], step
     _same_metrics(ref, ours, [1, 2, 3, 4, 5])

@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="parameter dtype of the Megatron checkpoint (default bf16)")
     a.add_argument("--force", action="store_true", help="replace --out if it exists")
+    a.add_argument("--force-unlock", action="store_true",
+                   help="take --out's lock even if the job holding it seems alive")
 
     b = sub.add_parser("mcore-to-hf", help="Megatron checkpoint -> HF folder")
     b.add_argument("--ckpt", required=True, help="Megatron checkpoint folder")
@@ -67,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--hf-config", default=None,
                    help="folder with config.json/tokenizer to use instead of the checkpoint's hf/")
     b.add_argument("--force", action="store_true", help="replace --out if it exists")
+    b.add_argument("--force-unlock", action="store_true",
+                   help="take --out's lock even if the job holding it seems alive")
 
     c = sub.add_parser("verify", help="compare logits: transformers(HF) vs ours(Megatron)")
     c.add_argument("--hf", required=True, help="HF checkpoint folder")
@@ -124,13 +128,18 @@ def main(argv=None) -> int:
     from megatron_papo.cli import internal_error, is_user_error, quiet_redundant_logs, report
     from megatron_papo.conversion import checkpoint as ck
     from megatron_papo.parallel import init_processes
+    from megatron_papo.runlock import acquire_on_rank0, output_lock, release_all
 
     quiet_redundant_logs()
     init_processes(timeout_minutes=60)  # long single-rank reads/writes between collectives
     stages = dict(first_stage_layers=args.first_stage_layers,
                   last_stage_layers=args.last_stage_layers)
     code = 0
+    locks = []
     try:
+        if args.command != "verify":  # one writer per output folder, refused before any work
+            locks = [output_lock(args.out, f"--out {args.out}", "pass --force-unlock")]
+            acquire_on_rank0(locks, args.force_unlock)
         if args.command == "hf-to-mcore":
             ck.hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.dtype, args.force, **stages)
         elif args.command == "mcore-to-hf":
@@ -156,6 +165,7 @@ def main(argv=None) -> int:
             report(err)  # one line, once for all ranks
             code = 2
     finally:
+        release_all(locks)
         if dist.is_initialized():
             dist.destroy_process_group()
     return code

@@ -137,6 +137,17 @@ def model_card(config: dict, state: dict, metrics: dict, has_plot: bool, repo: s
 
 
 def run(args) -> str:
+    from megatron_papo.runlock import output_lock
+
+    lock = output_lock(args.out, f"--out {args.out}", "pass --force-unlock")
+    lock.acquire(args.force_unlock)  # one publish per output folder
+    try:
+        return _publish(args)
+    finally:
+        lock.release()
+
+
+def _publish(args) -> str:
     from megatron_papo.conversion.atomic import OutputExistsError
     from megatron_papo.conversion.checkpoint import mcore_to_hf
     from megatron_papo.train.checkpoint import CONFIG_FILE, STATE_FILE
@@ -209,6 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                         help="weights dtype of the export (default: the checkpoint's)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    parser.add_argument("--force-unlock", action="store_true",
+                        help="take --out's lock even if the job holding it seems alive")
     args = parser.parse_args(argv)
     from megatron_papo.compat import apply_cpu_patches
 

@@ -193,6 +193,8 @@ class TrainerConfig:
     keep_last: int = 2
     checkpoint_dir: str | None = None     # default <output_dir>/checkpoints
     resume: str = "auto"             # auto: the newest complete checkpoint, if any | none | a path
+    # take the run folder's lock even from a job that seems alive (megatron_papo/runlock.py)
+    force_unlock: bool = False
     # a collective that waits longer (a rank hung or died) ends the job, naming that rank
     collective_timeout_minutes: float = 30.0
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_papo.parallel import heartbeat
+from megatron_papo.runlock import acquire_on_rank0, folder_lock, release_all
 
 from .config import ConfigError, TrainConfig
 
@@ -236,16 +237,7 @@ class _StopSignals:
 
 class Trainer:
     def __init__(self, config: TrainConfig):
-        from megatron.core import parallel_state
-
-        from megatron_papo.conversion import checkpoint as ck
         from megatron_papo.conversion.atomic import overlapping_input
-        from megatron_papo.data import load_split, write_counting_dataset
-        from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
-        from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
-        from megatron_papo.parallel import initialize_model_parallel
-        from megatron_papo.rl.step import PerceptionHackingMonitor, PolicyUpdater, UpdateConfig
-        from megatron_papo.rollout import EngineConfig, RolloutEngine
 
         self.config = c = config
         self.out = c.trainer.output_dir
@@ -254,6 +246,38 @@ class Trainer:
             raise ConfigError(f"the HF export {export} (trainer.output_dir/{EXPORT_DIR}) overlaps "
                               f"model.hf_dir={c.model.hf_dir}: it would replace the model it "
                               "starts from; choose another trainer.output_dir")
+        self.checkpoint_dir = c.trainer.checkpoint_dir or os.path.join(self.out, "checkpoints")
+        # one job per folder: the locks first, before anything is written
+        self.locks = self._locks()
+        acquire_on_rank0(self.locks, c.trainer.force_unlock, log=_log)
+        try:
+            self._build()
+        except BaseException:
+            release_all(self.locks)
+            raise
+
+    def _locks(self) -> list:
+        hint = "set trainer.force_unlock=true"
+        locks = [folder_lock(self.out, f"trainer.output_dir={self.out}", hint)]
+        inside = os.path.commonpath([os.path.abspath(self.out),
+                                     os.path.abspath(self.checkpoint_dir)])
+        if inside != os.path.abspath(self.out):  # checkpoints elsewhere: locked too
+            locks.append(folder_lock(self.checkpoint_dir,
+                                     f"trainer.checkpoint_dir={self.checkpoint_dir}", hint))
+        return locks
+
+    def _build(self) -> None:
+        from megatron.core import parallel_state
+
+        from megatron_papo.conversion import checkpoint as ck
+        from megatron_papo.data import load_split, write_counting_dataset
+        from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
+        from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
+        from megatron_papo.parallel import initialize_model_parallel
+        from megatron_papo.rl.step import PerceptionHackingMonitor, PolicyUpdater, UpdateConfig
+        from megatron_papo.rollout import EngineConfig, RolloutEngine
+
+        c = self.config
         rank = dist.get_rank()
         if rank == 0:
             os.makedirs(self.out, exist_ok=True)
@@ -328,7 +352,6 @@ class Trainer:
         self.step_index = 0
         self.warmed_up = False
         self.reached: float | None = None  # the held-out accuracy that met stop_at_accuracy
-        self.checkpoint_dir = c.trainer.checkpoint_dir or os.path.join(self.out, "checkpoints")
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict:
@@ -715,3 +738,4 @@ class Trainer:
     def close(self) -> None:
         self.metrics.close()
         self.engine.close()
+        release_all(self.locks)
