@@ -278,3 +278,39 @@ def test_under_torchrun_the_error_is_printed_once(sources, tmp_path):
     assert errors == ["error: config.json has model_type='llama', not Qwen2.5-VL ('qwen2_5_vl'): "
                       "this project converts and trains Qwen2.5-VL checkpoints only"], \
         done.stderr[-3000:]
+
+
+def test_an_output_another_job_is_writing_is_refused(sources, tmp_path, cli_here, capfd):
+    """The converter's and publish's --out while another live job holds its lock: one line
+    naming --out and the holder, exit 2, nothing written there."""
+    from megatron_papo.runlock import output_lock
+
+    _, hf, mc = sources
+    out = tmp_path / "out"
+    holder = output_lock(str(out), "--out", "pass --force-unlock")
+    holder.acquire()
+    try:
+        for args in (("hf-to-mcore", "--hf", hf), ("mcore-to-hf", "--ckpt", mc)):
+            done = cli_here(*args, "--out", out)
+            assert done.returncode == 2, done.stderr[-2000:]
+            line = done.stderr.strip().splitlines()[-1]
+            assert f"--out {out} is in use by another job (pid {os.getpid()}" in line, line
+            assert line.endswith("pass --force-unlock") and not out.exists()
+        spec = importlib.util.spec_from_file_location(
+            "publish_cli", os.path.join(ROOT, "tools", "publish.py"))
+        publish = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(publish)
+        capfd.readouterr()
+        environ = dict(os.environ)
+        try:
+            with pytest.raises(SystemExit) as exit_:
+                publish.main([str(mc), "--out", str(out)])
+        finally:
+            os.environ.clear()
+            os.environ.update(environ)
+        err = capfd.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err
+        assert f"--out {out} is in use by another job" in err
+        assert not out.exists()
+    finally:
+        holder.release()
