@@ -94,12 +94,34 @@ def test_an_output_lock_lies_beside_the_folder(tmp_path):
     again.release()
 
 
-def test_a_second_job_on_the_same_folder_is_refused_at_once(tmp_path):
+def _threes(tmp_path):
+    """Train and held-out files where every image holds 3 shapes: the warm start's only label,
+    so 3 warm-start steps at lr 5e-3 already give held-out ~0.6."""
+    import datasets
+
+    from megatron_papo.data.synthetic import counting_rows
+
+    files = []
+    for split, n, seed in (("train", 32, 0), ("test", 8, 1)):
+        files.append(str(tmp_path / f"{split}.parquet"))
+        datasets.Dataset.from_list(counting_rows(n, seed, 56, 3, 3)).to_parquet(files[-1])
+    return files
+
+
+def test_one_job_per_folder_and_a_run_that_stops_at_its_target(tmp_path):
     """Two main jobs on one trainer.output_dir: the second exits 2 within seconds in one line
-    naming the first (its pid), having written nothing; the first runs to its end, its log and
-    export complete."""
+    naming the first (its pid), having written nothing; the first runs to its end.
+
+    The first job (one job serves both tests: CI time) has trainer.stop_at_accuracy=0.05 with
+    an evaluation after every step on a task its warm start solves: it stops after step 1 of 6,
+    saves its checkpoint and writes the final row (with the swapped-image accuracy) for step 1;
+    the same command again (the lock released) resumes there and trains no further step."""
+    train, test = _threes(tmp_path)
     out = str(tmp_path / "run")
-    args = [sys.executable, "-m", "megatron_papo.train", *SMALL, f"trainer.output_dir={out}"]
+    args = [sys.executable, "-m", "megatron_papo.train", *SMALL, f"trainer.output_dir={out}",
+            "trainer.steps=6", f"data.train_files=[{train}]", f"data.val_files=[{test}]",
+            "optim.lr=5e-3", "trainer.eval_every=1", "trainer.stop_at_accuracy=0.05",
+            "trainer.export_hf=false"]
     first = subprocess.Popen(args + [f"hydra.run.dir={tmp_path / 'h1'}"], cwd=ROOT, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -117,13 +139,20 @@ def test_a_second_job_on_the_same_folder_is_refused_at_once(tmp_path):
         assert line.startswith(f"error: trainer.output_dir={out} is in use by another job (pid "
                                f"{first.pid} on "), line
         assert "Traceback" not in second.stderr
-        _, err = first.communicate(timeout=600)
+        stdout, err = first.communicate(timeout=600)
         assert first.returncode == 0, err[-3000:]
     finally:
         if first.poll() is None:
             first.kill()
             first.wait()
-    records = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
-    assert [r["step"] for r in records if "reward" in r] == [1, 2]
-    assert os.path.exists(os.path.join(out, "hf", "config.json"))
     assert not os.path.exists(lock)  # released at the end
+    assert "training ends here" in stdout
+    again = subprocess.run(args + [f"hydra.run.dir={tmp_path / 'h3'}"], cwd=ROOT, text=True,
+                           capture_output=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "training ends here" not in again.stdout
+    records = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in records if "reward" in r] == [1]
+    assert records[-1]["step"] == 1 and "val_swapped/accuracy" in records[-1]
+    assert records[-1]["val/accuracy"] >= 0.05 and records[-1]["val/seconds"] > 0
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step_00000001"]

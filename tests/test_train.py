@@ -415,32 +415,3 @@ def test_publish_exports_a_model_card_and_a_loadable_folder(single_run, tmp_path
         "error: --push-to-hub me/papo-tiny: the upload failed (OfflineModeIsEnabled")
     assert os.path.exists(os.path.join(folder, "model.safetensors"))
 
-
-def test_stop_at_accuracy_ends_the_run_and_its_rerun_does_not_train_on(tmp_path):
-    """A task the warm start alone solves (every image holds 3 shapes, the warm start's only
-    label: held-out ~0.6 after 3 steps at lr 5e-3): with trainer.stop_at_accuracy=0.05 and an
-    evaluation after every step, the 6-step run stops after step 1, saves its checkpoint, writes
-    the final row (with the swapped-image accuracy) for step 1; the same command again resumes
-    there and trains no further step."""
-    import datasets
-
-    from megatron_papo.data.synthetic import counting_rows
-
-    files = {}
-    for split, n, seed in (("train", 32, 0), ("test", 8, 1)):
-        files[split] = str(tmp_path / f"{split}.parquet")
-        datasets.Dataset.from_list(counting_rows(n, seed, 56, 3, 3)).to_parquet(files[split])
-    out = str(tmp_path / "stop")
-    args = SMALL + ["trainer.steps=6", f"data.train_files=[{files['train']}]",
-                    f"data.val_files=[{files['test']}]",
-                    "optim.lr=5e-3", "trainer.eval_every=1", "trainer.stop_at_accuracy=0.05",
-                    "trainer.export_hf=false"]
-    for attempt in range(2):
-        done = _main(args, out)
-        assert done.returncode == 0, done.stderr[-3000:]
-        records = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
-        assert [r["step"] for r in records if "reward" in r] == [1], attempt
-        assert records[-1]["step"] == 1 and "val_swapped/accuracy" in records[-1]
-        assert records[-1]["val/accuracy"] >= 0.05 and records[-1]["val/seconds"] > 0
-    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step_00000001"]
-    assert "resumed from" in done.stdout and "training ends here" not in done.stdout
