@@ -136,7 +136,7 @@ class FolderLock:
             with contextlib.suppress(OSError):
                 os.remove(aside)
             log(f"[lock] {self.label}: took over the lock of {_describe(holder, age)}: "
-                + (reason or "trainer.force_unlock / --force-unlock"))
+                + (reason or "forced"))
         else:
             raise FolderLockedError(f"{self.label}: could not take the lock {self.path} (other "
                                     "jobs keep starting on this folder)")

@@ -21,7 +21,6 @@ ids (:func:`megatron_papo.rl.logprobs.sampling_logits`).
 from __future__ import annotations
 
 import dataclasses
-
 import gc
 import logging
 import os

@@ -179,8 +179,9 @@ class TrainerConfig:
     eval_every: int = 50
     eval_prompts: int = 256
     eval_k: int = 8
-    # stop once a held-out evaluation (every eval_every steps) reaches this avg@eval_k accuracy
-    # (null: run all `steps`); the checkpoint, final metrics and HF export are written as at the end
+    # stop once a held-out evaluation (every eval_every steps; none when eval_every is 0) reaches
+    # this avg@eval_k accuracy (null: run all `steps`); the checkpoint, final metrics and HF export
+    # are written as at the end
     stop_at_accuracy: float | None = None
     output_dir: str = "outputs/run"
     export_hf: bool = True
@@ -369,9 +370,6 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     if target is not None:
         if not 0 < target <= 1:
             raise ConfigError(f"trainer.stop_at_accuracy={target} must be in (0, 1] (null: off)")
-        if not config.trainer.eval_every:
-            raise ConfigError("trainer.stop_at_accuracy needs held-out evaluations: set "
-                              "trainer.eval_every > 0")
     if "{answer}" not in config.trainer.warmup_target:
         raise ConfigError("trainer.warmup_target must contain '{answer}'")
     t = config.trainer
