@@ -64,19 +64,25 @@ class FolderLock:
     """The lock file ``path`` guarding the folder the user named as ``label`` (e.g.
     ``trainer.output_dir=outputs/run``); ``force_hint``: how the user forces it."""
 
-    def __init__(self, path: str, label: str, force_hint: str):
+    def __init__(self, path: str, label: str, force_hint: str, create_folder: bool = True):
         self.path = os.path.abspath(path)
         self.label = label
         self.force_hint = force_hint
+        # False (an output beside which the lock lies): a folder that does not exist or cannot
+        # take the lock file is left to the command's own checks (their one-line errors), unlocked
+        self.create_folder = create_folder
         self.me = _identity()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # runs while the lock is held
 
     # ------------------------------------------------------------------ taking it
     def _read(self) -> tuple[dict | None, float | None]:
         """(the holder, the age of its heartbeat in s); (None, None) if there is no lock."""
         try:
             age = time.time() - os.path.getmtime(self.path)
+        except OSError:  # none there (or no folder to hold one)
+            return None, None
+        try:
             with open(self.path) as f:
                 return json.load(f), age
         except FileNotFoundError:
@@ -108,10 +114,19 @@ class FolderLock:
         return True
 
     def acquire(self, force: bool = False, log=print) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        folder = os.path.dirname(self.path)
+        if self.create_folder:
+            os.makedirs(folder, exist_ok=True)
+        elif not os.path.isdir(folder):
+            return
         for _ in range(5):  # a lost race with another starter: look again
-            if self._create():
-                break
+            try:
+                if self._create():
+                    break
+            except OSError:
+                if self.create_folder:
+                    raise
+                return
             holder, age = self._read()
             if holder is None:
                 continue
@@ -151,6 +166,8 @@ class FolderLock:
 
     # ------------------------------------------------------------------ letting go
     def release(self) -> None:
+        if self._thread is None:  # never taken (another rank's object, or an unlockable output)
+            return
         self._stop.set()
         holder, _ = self._read()
         if holder and holder.get("token") == self.me["token"]:
@@ -164,8 +181,10 @@ def folder_lock(folder: str, label: str, force_hint: str) -> FolderLock:
 
 
 def output_lock(out: str, label: str, force_hint: str) -> FolderLock:
-    """The lock beside an output folder that is written (and replaced) as a whole."""
-    return FolderLock(os.path.abspath(out).rstrip(os.sep) + ".lock", label, force_hint)
+    """The lock beside an output folder that is written (and replaced) as a whole (none where
+    that folder's parent does not exist or cannot take it: the command's checks report it)."""
+    return FolderLock(os.path.abspath(out).rstrip(os.sep) + ".lock", label, force_hint,
+                      create_folder=False)
 
 
 def acquire_on_rank0(locks: list[FolderLock], force: bool = False, log=print) -> None:

@@ -334,7 +334,7 @@ def test_slurm_dry_run_builds_the_rendezvous_from_the_slurm_variables():
     assert srun[:7] == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
                         "--chdir"]
     assert srun[-3:] == ["trainer.output_dir=outputs/slurm-4242",
-                         "hydra.run.dir=outputs/slurm-4242", "trainer.steps=3"]
+                         "hydra.run.dir=outputs/slurm-4242/hydra/4242", "trainer.steps=3"]
     for rank, (line, host) in enumerate(zip(lines[1:], ["gpu-a07", "gpu-a08"])):
         node, command = line.split(": ", 1)
         assert node == host
