@@ -563,3 +563,18 @@ def test_rollout_batch_layout_and_masked_images(folders):
     assert part.images_per_sample.tolist() == [0, 1, 1]
     assert torch.equal(part.pixel_values, torch.cat([third.pixel_values] * 2))
     assert torch.equal(part.masked_pixel_values, torch.cat([masked[1]] * 2))
+
+
+def test_data_parallel_shares_keep_every_mini_batch_the_same_prompts():
+    """Four mini-batches of 16 prompts: at DP 2 rank r's k-th quarter is the r-th half of the
+    DP 1 k-th quarter (the same prompts in every optimizer step at any DP size); the shares
+    cover the batch once; blocks that do not divide evenly fall back to contiguous shares."""
+    from megatron_papo.rollout.engine import data_parallel_share
+
+    whole = data_parallel_share(64, 1, 0, 4)
+    assert whole == list(range(64))
+    shares = [data_parallel_share(64, 2, r, 4) for r in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == whole
+    for k in range(4):
+        assert shares[0][8 * k:8 * k + 8] + shares[1][8 * k:8 * k + 8] == whole[16 * k:16 * k + 16]
+    assert data_parallel_share(6, 2, 1, 4) == [3, 4, 5]

@@ -155,6 +155,18 @@ def split_evenly(count: int, groups: int, group: int) -> range:
     return range(start, start + base + (1 if group < extra else 0))
 
 
+def data_parallel_share(count: int, dp_size: int, dp_rank: int, blocks: int = 1) -> list[int]:
+    """The prompts of data-parallel rank ``dp_rank``: the batch cut into ``blocks`` consecutive
+    blocks (the update's mini-batches), each split evenly over the ranks. Rank r's k-th
+    mini-batch is then its part of the SAME prompts at any DP size, so several optimizer steps
+    per rollout make the same updates at DP 1 and DP 2. Blocks that do not divide the batch
+    evenly over the ranks: one block (a contiguous share)."""
+    if blocks < 1 or count % (blocks * dp_size):
+        blocks = 1
+    size = count // blocks
+    return [k * size + i for k in range(blocks) for i in split_evenly(size, dp_size, dp_rank)]
+
+
 def _all_gather(obj):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
@@ -360,10 +372,12 @@ class RolloutEngine:
         return results
 
     def generate(self, prompts: list, sampling: SamplingConfig, dp_rank: int | None = None,
-                 dp_size: int | None = None, progress: bool = False) -> list[PromptRollout]:
+                 dp_size: int | None = None, progress: bool = False,
+                 blocks: int = 1) -> list[PromptRollout]:
         """Roll out the GLOBAL batch ``prompts`` (the same list on every rank): each rollout group
-        generates its share; returns the training data-parallel rank's slice (``dp_rank`` /
-        ``dp_size`` default to megatron-core's data-parallel group) in prompt order.
+        generates its share; returns the training data-parallel rank's share (``dp_rank`` /
+        ``dp_size`` default to megatron-core's data-parallel group; :func:`data_parallel_share`
+        with ``blocks`` = the update's mini-batches per rollout) in prompt order.
         ``progress``: vLLM's progress bar on rank 0 (long rollouts).
 
         Bad prompts raise :class:`RolloutInputError` on every rank before anything is
@@ -394,7 +408,7 @@ class RolloutEngine:
             dp_rank, dp_size = _training_dp()
         mine = dict(zip(share, encoded))  # this rank's encodings travel with its own rollouts
         return [dataclasses.replace(everything[i], encoded=mine.get(everything[i].index))
-                for i in split_evenly(len(everything), dp_size, dp_rank)]
+                for i in data_parallel_share(len(everything), dp_size, dp_rank, blocks)]
 
     # ------------------------------------------------------------------ weights and memory
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> dict:

@@ -336,7 +336,10 @@ class Trainer:
             seed=c.trainer.seed))
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        _, mini, micro = c.batch_sizes(self.dp_size)
+        local, mini, micro = c.batch_sizes(self.dp_size)
+        # each DP rank's prompts: its part of every mini-batch, so that several optimizer steps
+        # per rollout update on the same samples at any DP size (whole prompts per mini-batch)
+        self._blocks = local // mini if mini % r.n == 0 else 1
         # sequence parallelism splits the sequence over TP; FP8 GEMMs need multiples of 16 tokens
         self._pad = math.lcm(p.tensor_model_parallel_size if p.sequence_parallel else 1,
                              16 if c.model.fp8 else 1)
@@ -468,7 +471,7 @@ class Trainer:
         with m.phase("rollout"):
             rollouts = self.engine.generate(      # this DP rank's prompts
                 prompts, sampling, progress=c.logging.progress_bars
-                and is_long_rollout(len(prompts), sampling))
+                and is_long_rollout(len(prompts), sampling), blocks=self._blocks)
         with m.phase("reward"):
             texts = [resp.text for r in rollouts for resp in r.responses]
             answers = [examples[r.index].answer for r in rollouts for _ in r.responses]
