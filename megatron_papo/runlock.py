@@ -29,6 +29,8 @@ import uuid
 
 import torch.distributed as dist
 
+from megatron_papo.parallel import process_alive
+
 LOCK_FILE = ".megatron_papo.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0   # another host's holder whose heartbeat is older is taken to be gone
@@ -95,10 +97,11 @@ class FolderLock:
         if holder.get("slurm_job_id") and holder["slurm_job_id"] == self.me["slurm_job_id"]:
             return f"SLURM job {holder['slurm_job_id']} requeued takes over its own lock"
         if holder.get("host") == self.me["host"] and holder.get("pid"):
-            start = _start_time(int(holder["pid"]))
+            pid = int(holder["pid"])
+            start = _start_time(pid) if process_alive(pid) else None  # a zombie is gone too
             if start is None or (holder.get("process_start") is not None
-                                 and abs(start - holder["process_start"]) > 1):
-                return f"its process {holder['pid']} on this host is gone"
+                                 and abs(start - holder["process_start"]) > 1):  # pid reused
+                return f"its process {pid} on this host is gone"
             return None
         if age > STALE_AFTER_S:
             return f"its heartbeat is {age:.0f}s old (> {STALE_AFTER_S:.0f}s)"

@@ -9,7 +9,9 @@ embedded counting task), and writes a PNG of the curves.
         --seeds 0 1 2 --out outputs/compare -- trainer.steps=150       # Hydra overrides after --
 
 Runs are sequential (each uses every core); a finished run (its metrics hold the final
-evaluation) is reused, so an interrupted comparison continues where it stopped.
+evaluation) is reused, so an interrupted comparison continues where it stopped. Every run takes
+all `trainer.steps` (the default job's early stop, `trainer.stop_at_accuracy`, is off here: the
+algorithms compare after the same number of steps; pass it after -- to turn it back on).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def run_one(algorithm: str, seed: int, folder: str, overrides: list[str], launch
         os.remove(os.path.join(folder, "metrics.jsonl"))  # an interrupted run starts over
     command = [*launcher, "-m", "megatron_papo.train", f"algorithm={algorithm}",
                f"trainer.seed={seed}", f"trainer.output_dir={folder}", f"hydra.run.dir={folder}",
-               "trainer.export_hf=false", *overrides]
+               "trainer.export_hf=false", "trainer.stop_at_accuracy=null", *overrides]
     print(f"[compare] {algorithm} seed {seed}: {' '.join(command)}", flush=True)
     start = time.perf_counter()
     log_path = os.path.join(folder, "train.log")
