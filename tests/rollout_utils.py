@@ -67,3 +67,31 @@ def greedy(eng: RolloutEngine, batch: list | None = None):
 def set_weights(chunks, spec, hf_dir: str) -> None:
     with torch.no_grad():
         ck.load_hf_folder(chunks, spec, hf_dir)
+
+
+def engine_masked_scores(eng: RolloutEngine, prompts: list, rollouts: list, temperature: float,
+                         seed: int, ratio: float = 0.6) -> dict:
+    """The engine's masked-image log-probs of every sampled token (flat, in batch order) with
+    the masks of ``seed``; and two controls: the masks of another seed, and no temperature."""
+    from megatron_papo.rl.masking import masked_copies
+    from megatron_papo.rollout import ScoreRequest
+
+    requests = [ScoreRequest(r.index, r.prompt_ids, [x.token_ids for x in r.responses])
+                for r in rollouts]
+
+    def scores(t, s):
+        out = eng.score(prompts, requests, t,
+                        images=lambda i, images: masked_copies(images, i, ratio, 14, s))
+        return torch.tensor([v for per_prompt in out for resp in per_prompt for v in resp])
+
+    return dict(masked=scores(temperature, seed), other_seed=scores(temperature, seed + 1),
+                other_temperature=scores(1.0 if temperature != 1.0 else 0.5, seed))
+
+
+def check_masked_scores(engine: dict, ours: torch.Tensor) -> None:
+    """Engine = our recomputation (1e-4), and the controls differ (the test would see a wrong
+    mask or a missing temperature)."""
+    assert ours.numel() > 10
+    torch.testing.assert_close(engine["masked"], ours, rtol=0, atol=1e-4)
+    assert (engine["other_seed"] - ours).abs().max() > 1e-2
+    assert (engine["other_temperature"] - ours).abs().max() > 1e-2

@@ -120,14 +120,24 @@ def _logprob_parity(hf0, tp):
             sampling = SamplingConfig(n=3, temperature=temperature, max_new_tokens=12, seed=7)
             batch_prompts = R.prompts()
             rollouts = eng.generate(batch_prompts, sampling)  # this rank's training slice
-            batch = build_rollout_batch(batch_prompts, rollouts, eng.encoder, pad_multiple=tp)
+            batch = build_rollout_batch(batch_prompts, rollouts, eng.encoder, pad_multiple=tp,
+                                        mask_ratio=0.6, mask_seed=11)
             updater = PolicyUpdater(chunks, None, UpdateConfig(
                 micro_batch_size=2, mini_batch_size=2, temperature=temperature,
                 suppressed_token_ids=eng.suppressed_token_ids))
             ours = updater.compute_logprobs(batch)
             mask = batch.response_mask.bool()
+            masked = dict(ours=updater.compute_logprobs(batch, masked=True)[mask],
+                          engine=R.engine_masked_scores(eng, batch_prompts, rollouts,
+                                                        temperature, seed=11))
+            if tp == 2 and temperature == 0.7:  # the same masked scores, trainer at PP 2
+                from megatron.core import parallel_state
+                parallel_state.destroy_model_parallel()
+                _, pp_chunks = R.policy(hf0, 1, 2)
+                pp_updater = PolicyUpdater(pp_chunks, None, updater.config)
+                masked["ours_pp2"] = pp_updater.compute_logprobs(batch, masked=True)[mask]
             out[temperature] = dict(
-                ours=ours[mask], engine=batch.rollout_logp[mask],
+                masked=masked, ours=ours[mask], engine=batch.rollout_logp[mask],
                 indices=[r.index for r in rollouts], samples=len(batch),
                 images=int(batch.images_per_sample.sum()) if batch.images_per_sample is not None
                 else 0)
@@ -141,13 +151,20 @@ def test_engine_logprobs_equal_megatron_recomputation(folders, tp):
     """Sampled responses (n=3, text and image prompts) at temperature 1.0 and 0.7: the engine's
     per-token log-probs equal our Megatron model's recomputation of the same tokens through the
     RolloutBatch (fp32, tol 1e-3). TP=1 on 2 ranks = training DP 2: each rank gets half of the
-    prompts (the training layout); TP=2: both ranks hold all of them."""
+    prompts (the training layout); TP=2: both ranks hold all of them.
+
+    PAPO's masked branch scored by the engine (``RolloutEngine.score`` with rl.masking's masked
+    copies) equals the trainer's masked recomputation within 1e-4 at training TP 1 (DP 2), TP 2
+    and PP 2, rollout TP 1; another mask seed or a missing temperature would differ by > 1e-2."""
     results = run_distributed(_logprob_parity, 2, folders[0], tp, timeout=600)
     for temperature in (1.0, 0.7):
         for r in results:
             got = r[temperature]
             assert got["ours"].numel() > 20 and got["images"] > 0
             torch.testing.assert_close(got["ours"], got["engine"], rtol=0, atol=1e-3)
+            R.check_masked_scores(got["masked"]["engine"], got["masked"]["ours"])
+            if "ours_pp2" in got["masked"]:
+                R.check_masked_scores(got["masked"]["engine"], got["masked"]["ours_pp2"])
         slices = [r[temperature]["indices"] for r in results]
         if tp == 1:
             assert slices == [[0, 1], [2, 3]]
@@ -289,9 +306,14 @@ def _rollout_tp2(hf0, hf1, tp):
             suppressed_token_ids=eng.suppressed_token_ids))
         mask = batch.response_mask.bool()
         ours, engine_logp = updater.compute_logprobs(batch)[mask], batch.rollout_logp[mask]
+        masked_batch = build_rollout_batch(batch_prompts, rollouts, eng.encoder,
+                                           pad_multiple=tp, mask_ratio=0.6, mask_seed=5)
+        masked = dict(ours=updater.compute_logprobs(masked_batch, masked=True)[mask],
+                      engine=R.engine_masked_scores(eng, batch_prompts, rollouts, 0.7, seed=5))
     finally:
         eng.close()
-    return dict(engine_tp=engine_tp, pushed_other=pushed_other, pushed=pushed, ours=ours,
+    return dict(masked=masked, engine_tp=engine_tp, pushed_other=pushed_other, pushed=pushed,
+                ours=ours,
                 engine=engine_logp, indices=[r.index for r in rollouts])
 
 
@@ -302,7 +324,8 @@ def test_rollout_tensor_parallel_engine_over_the_world(request, head, tp):
     TP=2 (untied and tied heads: each engine rank derives its vocabulary shard of the head from
     the pushed embedding). Greedy tokens and log-probs after pushes equal a fresh engine's on the
     same weights; sampled log-probs equal our recomputation (T 0.7, tol 1e-3); results arrive in
-    the training layout."""
+    the training layout. The engine's masked-branch scores equal the trainer's (1e-4) at rollout
+    TP 2 too."""
     (hf0, hf1), (want0, want1) = _pair(request, head)
     results = run_distributed(_rollout_tp2, 2, hf0, hf1, tp, timeout=600)
     for r in results:
@@ -312,6 +335,7 @@ def test_rollout_tensor_parallel_engine_over_the_world(request, head, tp):
         torch.testing.assert_close(r["pushed"][1], want0[1], rtol=0, atol=1e-4)
         assert r["ours"].numel() > 10
         torch.testing.assert_close(r["ours"], r["engine"], rtol=0, atol=1e-3)
+        R.check_masked_scores(r["masked"]["engine"], r["masked"]["ours"])
     expected = [[0, 1], [2, 3]] if tp == 1 else [[0, 1, 2, 3]] * 2
     assert [r["indices"] for r in results] == expected
 
@@ -522,9 +546,8 @@ def test_rollout_batch_layout_and_masked_images(folders):
     the masked images are rl.masking's black patches on the RAW image run through the same
     processor (same grid, different pixels). Selecting samples keeps images with them."""
     from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
-    from megatron_papo.rl.masking import mask_image
+    from megatron_papo.rl.masking import IMAGE_SEED_STRIDE, mask_image
     from megatron_papo.rollout import PromptEncoder, PromptRollout, Response, build_rollout_batch
-    from megatron_papo.rollout.batch import MAX_IMAGES_SEED_STRIDE
 
     encoder = PromptEncoder(folders[0], min_pixels=28 * 28, max_pixels=112 * 112)
     prompts = R.prompts()
@@ -551,7 +574,7 @@ def test_rollout_batch_layout_and_masked_images(folders):
     (first,) = encoder.encode([prompts[0]])
     (third,) = encoder.encode([prompts[2]])
     masked = [encoder.pixel_values([mask_image(e.images[0], 0.6, 14, seed=9 + i *
-                                                MAX_IMAGES_SEED_STRIDE)])
+                                                IMAGE_SEED_STRIDE)])
               for i, e in ((0, first), (2, third))]
     p0, p2 = first.pixel_values.shape[0], third.pixel_values.shape[0]
     assert batch.pixel_values.shape[0] == 3 * p0 + 3 * p2

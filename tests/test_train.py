@@ -59,6 +59,8 @@ def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
     ({"rollout": {"max_logprob_mismatch": -1.0}}, 1, "rollout.max_logprob_mismatch=-1.0 must be"),
     ({"trainer": {"stop_at_accuracy": 1.5}}, 1, "trainer.stop_at_accuracy=1.5 must be in (0, 1]"),
     ({"optim": {"vision_lr_mult": 0.0}}, 1, "optim.vision_lr_mult=0.0 must be > 0"),
+    ({"algorithm": {"masked_logprobs": "vllm"}}, 1,
+     "algorithm.masked_logprobs='vllm': choose engine or trainer"),
     ({"trainer": {"max_tokens_per_micro_batch": 1024}}, 1,
      "trainer.max_tokens_per_micro_batch needs trainer.packing=true"),
     ({"trainer": {"packing": True, "max_tokens_per_micro_batch": 600},
@@ -113,12 +115,14 @@ def test_main_job_on_two_processes(tmp_path, single_run, layout):
 
 
 def test_performance_knobs_keep_the_math(tmp_path, single_run):
-    """The engine's log-probs as the old log-probs (fp32) and micro-batch 4 instead of the whole
-    batch: step 2 (which samples from the weights step 1 produced) has the same rewards and the
-    same loss terms as the default run within 1e-4."""
+    """The trainer's recomputation as the old log-probs (the default run: the fp32 engine's),
+    micro-batch 4 instead of the whole batch, and the frozen masked branch's log-probs scored by
+    the rollout engine (algorithm.masked_logprobs=engine; the default run: the trainer): steps 1
+    and 2 (step 2 samples from the weights step 1 produced) have the same rewards and the same
+    loss terms as the default run within 1e-4."""
     out = str(tmp_path / "knobs")
     done = _main(SMALL + ["rollout.old_logprobs_from_engine=false", "trainer.micro_batch_size=4",
-                          "trainer.export_hf=false"], out)
+                          "algorithm.masked_logprobs=engine", "trainer.export_hf=false"], out)
     assert done.returncode == 0, done.stderr[-3000:]
 
     def step(folder, n):
@@ -130,6 +134,8 @@ def test_performance_knobs_keep_the_math(tmp_path, single_run):
         assert ours["reward"] == ref["reward"] and ours["tokens"] == ref["tokens"]
         for key in ("loss/policy", "loss/kl_prcp", "entropy/original", "entropy/masked"):
             assert ours[key] == pytest.approx(ref[key], abs=1e-4), (n, key)
+        # the engine scored the masked branch (its own phase), the default run's trainer did not
+        assert ours["time/masked_scoring"] > 0 and "time/masked_scoring" not in ref
     # step 2: the engine-vs-trainer gap at fp32 noise whether the old log-probs are the trainer's
     # recomputation (here) or the engine's (the default run)
     assert step(out, 2)["logprob_mismatch"] < 1e-5

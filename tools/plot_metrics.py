@@ -21,7 +21,8 @@ PANELS = [
     ("entropy", ["entropy/original", "entropy/masked"]),
     ("clip fraction", ["clip/high", "clip/low"]),
     ("groups with differing rewards", ["groups_with_signal"]),
-    ("seconds per phase", ["time/rollout", "time/logprobs", "time/update", "time/sync"]),
+    ("seconds per phase", ["time/rollout", "time/reward", "time/batch", "time/logprobs",
+                           "time/masked_scoring", "time/update", "time/sync"]),
 ]
 
 

@@ -75,3 +75,99 @@ def reprocess_tied_modules(worker) -> int:
             done.add(id(module))
             redone += 1
     return redone
+
+
+def score_with_sampling_distribution(worker, temperature: float | None,
+                                     suppressed_token_ids: list[int] = ()) -> int:
+    """Gap filled: vLLM's prompt log-probs are computed from the RAW logits (its
+    ``_get_prompt_logprobs_dict`` calls ``compute_logits`` and ``compute_logprobs`` directly:
+    neither the temperature nor the logits processors of sampling apply), whereas scoring a
+    sampled response for RL needs the distribution it was sampled from.
+
+    ``temperature`` given: every ``LogitsProcessor`` layer of the model (the output head's
+    logits, computed once for sampling and for prompt log-probs) sets the suppressed ids to -inf
+    and divides by the temperature, until called again with ``temperature=None``. Only scoring
+    requests run in between (their one sampled token is discarded). Run in every worker through
+    ``collective_rpc``; returns how many layers it changed."""
+    import torch
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    changed = 0
+    for module in worker.get_model().modules():
+        if not isinstance(module, LogitsProcessor):
+            continue
+        module.__dict__.pop("forward", None)  # back to the class's forward
+        if temperature is not None:
+            original = module.forward
+            ids = torch.tensor(list(suppressed_token_ids), dtype=torch.long)
+
+            def forward(*args, _original=original, _ids=ids, **kwargs):
+                logits = _original(*args, **kwargs)
+                if logits is None:  # a TP rank that does not hold the gathered logits
+                    return None
+                logits = logits.clone()
+                if _ids.numel():
+                    logits.index_fill_(-1, _ids.to(logits.device), float("-inf"))
+                return logits / temperature
+
+            module.forward = forward
+        changed += 1
+    return changed
+
+
+def generate_continuations(llm, prompts: list[dict], continuations: list[list[list[int]]],
+                           params) -> list[list]:
+    """Run "prompt + continuation" for every continuation of every prompt (token prompts with
+    their multimodal data); returns vLLM's outputs per prompt, per continuation.
+
+    Cost fixed: vLLM renders every request on its own (the multimodal processor, its cache
+    lookup, the placeholder expansion: ~1.5 ms per request on CPU, more than the prefill of a
+    short sequence), although the n responses of a prompt share the prompt and its images. Here
+    each prompt is rendered ONCE (``LLM._preprocess_cmpl_one``: the same rendering as
+    ``LLM.generate``) and its continuations are appended to the rendered, already expanded
+    token ids (the image placeholders keep their offsets); vLLM documents passing rendered
+    inputs to ``LLMEngine.add_request``. A vLLM without these entry points gets the plain path
+    (one ``generate`` request per continuation, the placeholders collapsed for it to expand)."""
+    from vllm.outputs import RequestOutput
+    from vllm.sampling_params import RequestOutputKind
+
+    if not all(hasattr(llm, name) for name in ("_preprocess_cmpl_one", "_run_engine")):
+        return _generate_continuations_plainly(llm, prompts, continuations, params)
+    inputs, owners = [], []
+    for p, (prompt, ends) in enumerate(zip(prompts, continuations)):
+        base = llm._preprocess_cmpl_one(prompt)
+        for k, end in enumerate(ends):
+            engine_input = dict(base)
+            engine_input["prompt_token_ids"] = list(base["prompt_token_ids"]) + list(end)
+            inputs.append(engine_input)
+            owners.append((p, k))
+    params = params.clone()
+    params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate asks
+    external, internal = [], []
+    try:
+        for engine_input in inputs:
+            external.append(str(next(llm.request_counter)))
+            internal.append(llm.llm_engine.add_request(external[-1], engine_input,
+                                                       params.clone()))
+    except Exception:
+        if internal:
+            llm.llm_engine.abort_request(internal, internal=True)
+        raise
+    by_id = {out.request_id: out for out in llm._run_engine(RequestOutput, use_tqdm=False)}
+    result = [[None] * len(ends) for ends in continuations]
+    for request_id, (p, k) in zip(external, owners):
+        result[p][k] = by_id[request_id]
+    return result
+
+
+def _generate_continuations_plainly(llm, prompts, continuations, params) -> list[list]:
+    requests, owners = [], []
+    for p, (prompt, ends) in enumerate(zip(prompts, continuations)):
+        for k, end in enumerate(ends):
+            requests.append({**prompt, "prompt_token_ids": list(prompt["prompt_token_ids"]) +
+                             list(end)})
+            owners.append((p, k))
+    result = [[None] * len(ends) for ends in continuations]
+    for (p, k), out in zip(owners, llm.generate(requests, params, use_tqdm=False)):
+        result[p][k] = out
+    return result

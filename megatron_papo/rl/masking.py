@@ -17,6 +17,7 @@ from PIL import Image
 
 DEFAULT_RATIO = 0.6   # authors' default; ablation 0.4/0.6/0.8/1.0 -> 0.6 best on 3B
 DEFAULT_PATCH = 14    # pixels, the vision tower's patch size
+IMAGE_SEED_STRIDE = 64  # masking seed of image k of prompt i: seed + i * stride + k
 
 
 def patch_keep_mask(height: int, width: int, ratio: float = DEFAULT_RATIO,
@@ -46,3 +47,12 @@ def mask_image(image, ratio: float = DEFAULT_RATIO, patch: int = DEFAULT_PATCH, 
     pixels = pixels if is_tensor else pixels.numpy()
     array[pixels] = 0
     return array
+
+
+def masked_copies(images: list, prompt_index: int, ratio: float = DEFAULT_RATIO,
+                  patch: int = DEFAULT_PATCH, seed: int = 0) -> list:
+    """PAPO's masked copies of one prompt's images: THE masks of a step, whichever side uses them
+    (the trainer's masked pixel values, the rollout engine's masked scoring). ``prompt_index``:
+    the prompt's position in the step's global batch (the same at any data-parallel layout)."""
+    return [mask_image(img, ratio, patch, seed=seed + prompt_index * IMAGE_SEED_STRIDE + k)
+            for k, img in enumerate(images)]

@@ -11,6 +11,7 @@ from .engine import (
     Response,
     RolloutEngine,
     SamplingConfig,
+    ScoreRequest,
     close_all_engines,
 )
 from .inputs import EncodedPrompt, PromptEncoder, RolloutInputError
@@ -19,5 +20,5 @@ from .weights import DEFAULT_BUCKET_BYTES, PushStats, iter_hf_weights
 __all__ = [
     "DEFAULT_BUCKET_BYTES", "EncodedPrompt", "EngineConfig", "PromptEncoder", "PromptRollout",
     "PushStats", "Response", "RolloutEngine", "RolloutInputError", "SamplingConfig",
-    "build_rollout_batch", "close_all_engines", "iter_hf_weights",
+    "ScoreRequest", "build_rollout_batch", "close_all_engines", "iter_hf_weights",
 ]

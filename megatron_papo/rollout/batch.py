@@ -8,13 +8,12 @@ from __future__ import annotations
 import torch
 
 from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
-from megatron_papo.rl.masking import DEFAULT_PATCH, mask_image
+from megatron_papo.rl.masking import DEFAULT_PATCH, masked_copies
 from megatron_papo.rl.step import RolloutBatch
 
 from .engine import PromptRollout
 from .inputs import PromptEncoder
 
-MAX_IMAGES_SEED_STRIDE = 64  # masking seed = seed + prompt index * stride + image index
 
 
 def build_rollout_batch(prompts: list, rollouts: list[PromptRollout], encoder: PromptEncoder,
@@ -43,10 +42,8 @@ def build_rollout_batch(prompts: list, rollouts: list[PromptRollout], encoder: P
                 "pixels")
         masked_pixels = None
         if encoded.images and mask_ratio is not None:
-            copies = [mask_image(img, mask_ratio, mask_patch,
-                                 seed=mask_seed + rollout.index * MAX_IMAGES_SEED_STRIDE + k)
-                      for k, img in enumerate(encoded.images)]
-            masked_pixels = encoder.pixel_values(copies)
+            masked_pixels = encoder.pixel_values(masked_copies(
+                encoded.images, rollout.index, mask_ratio, mask_patch, mask_seed))
         for response in rollout.responses:
             rows.append(rollout.prompt_ids + response.token_ids)
             prompt_lens.append(len(rollout.prompt_ids))

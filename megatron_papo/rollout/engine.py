@@ -27,12 +27,16 @@ import os
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 
-from megatron_papo.compat.vllm import reprocess_tied_modules
+from megatron_papo.compat.vllm import (
+    generate_continuations,
+    reprocess_tied_modules,
+    score_with_sampling_distribution,
+)
 
 from .inputs import EncodedPrompt, PromptEncoder, RolloutInputError
 
@@ -132,6 +136,15 @@ class PromptRollout:
     # the prompt's encoding (pixel values, grids) when this rank encoded it for the engine: the
     # trainer's batch reuses it instead of running the processor again; never sent between ranks
     encoded: EncodedPrompt | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class ScoreRequest:
+    """Responses to score after one prompt (:meth:`RolloutEngine.score`)."""
+
+    index: int                    # the prompt's position in the global batch
+    prompt_ids: list[int]         # as the engine consumed it (image pads expanded)
+    responses: list[list[int]]    # token ids of each response
 
 
 def _rollout_layout(tp: int) -> tuple[int, int, int]:
@@ -409,6 +422,78 @@ class RolloutEngine:
         mine = dict(zip(share, encoded))  # this rank's encodings travel with its own rollouts
         return [dataclasses.replace(everything[i], encoded=mine.get(everything[i].index))
                 for i in data_parallel_share(len(everything), dp_size, dp_rank, blocks)]
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, prompts: list, requests: list[ScoreRequest], temperature: float,
+              images: Callable[[int, list], list] | None = None) -> list[list[list[float]]]:
+        """Log-probs of GIVEN responses, token by token, under the distribution they were sampled
+        from (``temperature``, the suppressed ids at probability 0: as the sampling log-probs and
+        the trainer's), the prompt's images replaced by ``images(index, images)`` (PAPO: their
+        masked copies). A prefill per response: vLLM's prompt log-probs of "prompt + response".
+
+        ``requests``: this rank's (any layout: the same prompt may sit on several ranks); the
+        union over the world is split evenly over the rollout groups, as :meth:`generate` does,
+        and the results come back to every rank that holds the request. ``prompts``: the global
+        prompt list the indices point into (only the images are taken from it). Returns, per
+        request, per response, one log-prob per response token. All ranks call it together."""
+        gathered = _all_gather([(r.index, r.prompt_ids, r.responses) for r in requests])
+        union: dict[int, tuple] = {}
+        for part in gathered:
+            for index, prompt_ids, responses in part:
+                if union.setdefault(index, (prompt_ids, responses)) != (prompt_ids, responses):
+                    raise RuntimeError(f"prompt {index}: two ranks hold different responses to "
+                                       "score for it")
+        order = sorted(union)
+        share = [order[i] for i in split_evenly(len(order), self.groups, self.group)]
+        local: dict[int, list[list[float]]] = {}
+        if share:
+            local = self._score(prompts, {i: union[i] for i in share}, temperature, images)
+        leader = self.rank % self.config.tensor_parallel_size == 0
+        scores = {}
+        for part in _all_gather(local if leader else None):
+            scores.update(part or {})
+        return [scores[r.index] for r in requests]
+
+    def _score(self, prompts: list, share: dict[int, tuple], temperature: float,
+               images: Callable[[int, list], list] | None) -> dict[int, list[list[float]]]:
+        from vllm import SamplingParams
+
+        pad = self.encoder.image_token_id
+        requests, ends = [], []
+        for index, (prompt_ids, responses) in share.items():
+            found = self.encoder.images(prompts[index], index)
+            if images is not None and found:
+                found = images(index, found)
+            # vLLM expands each image's ONE placeholder token itself: collapse the runs
+            request = {"prompt_token_ids": [t for j, t in enumerate(prompt_ids)
+                                            if t != pad or j == 0 or prompt_ids[j - 1] != pad]}
+            if found:
+                request["multi_modal_data"] = {"image": found if len(found) > 1 else found[0]}
+            requests.append(request)
+            ends.append(responses)
+        # one token is sampled and dropped; the prompt log-probs are the scores
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                                detokenize=False)
+        self._wake("kv_cache")
+        self.llm.collective_rpc(score_with_sampling_distribution,
+                                args=(temperature, self.suppressed_token_ids))
+        try:
+            outputs = generate_continuations(self.llm, requests, ends, params)
+        finally:
+            self.llm.collective_rpc(score_with_sampling_distribution, args=(None,))
+        result = {}
+        for (index, (prompt_ids, responses)), per_prompt in zip(share.items(), outputs):
+            result[index] = []
+            for response, out in zip(responses, per_prompt):
+                ids = list(out.prompt_token_ids)
+                if ids != prompt_ids + list(response):
+                    raise RuntimeError(
+                        f"prompt {index}: the engine expanded the scored prompt to other token "
+                        f"ids ({len(ids)} vs {len(prompt_ids) + len(response)} tokens): the "
+                        "images to score must have the sampled images' sizes")
+                result[index].append([out.prompt_logprobs[j][ids[j]].logprob
+                                      for j in range(len(prompt_ids), len(ids))])
+        return result
 
     # ------------------------------------------------------------------ weights and memory
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> dict:

@@ -95,7 +95,9 @@ class PromptEncoder:
             raise RolloutInputError("prompts must be a non-empty list of chat-message lists")
         return [self.encode_one(p, i) for i, p in enumerate(prompts)]
 
-    def _images(self, messages, index: int) -> list[Image.Image]:
+    def images(self, messages, index: int) -> list[Image.Image]:
+        """The validated images of prompt ``index``, in prompt order (raises
+        :class:`RolloutInputError` naming the prompt and the item)."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise RolloutInputError(f"prompt {index}: expected a non-empty list of chat messages "
                                     f"({{'role': ..., 'content': ...}}), got {type(messages).__name__}")
@@ -130,7 +132,7 @@ class PromptEncoder:
         return images
 
     def encode_one(self, messages, index: int) -> EncodedPrompt:
-        images = self._images(messages, index)
+        images = self.images(messages, index)
         text = self.processor.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=True)
         encoded = self.processor(text=[text], images=images or None, return_tensors="pt",

@@ -81,6 +81,10 @@ class AlgorithmConfig:
     name: str = "papo_no_kl_ref"     # grpo | papo | papo_h | papo_no_kl_ref | dapo | papo_d
     loss: dict = field(default_factory=dict)   # overrides of rl.algorithms.LossConfig fields
     masked_branch: str = "frozen"    # frozen (the authors') | live
+    # frozen branch: who computes the masked-image log-probs of the sampled responses: the rollout
+    # engine (a prefill with the rollout-time weights, the weights the frozen branch asks for) or
+    # the trainer (an extra forward before the update); live: always the trainer
+    masked_logprobs: str = "trainer"  # engine | trainer
     mask_ratio: float = 0.6
     mask_patch: int = 14
     # DAPO (dapo, papo_d): groups whose rewards are all equal are dropped and more prompts drawn
@@ -350,6 +354,9 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     if config.algorithm.masked_branch not in ("frozen", "live"):
         raise ConfigError(f"algorithm.masked_branch={config.algorithm.masked_branch!r}: choose "
                           "frozen or live")
+    if config.algorithm.masked_logprobs not in ("engine", "trainer"):
+        raise ConfigError(f"algorithm.masked_logprobs={config.algorithm.masked_logprobs!r}: "
+                          "choose engine or trainer")
     if not 0 <= config.algorithm.mask_ratio <= 1:
         raise ConfigError(f"algorithm.mask_ratio={config.algorithm.mask_ratio} must be in [0, 1]")
     if config.trainer.warmup_steps < 0:

@@ -198,6 +198,7 @@ class _Group:
     rollout: object
     scored: list
     rewards: torch.Tensor
+    position: int = -1  # the example's row in the training data
 
     @property
     def has_signal(self) -> bool:  # rewards not all equal: a non-zero advantage
@@ -379,14 +380,17 @@ class Trainer:
             rollouts.append(dataclasses.replace(group.rollout, index=slot.rollout.index))
         rewards = torch.cat([g.rewards for g in train_groups])
         groups = torch.tensor([r.index for r in rollouts for _ in r.responses])
+        a = c.algorithm
+        needs_masked = self.loss.needs_masked_branch
+        frozen = needs_masked and a.masked_branch == "frozen"
+        scored_by_engine = frozen and a.masked_logprobs == "engine"
+        mask_seed = self.step_index * 100_003
         with m.phase("batch"):  # advantages, the trainer's tensors, the masked images
             advantages = group_advantages(rewards, groups)
-            needs_masked = self.loss.needs_masked_branch
-            batch = build_rollout_batch(
+            batch = build_rollout_batch(   # (the engine masks its own copies when it scores)
                 prompts, rollouts, self.engine.encoder, pad_multiple=self._pad,
-                mask_ratio=c.algorithm.mask_ratio if needs_masked else None,
-                mask_patch=c.algorithm.mask_patch, mask_seed=self.step_index * 100_003,
-                advantages=advantages)
+                mask_ratio=a.mask_ratio if needs_masked and not scored_by_engine else None,
+                mask_patch=a.mask_patch, mask_seed=mask_seed, advantages=advantages)
         # what the policy did (every group drawn this step), not only what it trains on
         scored = [s for g in everything for s in g.scored]
         with m.phase("logprobs"):
@@ -394,8 +398,12 @@ class Trainer:
                               else self.updater.compute_logprobs(batch))
             if self.reference is not None:
                 batch.ref_logp = self.updater.compute_logprobs(batch, model_chunks=self.reference)
-            if needs_masked and c.algorithm.masked_branch == "frozen":
+            if frozen and not scored_by_engine:
                 batch.masked_logp = self.updater.compute_logprobs(batch, masked=True)
+        if scored_by_engine:
+            with m.phase("masked_scoring"):  # the rollout-time weights are still the engine's
+                batch.masked_logp = self._engine_masked_logprobs(
+                    first_round, train_groups, rollouts, batch, mask_seed)
         with m.phase("update"):
             updates = self.updater.update(batch)
         with m.phase("sync"):
@@ -438,6 +446,40 @@ class Trainer:
         self._check_mismatch(record)
         return record
 
+    def _engine_masked_logprobs(self, slots: list[_Group], groups: list[_Group], rollouts: list,
+                                batch, mask_seed: int) -> torch.Tensor:
+        """The frozen branch's masked log-probs [N, L] from the rollout engine: each sampled
+        response scored after its prompt with the masked images (``rl.masking.masked_copies``,
+        the masks the trainer would use), under the sampling distribution."""
+        from megatron_papo.rl.masking import masked_copies
+        from megatron_papo.rollout import ScoreRequest
+
+        a = self.config.algorithm
+        # the global prompt list (the engine scores any rank's prompts): slot -> training row
+        places = [(slot.rollout.index, group.position) for slot, group in zip(slots, groups)]
+        prompts = [None] * self.config.trainer.prompts_per_step
+        gathered = [places]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, places)
+        for part in gathered:
+            for index, position in part:
+                prompts[index] = self.train_data[position].messages
+        requests = [ScoreRequest(r.index, r.prompt_ids, [resp.token_ids for resp in r.responses])
+                    for r in rollouts]
+        scores = self.engine.score(
+            prompts, requests, self.config.rollout.temperature,
+            images=lambda index, images: masked_copies(images, index, a.mask_ratio,
+                                                       a.mask_patch, mask_seed))
+        result = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        row = 0
+        for r, per_prompt in zip(rollouts, scores):
+            start = len(r.prompt_ids)
+            for values in per_prompt:
+                result[row, start:start + len(values)] = torch.tensor(values)
+                row += 1
+        return result
+
     def _check_mismatch(self, record: dict) -> None:
         """Stop (one line) when the engine's log-probs left the trainer's: training on would
         sample from, and take old log-probs from, a policy that is not the trained one."""
@@ -464,7 +506,9 @@ class Trainer:
         from megatron_papo.rollout.engine import is_long_rollout
 
         c, m = self.config, self.metrics
-        examples = self.rng.sample(self.train_data, c.trainer.prompts_per_step)
+        # rows by position (the same draw as sampling the rows themselves)
+        positions = self.rng.sample(range(len(self.train_data)), c.trainer.prompts_per_step)
+        examples = [self.train_data[j] for j in positions]
         prompts = [e.messages for e in examples]
         sampling = c.rollout.sampling(
             seed=c.trainer.seed * 1_000_003 + self.step_index + round_index * 7_919)
@@ -485,7 +529,8 @@ class Trainer:
         groups, at = [], 0
         for r in rollouts:
             n = len(r.responses)
-            groups.append(_Group(examples[r.index], r, scored[at:at + n], rewards[at:at + n]))
+            groups.append(_Group(examples[r.index], r, scored[at:at + n], rewards[at:at + n],
+                                 positions[r.index]))
             at += n
         return groups
 
