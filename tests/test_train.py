@@ -61,6 +61,8 @@ def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
     ({"optim": {"vision_lr_mult": 0.0}}, 1, "optim.vision_lr_mult=0.0 must be > 0"),
     ({"algorithm": {"masked_logprobs": "vllm"}}, 1,
      "algorithm.masked_logprobs='vllm': choose engine or trainer"),
+    ({"algorithm": {"name": "papo_h", "loss": {"entropy_estimator": "exact"}}}, 1,
+     "entropy_estimator=exact with entropy_eta_masked > 0 needs algorithm.masked_branch=live"),
     ({"trainer": {"max_tokens_per_micro_batch": 1024}}, 1,
      "trainer.max_tokens_per_micro_batch needs trainer.packing=true"),
     ({"trainer": {"packing": True, "max_tokens_per_micro_batch": 600},

@@ -357,6 +357,13 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     if config.algorithm.masked_logprobs not in ("engine", "trainer"):
         raise ConfigError(f"algorithm.masked_logprobs={config.algorithm.masked_logprobs!r}: "
                           "choose engine or trainer")
+    loss = config.loss_config()
+    if (loss.entropy_estimator == "exact" and loss.entropy_eta_masked > 0
+            and config.algorithm.masked_branch == "frozen"):
+        raise ConfigError(
+            "algorithm.loss.entropy_estimator=exact with entropy_eta_masked > 0 needs "
+            "algorithm.masked_branch=live: the frozen branch keeps only the sampled tokens' "
+            "masked log-probs, not the masked distribution (or use entropy_estimator=sampled)")
     if not 0 <= config.algorithm.mask_ratio <= 1:
         raise ConfigError(f"algorithm.mask_ratio={config.algorithm.mask_ratio} must be in [0, 1]")
     if config.trainer.warmup_steps < 0:
