@@ -152,6 +152,22 @@ def test_bench_papo_overhead_at_toy_size(tmp_path):
     assert done.returncode == 2 and "has no perception term" in done.stderr
 
 
+def test_bench_papo_step_at_toy_size(tmp_path):
+    """The end-to-end PAPO step benchmark: one main job at toy size with the masked branch
+    scored by the engine (its own phase in the table), and one-line refusals of bad input."""
+    out = tmp_path / "step.json"
+    done = _tool("bench_papo_step.py", "--hidden", "32", "--layers", "1", "--prompts", "4",
+                 "--n", "2", "--new-tokens", "4", "--steps", "2", "--rounds", "1",
+                 "--variants", "papo_engine", "--out", str(tmp_path / "runs"), "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]["papo_engine"]
+    assert summary["seconds"] > 0 and summary["masked_scoring"] > 0
+    assert summary["logprobs"] < 0.01  # no trainer forward: old log-probs from the engine too
+    assert "| papo_engine |" in done.stdout and "1.00x" in done.stdout
+    done = _tool("bench_papo_step.py", "--setting", "nameless")
+    assert done.returncode == 2 and "write NAME=OVERRIDES" in done.stderr
+
+
 def test_gpu_check_compares_the_local_spec_with_transformers_anywhere(tmp_path):
     """tools/gpu_check.py (the GPU run adds the te and te-fp8 rows): the language model on text,
     the vision tower's features and the whole model, each against transformers in bf16."""
