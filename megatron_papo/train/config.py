@@ -173,7 +173,7 @@ class TrainerConfig:
     micro_batch_size: int = 512      # samples per forward/backward (same update for any value)
     # each micro-batch's samples packed into one row (THD, cu_seqlens): no compute on padding,
     # the same update (rl/packing.py)
-    packing: bool = False
+    packing: bool = True
     # > 0 (needs packing): micro-batches by tokens, bin-packed under this budget, instead of
     # micro_batch_size samples; memory then depends on the budget, not on the longest response
     max_tokens_per_micro_batch: int = 0
