@@ -63,7 +63,7 @@ def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
      "algorithm.masked_logprobs='vllm': choose engine or trainer"),
     ({"algorithm": {"name": "papo_h", "loss": {"entropy_estimator": "exact"}}}, 1,
      "entropy_estimator=exact with entropy_eta_masked > 0 needs algorithm.masked_branch=live"),
-    ({"trainer": {"max_tokens_per_micro_batch": 1024}}, 1,
+    ({"trainer": {"packing": False, "max_tokens_per_micro_batch": 1024}}, 1,
      "trainer.max_tokens_per_micro_batch needs trainer.packing=true"),
     ({"trainer": {"packing": True, "max_tokens_per_micro_batch": 600},
       "algorithm": {"masked_branch": "live"}}, 1,
@@ -118,12 +118,14 @@ def test_main_job_on_two_processes(tmp_path, single_run, layout):
 
 def test_performance_knobs_keep_the_math(tmp_path, single_run):
     """The trainer's recomputation as the old log-probs (the default run: the fp32 engine's),
-    micro-batch 4 instead of the whole batch, and the frozen masked branch's log-probs scored by
-    the rollout engine (algorithm.masked_logprobs=engine; the default run: the trainer): steps 1
-    and 2 (step 2 samples from the weights step 1 produced) have the same rewards and the same
-    loss terms as the default run within 1e-4."""
+    packed micro-batches under a budget of 512 tokens (rollout.max_model_len: the 32 samples of
+    a step, ~2,000 tokens, in several micro-batches; the default run: all in one) and the frozen
+    masked branch's log-probs scored by the rollout engine (algorithm.masked_logprobs=engine; the
+    default run: the trainer): steps 1 and 2 (step 2 samples from the weights step 1 produced)
+    have the same rewards and the same loss terms as the default run within 1e-4."""
     out = str(tmp_path / "knobs")
-    done = _main(SMALL + ["rollout.old_logprobs_from_engine=false", "trainer.micro_batch_size=4",
+    done = _main(SMALL + ["rollout.old_logprobs_from_engine=false",
+                          "trainer.max_tokens_per_micro_batch=512",
                           "algorithm.masked_logprobs=engine", "trainer.export_hf=false"], out)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -144,13 +146,12 @@ def test_performance_knobs_keep_the_math(tmp_path, single_run):
     assert step(single_run[0], 2)["logprob_mismatch"] < 1e-5
 
 
-def test_packed_job_logs_the_padded_jobs_metrics(tmp_path, single_run):
-    """trainer.packing=true with a token budget of 512 (rollout.max_model_len: the 32 samples of a
-    step, ~2,000 tokens, run as several packed micro-batches; the warm start too) logs the same
-    steps as the padded default run (one micro-batch of 32 padded samples): rewards exactly,
-    loss terms, grad norm, perception KL and entropies within 1e-5 relative."""
-    out = str(tmp_path / "packed")
-    done = _main(SMALL + ["trainer.packing=true", "trainer.max_tokens_per_micro_batch=512",
+def test_padded_job_logs_the_packed_jobs_metrics(tmp_path, single_run):
+    """trainer.packing=false with micro-batches of 4 padded samples (the warm start too) logs
+    the same steps as the packed default run (the 32 samples of a step in one packed row):
+    rewards exactly, loss terms, grad norm, perception KL and entropies within 1e-5 relative."""
+    out = str(tmp_path / "padded")
+    done = _main(SMALL + ["trainer.packing=false", "trainer.micro_batch_size=4",
                           "trainer.export_hf=false", "trainer.save_every=0"], out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert single_run[1].returncode == 0
