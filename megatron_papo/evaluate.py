@@ -27,15 +27,25 @@ class EvaluationError(ValueError):
 
 
 def swap_images(examples: list) -> list:
-    """The same prompts, each with the image(s) of the next example (the last takes the first's):
-    the answer no longer matches what is shown unless the model ignores the image."""
+    """The same prompts, each with the image(s) of the next example (the last takes the first's;
+    a prompt with more images than its donor continues with the donor's successors' images,
+    never its own): the answer no longer matches what is shown unless the model ignores the
+    image."""
     if len(examples) < 2:
         return list(examples)
+
+    def items(example):
+        return [c for m in example.messages if isinstance(m["content"], list)
+                for c in m["content"] if c.get("type") == "image"]
+
     out = []
     for i, example in enumerate(examples):
-        donor = examples[(i + 1) % len(examples)]
-        images = [c for m in donor.messages if isinstance(m["content"], list)
-                  for c in m["content"] if c.get("type") == "image"]
+        need = len(items(example))
+        images = []
+        for step in range(1, len(examples)):
+            if len(images) >= need:
+                break
+            images += items(examples[(i + step) % len(examples)])
         swapped = copy.copy(example)
         swapped.messages = []
         for message in example.messages:
@@ -121,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also report accuracy with images swapped between prompts")
     p.add_argument("--min-pixels", type=int, default=None)
     p.add_argument("--max-pixels", type=int, default=None)
+    p.add_argument("--max-images-per-prompt", type=int, default=None,
+                   help="images per prompt the engine accepts (default: the most any row has)")
     p.add_argument("--dtype", default="bfloat16", help="engine dtype (float32 on CPU for exact "
                                                        "log-probs; default bfloat16)")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -246,6 +258,23 @@ def _hf_folder(model: str, scratch: str, log) -> str:
     return out
 
 
+def _images_per_prompt(args, datasets: dict) -> int:
+    """--max-images-per-prompt, or the most images any prompt has; a prompt above an explicit
+    limit is refused before the engine starts, naming it."""
+    examples = [e for part in datasets.values() for e in part]
+    if args.max_images_per_prompt is None:
+        return max([1] + [e.image_count for e in examples])
+    if args.max_images_per_prompt < 1:
+        raise EvaluationError(f"--max-images-per-prompt {args.max_images_per_prompt} must be "
+                              ">= 1")
+    over = next((e for e in examples if e.image_count > args.max_images_per_prompt), None)
+    if over is not None:
+        raise EvaluationError(f"{over.source}: {over.image_count} images, more than "
+                              f"--max-images-per-prompt {args.max_images_per_prompt}; raise it "
+                              "(default: the most any prompt has)")
+    return args.max_images_per_prompt
+
+
 def run(args) -> dict:
     from megatron_papo.rollout import EngineConfig, RolloutEngine, SamplingConfig
 
@@ -264,7 +293,8 @@ def run(args) -> dict:
         engine = RolloutEngine(EngineConfig(
             hf_dir, dtype=args.dtype, max_model_len=max_model_len,
             kv_cache_bytes=args.kv_cache_mb * 2**20, min_pixels=args.min_pixels,
-            max_pixels=args.max_pixels, seed=args.seed))
+            max_pixels=args.max_pixels, seed=args.seed,
+            max_images_per_prompt=_images_per_prompt(args, datasets)))
         try:
             max_new_tokens = _new_tokens(args, engine, datasets, max_model_len, log)
             for name, examples in datasets.items():

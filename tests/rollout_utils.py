@@ -28,13 +28,16 @@ def user(text: str, *images) -> list:
     return [{"role": "user", "content": content}]
 
 
-def prompts() -> list:
-    """Text-only and image prompts; images of several sizes and aspect ratios."""
+def prompts(two_images: bool = False) -> list:
+    """Text-only and image prompts; images of several sizes and aspect ratios. ``two_images``:
+    the last prompt shows two images of different sizes (0, 1 and 2 images in one batch)."""
+    last = (user("so we get the value", image(56, 56, 3), image(42, 70, 4)) if two_images
+            else user("so we get the value", image(56, 56, 3)))
     return [
         user("what is the area of the triangle", image(84, 112, 1)),
         [{"role": "user", "content": "the sum of the angle is"}],
         user("the circle radius", image(150, 61, 2)),
-        user("so we get the value", image(56, 56, 3)),
+        last,
     ]
 
 

@@ -133,3 +133,32 @@ def test_images_above_the_pixel_limit_are_refused_before_decoding():
     assert check_image(big.getvalue()) == "image larger than 89478485 pixels"
     assert check_image(png_of((56, 27))) == "image smaller than 28 px"
     assert check_image(png_of((56, 56))) is None and check_image(None) == "missing image"
+
+
+def test_image_placeholders_place_several_images_in_order(tmp_path):
+    """ViRL39K / MMMU style rows: a list of images and one '<image>' per image in the problem:
+    each image takes its placeholder's place, in order; no placeholder: the images come first;
+    a count that differs is a one-line error naming the file and the row."""
+    rows = counting_rows(3, seed=4)
+    first, second = rows[0]["image"], rows[1]["image"]
+    good = [{"image": [first, second], "problem": "<image> left, <image> right: how many?",
+             "answer": "3"},
+            {"image": [first, second], "problem": "how many in both?", "answer": "4"},
+            {"image": [first], "problem": "<image>count", "answer": "1"}]
+    config = DataConfig(prompt_template="{problem}")
+    examples, _ = load_examples(_write(tmp_path, good), config)
+    kinds = [[c["type"] for c in e.messages[0]["content"]] for e in examples]
+    assert kinds == [["image", "text", "image", "text"], ["image", "image", "text"],
+                     ["image", "text"]]
+    content = examples[0].messages[0]["content"]
+    assert content[1]["text"] == " left, " and content[3]["text"] == " right: how many?"
+    assert np.array_equal(np.asarray(content[0]["image"]),
+                          np.asarray(Image.open(io.BytesIO(first))))
+    assert np.array_equal(np.asarray(content[2]["image"]),
+                          np.asarray(Image.open(io.BytesIO(second))))
+    assert [e.image_count for e in examples] == [2, 2, 1]
+    bad = good + [{"image": [first], "problem": "<image> and <image>", "answer": "2"}]
+    with pytest.raises(DataError) as err:
+        load_examples(_write(tmp_path, bad, "bad.parquet"), config)
+    assert "bad.parquet' row 3: 2 '<image>' placeholder(s) in the prompt but 1 image(s)" \
+        in str(err.value) and "\n" not in str(err.value)

@@ -94,20 +94,16 @@ def test_bad_model_or_data_is_one_line(tiny_model, tmp_path):
 
 
 def test_a_training_checkpoint_and_a_run_folder_are_models(single_run, tmp_path):
-    """What the default job leaves behind: its training checkpoint (which also holds the run's
-    config.json: the Megatron marker wins) and the run folder itself (its newest complete
-    checkpoint, here with README's evaluation defaults) evaluate; mcore-to-hf and
-    perception_map take the run folder."""
+    """What the default job leaves behind: the run folder itself (its newest complete
+    checkpoint, here with README's evaluation defaults) evaluates (its training checkpoint, which
+    also holds the run's config.json, evaluates too: README's command, run by
+    tests/test_readme_commands.py); mcore-to-hf and perception_map take the run folder."""
     out, job = single_run
     assert job.returncode == 0, job.stderr[-2000:]
     checkpoint = os.path.join(out, "checkpoints", "step_00000002")
     assert os.path.exists(os.path.join(checkpoint, "config.json"))
     args = ["--k", "1", "--max-prompts", "4", "--dtype", "float32", "--max-new-tokens", "8",
             "--max-model-len", "256", "--kv-cache-mb", "32"]
-    done = _evaluate("--model", checkpoint, *args)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "[eval] model: training checkpoint" in done.stdout
-    assert "[eval] test.parquet: accuracy" in done.stdout
     # the run folder (its newest checkpoint) with README's evaluation defaults, sized for 7B:
     # the limits follow the model (max_position_embeddings 2,048) and the data, in one line each
     done = _evaluate("--model", out, "--dtype", "float32", "--swap-images", "--max-prompts", "2",
@@ -175,3 +171,11 @@ def test_swapped_images_come_from_other_prompts():
         assert content[0]["image"] is images[(i + 1) % 3]
         assert content[1]["text"] == f"q{i}" and example.answer == str(i)
     assert examples[0].messages[0]["content"][0]["image"] is images[0]  # originals untouched
+    # a two-image prompt next to one-image donors: both of its images come from other prompts
+    two = Example([{"role": "user", "content": [{"type": "image", "image": "a0"},
+                                                {"type": "text", "text": "x"},
+                                                {"type": "image", "image": "a1"}]}], "9", "f:9")
+    mixed = [two] + [Example([{"role": "user", "content": [{"type": "image", "image": im}]}],
+                             "1", "f") for im in ("b", "c")]
+    first = swap_images(mixed)[0].messages[0]["content"]
+    assert [c.get("image") for c in first] == ["b", None, "c"] and first[1]["text"] == "x"

@@ -59,6 +59,8 @@ def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
     ({"rollout": {"max_logprob_mismatch": -1.0}}, 1, "rollout.max_logprob_mismatch=-1.0 must be"),
     ({"trainer": {"stop_at_accuracy": 1.5}}, 1, "trainer.stop_at_accuracy=1.5 must be in (0, 1]"),
     ({"optim": {"vision_lr_mult": 0.0}}, 1, "optim.vision_lr_mult=0.0 must be > 0"),
+    ({"rollout": {"max_images_per_prompt": 0}}, 1,
+     "rollout.max_images_per_prompt=0 must be >= 1 (null: from the data)"),
     ({"algorithm": {"masked_logprobs": "vllm"}}, 1,
      "algorithm.masked_logprobs='vllm': choose engine or trainer"),
     ({"algorithm": {"name": "papo_h", "loss": {"entropy_estimator": "exact"}}}, 1,
@@ -161,6 +163,40 @@ def test_padded_job_logs_the_packed_jobs_metrics(tmp_path, single_run):
         for key in ("loss/total", "loss/policy", "loss/kl_prcp", "entropy/original",
                     "entropy/masked", "grad_norm"):
             assert ours[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (n, key)
+
+
+def test_main_job_with_one_and_two_image_rows(tmp_path):
+    """A parquet mixing 1- and 2-image rows ('<image>' placeholders): the engine's image limit
+    follows the data (said in one line), 3 steps train, and the engine/trainer log-prob gap
+    stays at the single-image level (fp32: < 1e-5 per token). An explicit lower limit stops the
+    job before any work, naming the row."""
+    import datasets
+
+    from megatron_papo.data import counting_rows
+
+    rows = counting_rows(24, seed=6)
+    for i, row in enumerate(rows):
+        if i % 2:  # two images, one placeholder each
+            row.update(image=[row["image"], rows[i - 1]["image"]],
+                       problem="<image> and <image>: " + row["problem"])
+        else:
+            row["image"] = [row["image"]]
+    path = str(tmp_path / "mixed.parquet")
+    datasets.Dataset.from_list(rows).to_parquet(path)
+    files = [f"data.train_files=[{path}]", f"data.val_files=[{path}]"]
+    out = str(tmp_path / "run")
+    done = _main(SMALL + files + ["trainer.steps=3", "trainer.export_hf=false",
+                                  "trainer.save_every=0"], out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "up to 2 images per prompt (rollout.max_images_per_prompt: from the data)" in \
+        done.stdout + done.stderr
+    steps = [_step(out, n) for n in (1, 2, 3)]
+    assert max(s["logprob_mismatch"] for s in steps) < 1e-5
+    done = _main(SMALL + files + ["rollout.max_images_per_prompt=1"], str(tmp_path / "limited"))
+    assert done.returncode == 2
+    lines = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "mixed.parquet:1: 2 images, more than " \
+        "rollout.max_images_per_prompt=1; raise it" in lines[0], done.stderr[-2000:]
 
 
 def _step(folder, n):

@@ -49,6 +49,11 @@ class Example:
     answer: str
     source: str               # "file:row"
 
+    @property
+    def image_count(self) -> int:
+        return sum(1 for m in self.messages if not isinstance(m["content"], str)
+                   for item in m["content"] if item.get("type") == "image")
+
 
 @dataclass
 class LoadSummary:
@@ -121,6 +126,30 @@ def row_images(raw) -> tuple[list | None, str | None]:
         return None, "corrupt image"
 
 
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def prompt_content(text: str, images: list, where: str) -> list[dict]:
+    """The user message's content: with ``<image>`` placeholders in the text (ViRL39K, MMMU
+    style), the images take their places, in order; without any, the images come first (in
+    order), then the text. A count that differs from the images' is an error naming the row."""
+    parts = text.split(IMAGE_PLACEHOLDER)
+    if len(parts) == 1:
+        return [*({"type": "image", "image": im} for im in images), {"type": "text", "text": text}]
+    if len(parts) - 1 != len(images):
+        raise DataError(f"{where}: {len(parts) - 1} '{IMAGE_PLACEHOLDER}' placeholder(s) in the "
+                        f"prompt but {len(images)} image(s) in the image column; make them agree "
+                        "(one placeholder per image, or none: the images then come first) or "
+                        "drop the row")
+    content = []
+    for k, part in enumerate(parts):
+        if k:
+            content.append({"type": "image", "image": images[k - 1]})
+        if part.strip():
+            content.append({"type": "text", "text": part})
+    return content
+
+
 def load_examples(path: str, config: DataConfig) -> tuple[list[Example], LoadSummary]:
     table = _read(path)
     columns = table.column_names
@@ -146,8 +175,7 @@ def load_examples(path: str, config: DataConfig) -> tuple[list[Example], LoadSum
             summary.bad.setdefault(reason, []).append(i)
             continue
         text = config.prompt_template.format(problem=problem.strip())
-        content = [{"type": "image", "image": im} for im in images]
-        content.append({"type": "text", "text": text})
+        content = prompt_content(text, images, f"'{path}' row {i}")
         examples.append(Example([{"role": "user", "content": content}], str(answer).strip(),
                                 f"{path}:{i}"))
     summary.kept = len(examples)

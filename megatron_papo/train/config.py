@@ -128,6 +128,9 @@ class RolloutConfig:
     max_logprob_mismatch: float | None = None
     min_pixels: int = 28 * 28
     max_pixels: int = 56 * 56
+    # images per prompt the engine accepts (vLLM's limit_mm_per_prompt: its memory profiling and
+    # encoder budget follow it); null: the most any row of the training and validation data has
+    max_images_per_prompt: int | None = None
 
     def logprob_mismatch_limit(self) -> float:
         """``max_logprob_mismatch``, or the default of this engine dtype (0: no check)."""
@@ -404,6 +407,10 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     elif t.max_tokens_per_micro_batch < 0:
         raise ConfigError(f"trainer.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} "
                           "must be >= 0 (0: micro_batch_size samples)")
+    images = config.rollout.max_images_per_prompt
+    if images is not None and images < 1:
+        raise ConfigError(f"rollout.max_images_per_prompt={images} must be >= 1 (null: from the "
+                          "data)")
     if config.rollout.max_logprob_mismatch is not None and config.rollout.max_logprob_mismatch < 0:
         raise ConfigError(f"rollout.max_logprob_mismatch={config.rollout.max_logprob_mismatch} "
                           "must be >= 0 (0: no check; null: the default of rollout.dtype)")

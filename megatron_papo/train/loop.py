@@ -299,6 +299,7 @@ class Trainer:
         if len(self.train_data) < c.trainer.prompts_per_step:
             raise ConfigError(f"trainer.prompts_per_step={c.trainer.prompts_per_step} exceeds "
                               f"the {len(self.train_data)} usable training rows")
+        self.max_images = self._images_per_prompt()
         # --- the model: an HF folder (or the embedded tiny one) -> Megatron chunks
         self.hf_dir = c.model.hf_dir or os.path.join(self.out, INITIAL_HF_DIR)
         if not c.model.hf_dir and rank == 0 and not os.path.exists(
@@ -333,6 +334,7 @@ class Trainer:
             self.hf_dir, dtype=r.dtype, tensor_parallel_size=r.tensor_parallel_size,
             max_model_len=r.max_model_len, kv_cache_bytes=r.kv_cache_mb * 2**20,
             min_pixels=r.min_pixels, max_pixels=r.max_pixels, max_num_seqs=r.max_num_seqs or None,
+            max_images_per_prompt=self.max_images,
             gpu_memory_utilization=r.gpu_memory_utilization,
             seed=c.trainer.seed))
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -356,6 +358,24 @@ class Trainer:
         self.step_index = 0
         self.warmed_up = False
         self.reached: float | None = None  # the held-out accuracy that met stop_at_accuracy
+
+    def _images_per_prompt(self) -> int:
+        """rollout.max_images_per_prompt, or the most images any row has; a row above an explicit
+        limit stops the run now, naming it, instead of at its first rollout."""
+        limit = self.config.rollout.max_images_per_prompt
+        examples = self.train_data + self.val_data
+        most = max((e.image_count for e in examples), default=1)
+        if limit is None:
+            if most > 1:
+                _log(f"[train] up to {most} images per prompt (rollout.max_images_per_prompt: "
+                     "from the data)")
+            return max(1, most)
+        over = next((e for e in examples if e.image_count > limit), None)
+        if over is not None:
+            raise ConfigError(f"{over.source}: {over.image_count} images, more than "
+                              f"rollout.max_images_per_prompt={limit}; raise it (null: the most "
+                              "any row has) or drop the row")
+        return limit
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict:
