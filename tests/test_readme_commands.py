@@ -190,22 +190,22 @@ def test_example_scripts_dry_run_into_valid_configs(script):
 
 
 def _fill(command: str, run: str) -> list[str]:
-    """README's placeholders filled from the default job's outputs."""
-    data = os.path.join(run, "data")
+    """README's placeholders filled from the default job's outputs (a.parquet and b.parquet are
+    files of the working folder: the test writes them)."""
     command = (command.replace("outputs/<run>", run)
                .replace("<megatron checkpoint>",
-                        os.path.join(run, "checkpoints", "step_00000002"))
-               .replace("a.parquet", os.path.join(data, "train.parquet"))
-               .replace("b.parquet", os.path.join(data, "test.parquet")))
+                        os.path.join(run, "checkpoints", "step_00000002")))
     words = shlex.split(command)
     return [sys.executable, *words[1:]]
 
 
-def test_readme_evaluation_commands_run_on_the_default_jobs_outputs(single_run):
+def test_readme_evaluation_commands_run_on_the_default_jobs_outputs(single_run, tmp_path):
     """README's two evaluation commands, as written (placeholders filled from the session's
-    short default run): the HF export with the run's held-out data and swapped images, and a
-    training checkpoint on two files at k 8. The limits sized for 7B are lowered to the model's
-    and said in one line each."""
+    short default run): the HF export on the run's held-out data with swapped images, and a
+    training checkpoint on two files (a.parquet, b.parquet: 4 held-out rows each) at k 8. The
+    limits sized for 7B are lowered to the model's and said in one line each."""
+    import datasets
+
     out, job = single_run
     assert job.returncode == 0, job.stderr[-2000:]
     evaluations = [c for c in COMMANDS if "megatron_papo.evaluate" in c and "--benchmark" not in c]
@@ -214,10 +214,14 @@ def test_readme_evaluation_commands_run_on_the_default_jobs_outputs(single_run):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[eval] --max-model-len 2048: the model's max_position_embeddings" in done.stdout
+    assert "[eval] --max-new-tokens " in done.stdout  # lowered to what the length leaves
     assert "accuracy with images swapped" in done.stdout
-    done = subprocess.run(_fill(evaluations[1], out), capture_output=True, text=True, cwd=ROOT,
-                          timeout=600)
+    held_out = datasets.Dataset.from_parquet(os.path.join(out, "data", "test.parquet"))
+    held_out.select(range(4)).to_parquet(str(tmp_path / "a.parquet"))
+    held_out.select(range(4, 8)).to_parquet(str(tmp_path / "b.parquet"))
+    done = subprocess.run(_fill(evaluations[1], out), capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[eval] model: training checkpoint" in done.stdout
-    assert "[eval] train.parquet: accuracy" in done.stdout
-    assert "[eval] test.parquet: accuracy" in done.stdout
+    assert "[eval] a.parquet: accuracy" in done.stdout
+    assert "[eval] b.parquet: accuracy" in done.stdout

@@ -175,12 +175,13 @@ def test_main_job_with_one_and_two_image_rows(tmp_path):
     from megatron_papo.data import counting_rows
 
     rows = counting_rows(24, seed=6)
+    images = [row["image"] for row in rows]
     for i, row in enumerate(rows):
         if i % 2:  # two images, one placeholder each
-            row.update(image=[row["image"], rows[i - 1]["image"]],
+            row.update(image=[images[i], images[i - 1]],
                        problem="<image> and <image>: " + row["problem"])
         else:
-            row["image"] = [row["image"]]
+            row["image"] = [images[i]]
     path = str(tmp_path / "mixed.parquet")
     datasets.Dataset.from_list(rows).to_parquet(path)
     files = [f"data.train_files=[{path}]", f"data.val_files=[{path}]"]
