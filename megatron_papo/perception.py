@@ -43,9 +43,17 @@ class PerceptionMap:
     token_kl: list[float]              # mean over masks, per response token
     token_kl_std: list[float]
     regions: list[tuple[int, int, int, int]]   # (x0, y0, x1, y1) in the model-input image
-    region_kl: list[float]             # the response's total KL with that region blackened
-    image_size: tuple[int, int]        # (width, height) of the model-input image
+    region_kl: list[float]             # the response's total KL with that region covered
+    image_size: tuple[int, int]        # (width, height) of the (first) model-input image
     settings: dict = field(default_factory=dict)
+    # several images: the image each region belongs to, and each model-input image's size
+    region_image: list[int] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    def image_regions(self, k: int) -> list[tuple[tuple[int, int, int, int], float]]:
+        """(box, KL) of image ``k``'s regions."""
+        owners = self.region_image or [0] * len(self.regions)
+        return [(box, kl) for box, kl, j in zip(self.regions, self.region_kl, owners) if j == k]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -89,19 +97,21 @@ class PerceptionScorer:
         self.dtype = dtype
 
     # ------------------------------------------------------------------ scoring
-    def _logprobs(self, ids: torch.Tensor, images: list[Image.Image], grid: list[int],
-                  first: int) -> torch.Tensor:
-        """Log-probs [len(images), R, V] of the sampling distribution at the positions that
-        predict ids[first:], one row per image (the same size, ``grid``; the same token ids)."""
+    def _logprobs(self, ids: torch.Tensor, image_sets: list[list[Image.Image]],
+                  grids: list[list[int]], first: int) -> torch.Tensor:
+        """Log-probs [len(image_sets), R, V] of the sampling distribution at the positions that
+        predict ids[first:], one row per set of images (each set: the prompt's images in order,
+        of the sizes ``grids``; the same token ids)."""
         from megatron_papo.models.qwen2_5_vl.provider import forward_logits
         from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
         from megatron_papo.rl.logprobs import sampling_logits
 
         out = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            pixels = self.encoder.pixel_values(chunk).to(self.device, self.dtype)
-            grid_thw = torch.tensor([grid] * len(chunk), device=self.device)
+        for start in range(0, len(image_sets), self.batch_size):
+            chunk = image_sets[start:start + self.batch_size]
+            pixels = self.encoder.pixel_values([im for images in chunk for im in images]).to(
+                self.device, self.dtype)
+            grid_thw = torch.tensor(grids * len(chunk), device=self.device)
             batch_ids = ids[None].expand(len(chunk), -1).to(self.device)
             positions = get_rope_index(batch_ids, grid_thw, self.spec.image_token_id)
             logits = forward_logits(self.chunks, batch_ids, positions, None, pixels, grid_thw)
@@ -115,19 +125,25 @@ class PerceptionScorer:
         p = original.exp()
         return torch.where(p > 0, p * (original - other), torch.zeros_like(p)).sum(-1)
 
-    def prepare(self, image: Image.Image, question: str):
-        """The model-input image (resized as the processor does) and the prompt's token ids."""
-        probe = self.encoder.encode_one(
-            [{"role": "user", "content": [{"type": "image", "image": image},
-                                          {"type": "text", "text": question}]}], 0)
-        t, h, w = probe.image_grid_thw[0].tolist()
+    @staticmethod
+    def _messages(images: list, question: str) -> list:
+        return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images),
+                                             {"type": "text", "text": question}]}]
+
+    def prepare(self, image, question: str):
+        """The model-input image(s) (resized as the processor does) and the prompt's token ids.
+        ``image``: one image or a list (the prompt shows them in order, then the question);
+        returns the same form."""
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        probe = self.encoder.encode_one(self._messages(images, question), 0)
         patch = self.encoder.processor.image_processor.patch_size
-        size = (w * patch, h * patch)
-        resized = probe.images[0].convert("RGB").resize(size, Image.BICUBIC) \
-            if probe.images[0].size != size else probe.images[0].convert("RGB")
-        messages = [{"role": "user", "content": [{"type": "image", "image": resized},
-                                                 {"type": "text", "text": question}]}]
-        return resized, self.encoder.encode_one(messages, 0)
+        resized = []
+        for k, (_, h, w) in enumerate(probe.image_grid_thw.tolist()):
+            size = (w * patch, h * patch)
+            rgb = probe.images[k].convert("RGB")
+            resized.append(rgb.resize(size, Image.BICUBIC) if rgb.size != size else rgb)
+        encoded = self.encoder.encode_one(self._messages(resized, question), 0)
+        return (resized if isinstance(image, (list, tuple)) else resized[0]), encoded
 
     @torch.no_grad()
     def generate(self, image: Image.Image, question: str, max_new_tokens: int = 64) -> str:
@@ -136,7 +152,7 @@ class PerceptionScorer:
         from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
         from megatron_papo.rl.logprobs import sampling_logits
 
-        resized, encoded = self.prepare(image, question)
+        _, encoded = self.prepare(image, question)
         ids = encoded.input_ids.tolist()
         prompt_len = len(ids)
         stops = {self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id}
@@ -153,39 +169,43 @@ class PerceptionScorer:
         return self.tokenizer.decode(ids[prompt_len:])
 
     @torch.no_grad()
-    def perception_map(self, image: Image.Image, question: str, response: str,
+    def perception_map(self, image, question: str, response: str,
                        masks: int = 8, mask_ratio: float = 0.6, mask_patch: int = 14,
                        region: int = 28, fill="median", seed: int = 0) -> PerceptionMap:
-        """``fill``: the cover of an occluded region: "median" (the image's median colour),
-        "mean", or an RGB tuple (black: (0, 0, 0))."""
+        """``image``: one image or a list (a prompt with several images): the token map masks
+        every image at once (PAPO's masked branch), the occlusion map covers one region of one
+        image at a time. ``fill``: the cover of an occluded region: "median" (that image's
+        median colour), "mean", or an RGB tuple (black: (0, 0, 0))."""
         from megatron_papo.rl.masking import mask_image
 
         resized, encoded = self.prepare(image, question)
+        resized = resized if isinstance(resized, list) else [resized]
         response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
         if not response_ids:
             raise PerceptionError("the response is empty (the model generated nothing): give "
                                   "--response text")
+        if isinstance(fill, str) and fill not in ("median", "mean"):
+            raise PerceptionError(f"fill={fill!r}: choose median, mean or an RGB tuple")
         first = encoded.input_ids.shape[0]
         ids = torch.cat([encoded.input_ids, torch.tensor(response_ids)])
-        masked = [mask_image(resized, mask_ratio, mask_patch, seed=seed + i)
-                  for i in range(masks)]
-        width, height = resized.size
-        if isinstance(fill, str):
-            pixels = torch.tensor(list(resized.getdata()), dtype=torch.float32)
-            if fill not in ("median", "mean"):
-                raise PerceptionError(f"fill={fill!r}: choose median, mean or an RGB tuple")
-            value = pixels.median(0).values if fill == "median" else pixels.mean(0)
-            fill = tuple(int(round(v)) for v in value.tolist())
-        fill = tuple(int(v) for v in fill)
-        boxes = [(x, y, min(x + region, width), min(y + region, height))
-                 for y in range(0, height, region) for x in range(0, width, region)]
-        occluded = []
-        for box in boxes:
-            copy = resized.copy()
-            copy.paste(fill, box)
-            occluded.append(copy)
+        # mask i blackens every image (image k with its own seed; one image: seed + i)
+        masked = [[mask_image(im, mask_ratio, mask_patch, seed=seed + i + k * MASK_SEED_STRIDE)
+                   for k, im in enumerate(resized)] for i in range(masks)]
+        boxes, owners, occluded, fills = [], [], [], []
+        for k, im in enumerate(resized):
+            cover = _cover(im, fill)
+            fills.append(list(cover))
+            width, height = im.size
+            for y in range(0, height, region):
+                for x in range(0, width, region):
+                    box = (x, y, min(x + region, width), min(y + region, height))
+                    copy = im.copy()
+                    copy.paste(cover, box)
+                    boxes.append(box)
+                    owners.append(k)
+                    occluded.append(resized[:k] + [copy] + resized[k + 1:])
         scores = self._logprobs(ids, [resized] + masked + occluded,
-                                encoded.image_grid_thw[0].tolist(), first)
+                                encoded.image_grid_thw.tolist(), first)
         original = scores[:1]
         token_kls = self._kl(original, scores[1:1 + masks])          # [masks, R]
         region_kls = self._kl(original, scores[1 + masks:]).sum(-1)  # [regions]
@@ -194,18 +214,40 @@ class PerceptionScorer:
             prompt=question, response=response, tokens=tokens,
             token_kl=token_kls.mean(0).tolist(),
             token_kl_std=(token_kls.std(0) if masks > 1 else torch.zeros(len(tokens))).tolist(),
-            regions=boxes, region_kl=region_kls.tolist(), image_size=(width, height),
+            regions=boxes, region_kl=region_kls.tolist(), image_size=resized[0].size,
             settings=dict(masks=masks, mask_ratio=mask_ratio, mask_patch=mask_patch,
-                          region=region, fill_rgb=list(fill), temperature=self.temperature,
-                          seed=seed))
+                          region=region, fill_rgb=fills[0] if len(fills) == 1 else fills,
+                          temperature=self.temperature, seed=seed),
+            region_image=owners, image_sizes=[im.size for im in resized])
+
+
+MASK_SEED_STRIDE = 1_000_003  # image k of mask i: seed + i + k * stride
+
+
+def _cover(image: Image.Image, fill) -> tuple[int, int, int]:
+    """The RGB cover of an occluded region of ``image``."""
+    if isinstance(fill, str):
+        pixels = torch.tensor(list(image.getdata()), dtype=torch.float32)
+        value = pixels.median(0).values if fill == "median" else pixels.mean(0)
+        fill = tuple(int(round(v)) for v in value.tolist())
+    return tuple(int(v) for v in fill)
 
 
 # ---------------------------------------------------------------------- rendering
-def heat_overlay(result: PerceptionMap) -> Image.Image:
-    """An RGBA image of the model-input size: each region red with alpha ~ its heat."""
-    overlay = Image.new("RGBA", tuple(result.image_size), (0, 0, 0, 0))
+def _size(result: PerceptionMap, k: int) -> tuple[int, int]:
+    return tuple(result.image_sizes[k] if result.image_sizes else result.image_size)
+
+
+def _images(image) -> list[Image.Image]:
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def heat_overlay(result: PerceptionMap, k: int = 0) -> Image.Image:
+    """An RGBA image of image ``k``'s model-input size: each of its regions red with alpha ~ its
+    heat (one scale for all images)."""
+    overlay = Image.new("RGBA", _size(result, k), (0, 0, 0, 0))
     top = max(result.region_kl) or 1.0
-    for box, value in zip(result.regions, result.region_kl):
+    for box, value in result.image_regions(k):
         overlay.paste((255, 0, 0, int(200 * max(value, 0.0) / top)), tuple(box))
     return overlay
 
@@ -216,30 +258,39 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def write_png(result: PerceptionMap, image: Image.Image, path: str) -> None:
-    """The image, the occlusion heat map over it, and the response shaded by token KL."""
+def write_png(result: PerceptionMap, image, path: str) -> None:
+    """The image(s), the occlusion heat map over each (one colour scale), and the response
+    shaded by token KL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = image.convert("RGB").resize(tuple(result.image_size))
-    fig = plt.figure(figsize=(10, 5.5))
-    left = fig.add_axes([0.03, 0.3, 0.44, 0.62])
-    left.imshow(shown)
-    left.set_title("input image")
-    left.set_xticks([])
-    left.set_yticks([])
-    right = fig.add_axes([0.5, 0.3, 0.44, 0.62])
-    right.imshow(shown)
-    heat = torch.zeros(result.image_size[1], result.image_size[0])
-    for (x0, y0, x1, y1), value in zip(result.regions, result.region_kl):
-        heat[y0:y1, x0:x1] = value
-    shown_heat = right.imshow(heat.numpy(), cmap="inferno", alpha=0.6)
-    fig.colorbar(shown_heat, ax=right, fraction=0.046, label="response KL when covered")
-    right.set_title("occlusion map")
-    right.set_xticks([])
-    right.set_yticks([])
+    images = _images(image)
+    rows = len(images)
+    fig = plt.figure(figsize=(10, 1.2 + 4.3 * rows))
+    band = 0.72 / rows  # the images' share of the figure height, per image
+    top = max(result.region_kl) or 1.0
+    for k, original in enumerate(images):
+        size = _size(result, k)
+        shown = original.convert("RGB").resize(size)
+        bottom = 0.26 + (rows - 1 - k) * band
+        suffix = f" {k + 1}" if rows > 1 else ""
+        left = fig.add_axes([0.03, bottom, 0.44, band * 0.9])
+        left.imshow(shown)
+        left.set_title("input image" + suffix)
+        left.set_xticks([])
+        left.set_yticks([])
+        right = fig.add_axes([0.5, bottom, 0.44, band * 0.9])
+        right.imshow(shown)
+        heat = torch.zeros(size[1], size[0])
+        for (x0, y0, x1, y1), value in result.image_regions(k):
+            heat[y0:y1, x0:x1] = value
+        shown_heat = right.imshow(heat.numpy(), cmap="inferno", alpha=0.6, vmin=0, vmax=top)
+        fig.colorbar(shown_heat, ax=right, fraction=0.046, label="response KL when covered")
+        right.set_title("occlusion map" + suffix)
+        right.set_xticks([])
+        right.set_yticks([])
     text = fig.add_axes([0.03, 0.02, 0.94, 0.2])
     text.axis("off")
     text.set_title("response tokens shaded by perception KL (original vs masked image)",
@@ -259,30 +310,36 @@ def write_png(result: PerceptionMap, image: Image.Image, path: str) -> None:
     plt.close(fig)
 
 
-def write_html(result: PerceptionMap, image: Image.Image, path: str) -> None:
-    """One self-contained page: the image with the heat overlay (hover a region for its number)
-    and the response, each token shaded by its KL (hover for the number)."""
-    shown = image.convert("RGB").resize(tuple(result.image_size))
-    scale = max(1, 448 // max(result.image_size))
-    w, h = result.image_size[0] * scale, result.image_size[1] * scale
-    image_uri = "data:image/png;base64," + base64.b64encode(_png_bytes(shown)).decode()
+def write_html(result: PerceptionMap, image, path: str) -> None:
+    """One self-contained page: the image(s) with the heat overlay (hover a region for its
+    number; one scale for all images) and the response, each token shaded by its KL (hover for
+    the number)."""
     top_region = max(result.region_kl) or 1.0
-    cells = "".join(
-        f'<div class="r" title="KL {v:.4g}" style="left:{x0 * scale}px;top:{y0 * scale}px;'
-        f'width:{(x1 - x0) * scale}px;height:{(y1 - y0) * scale}px;'
-        f'background:rgba(255,0,0,{0.75 * max(v, 0) / top_region:.3f})"></div>'
-        for (x0, y0, x1, y1), v in zip(result.regions, result.region_kl))
+    figures = []
+    for k, original in enumerate(_images(image)):
+        size = _size(result, k)
+        shown = original.convert("RGB").resize(size)
+        scale = max(1, 448 // max(size))
+        w, h = size[0] * scale, size[1] * scale
+        image_uri = "data:image/png;base64," + base64.b64encode(_png_bytes(shown)).decode()
+        cells = "".join(
+            f'<div class="r" title="KL {v:.4g}" style="left:{x0 * scale}px;top:{y0 * scale}px;'
+            f'width:{(x1 - x0) * scale}px;height:{(y1 - y0) * scale}px;'
+            f'background:rgba(255,0,0,{0.75 * max(v, 0) / top_region:.3f})"></div>'
+            for (x0, y0, x1, y1), v in result.image_regions(k))
+        figures.append(f'<div class="img" style="width:{w}px;height:{h}px"><img src="{image_uri}"'
+                       f' style="width:{w}px;height:{h}px">{cells}</div>')
     top_token = max(result.token_kl) or 1.0
     spans = "".join(
         f'<span title="KL {v:.4g} (sd {s:.2g})" style="background:rgba(255,0,0,'
         f'{0.85 * v / top_token:.3f})">{html.escape(t)}</span>'
         for t, v, s in zip(result.tokens, result.token_kl, result.token_kl_std))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Perception map</title>
-<style>body{{font-family:sans-serif;margin:2em}} .img{{position:relative;width:{w}px;height:{h}px}}
-.img img{{width:{w}px;height:{h}px;image-rendering:pixelated}} .r{{position:absolute}}
+<style>body{{font-family:sans-serif;margin:2em}} .img{{position:relative;margin-bottom:1em}}
+.img img{{image-rendering:pixelated}} .r{{position:absolute}}
 .tokens span{{font-family:monospace;font-size:1.2em;white-space:pre;padding:1px}}</style></head>
 <body><h2>Perception map</h2><p><b>Prompt:</b> {html.escape(result.prompt)}</p>
-<div class="img"><img src="{image_uri}">{cells}</div>
+{"".join(figures)}
 <p>Red: the response's total KL when that region is covered (hover for the number).</p>
 <p class="tokens"><b>Response</b> (shaded by the KL between the original and masked images):<br>
 {spans}</p><pre>{html.escape(json.dumps(result.settings))}</pre></body></html>"""

@@ -95,6 +95,34 @@ def test_perception_map_tool_writes_the_png_html_and_json(counting_model, tmp_pa
     assert bad.stderr.strip().startswith(f"error: --image {tmp_path / 'nope.png'}")
 
 
+def test_perception_map_of_a_prompt_with_two_images(counting_model, tmp_path):
+    """Two images in one prompt (a held-out image, then a blank white one): the token map masks
+    both; the occlusion map covers one region of ONE image at a time: every region of the blank
+    image (covered with its own median colour, white) leaves the response exactly unchanged
+    (KL 0), covering the first image's shapes moves it; both images are drawn."""
+    hf, images = counting_model
+    path, answer = images[0]
+    blank = str(tmp_path / "blank.png")
+    Image.new("RGB", (56, 56), "white").save(blank)
+    out = tmp_path / "map2"
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "perception_map.py"), "--model", hf,
+         "--image", path, blank, "--question", QUESTION, "--region", "14", "--masks", "2",
+         "--response", f"<think> </think> \\boxed{{{answer}}}", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "perception_map.json").read_text())
+    owners = result["region_image"]
+    assert owners == [0] * 16 + [1] * 16 and len(result["image_sizes"]) == 2
+    second = [v for v, k in zip(result["region_kl"], owners) if k == 1]
+    first = [v for v, k in zip(result["region_kl"], owners) if k == 0]
+    assert max(second) == 0.0 and max(first) > 0.0
+    assert max(result["token_kl"]) > 0.0
+    page = (out / "perception_map.html").read_text()
+    assert page.count('class="r"') == 32 and page.count('class="img"') == 2
+    assert "of image 1" in done.stdout  # the hottest region names its image
+
+
 def _maps(hf, images):
     from megatron_papo.perception import PerceptionScorer
 

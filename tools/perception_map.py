@@ -33,7 +33,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="an HF Qwen2.5-VL folder or a Megatron checkpoint (megatron_papo.json)")
-    p.add_argument("--image", required=True, help="an image file")
+    p.add_argument("--image", required=True, nargs="+",
+                   help="an image file; several: the prompt shows them in order, then the "
+                        "question (the token map masks all of them, the occlusion map covers "
+                        "one region of one image at a time)")
     p.add_argument("--question", required=True, help="the user text after the image")
     p.add_argument("--response", default=None, help="map this response (default: generate)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -70,10 +73,13 @@ def run(args) -> str:
         raise PerceptionError(f"--mask-ratio {args.mask_ratio} must be in (0, 1]")
     if args.temperature <= 0:
         raise PerceptionError(f"--temperature {args.temperature} must be > 0")
-    try:
-        image = load_image(args.image)
-    except ImageLoadError as err:
-        raise PerceptionError(f"--image {args.image}: {err}") from None
+    images = []
+    for path in args.image:
+        try:
+            images.append(load_image(path))
+        except ImageLoadError as err:
+            raise PerceptionError(f"--image {path}: {err}") from None
+    image = images[0] if len(images) == 1 else images
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise PerceptionError(f"--out {args.out} is a file: give a folder")
     if not os.path.isdir(args.model):
@@ -98,8 +104,9 @@ def run(args) -> str:
     print("[map] tokens with the highest perception KL: "
           + ", ".join(f"{t!r} {v:.3g}" for v, t in hottest))
     hot = max(range(len(result.region_kl)), key=result.region_kl.__getitem__)
-    print(f"[map] occlusion: hottest region {result.regions[hot]} (KL {result.region_kl[hot]:.3g}"
-          f"), coldest {min(result.region_kl):.3g}")
+    where = f" of image {result.region_image[hot] + 1}" if len(images) > 1 else ""
+    print(f"[map] occlusion: hottest region {result.regions[hot]}{where} (KL "
+          f"{result.region_kl[hot]:.3g}), coldest {min(result.region_kl):.3g}")
     print(f"[map] wrote {paths['png']}, {paths['html']}, {paths['json']}")
     return args.out
 
