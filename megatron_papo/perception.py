@@ -89,7 +89,9 @@ class PerceptionScorer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         for chunk in self.chunks:
             chunk.to(self.device)
-        self.encoder = PromptEncoder(processor_dir, min_pixels, max_pixels)
+        # no engine here: no per-prompt image limit to mirror
+        self.encoder = PromptEncoder(processor_dir, min_pixels, max_pixels,
+                                     max_images_per_prompt=2**16)
         self.tokenizer = self.encoder.tokenizer
         self.suppressed = self.encoder.suppressed_token_ids(self.spec.vocab_size)
         self.temperature = temperature

@@ -15,7 +15,6 @@ from .engine import PromptRollout
 from .inputs import PromptEncoder
 
 
-
 def build_rollout_batch(prompts: list, rollouts: list[PromptRollout], encoder: PromptEncoder,
                         pad_multiple: int = 1, mask_ratio: float | None = None,
                         mask_patch: int = DEFAULT_PATCH, mask_seed: int = 0,
