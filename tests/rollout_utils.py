@@ -75,7 +75,8 @@ def set_weights(chunks, spec, hf_dir: str) -> None:
 def engine_masked_scores(eng: RolloutEngine, prompts: list, rollouts: list, temperature: float,
                          seed: int, ratio: float = 0.6) -> dict:
     """The engine's masked-image log-probs of every sampled token (flat, in batch order) with
-    the masks of ``seed``; and two controls: the masks of another seed, and no temperature."""
+    the masks of ``seed``; and two controls: the masks of another seed, and another temperature
+    (1.0, i.e. none, or 0.5 when it is 1.0)."""
     from megatron_papo.rl.masking import masked_copies
     from megatron_papo.rollout import ScoreRequest
 
