@@ -78,6 +78,42 @@ def test_config_errors_name_the_key(raw, world, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_each_config_group_yaml_matches_its_dataclass():
+    """Until every setting has one home (issue 23): each YAML option of a config group declares
+    exactly its dataclass's fields, and the default option (train.yaml's defaults) holds the
+    dataclass's defaults, so a setting added or changed on one side only fails here."""
+    import dataclasses
+
+    import yaml
+
+    from megatron_papo.train import TrainConfig
+
+    configs = os.path.join(ROOT, "configs")
+    chosen = {k: v for d in yaml.safe_load(open(os.path.join(configs, "train.yaml")))["defaults"]
+              if isinstance(d, dict) for k, v in d.items()}
+    checked = 0
+    for group in dataclasses.fields(TrainConfig):
+        defaults = group.default_factory()
+        names = {f.name for f in dataclasses.fields(defaults)}
+        folder = os.path.join(configs, group.name)
+        for option in sorted(os.listdir(folder)):
+            values = yaml.safe_load(open(os.path.join(folder, option))) or {}
+            assert set(values) == names, (f"configs/{group.name}/{option}: only in the YAML "
+                                          f"{sorted(set(values) - names)}, only in the "
+                                          f"dataclass {sorted(names - set(values))}")
+            if option != f"{chosen[group.name]}.yaml":
+                continue
+            for key, value in values.items():
+                if isinstance(value, str) and value.startswith("${"):
+                    continue  # resolved by Hydra at run time (trainer.output_dir)
+                default = getattr(defaults, key)
+                default = list(default) if isinstance(default, tuple) else default
+                assert value == default, (f"{group.name}.{key}: configs/{group.name}/{option} "
+                                          f"says {value!r}, the dataclass {default!r}")
+                checked += 1
+    assert checked > 80
+
+
 def test_cli_errors_are_one_line_before_any_work(tmp_path):
     """An unknown key, an export that would replace the starting model and a dataset column
     that does not exist: exit 2, one line, no traceback, before the model or the engine is

@@ -117,11 +117,11 @@ class RolloutConfig:
     kv_cache_mb: int = 64            # CPU: the KV cache size
     gpu_memory_utilization: float = 0.5   # GPU: the engine's share of the device
     weight_bucket_mb: int = 64
-    max_num_seqs: int = 0            # sequences per engine step (0: vLLM's default)
+    max_num_seqs: int = 512          # sequences per engine step (0: vLLM's default)
     # the engine's sampling log-probs serve as the old (behaviour) log-probs instead of a trainer
     # recomputation; exact only with a float32 engine (the mismatch is still measured at every
     # step, in the update: rollout.max_logprob_mismatch)
-    old_logprobs_from_engine: bool = False
+    old_logprobs_from_engine: bool = True
     # the job stops when the engine's log-probs differ from the trainer's by more than this
     # (mean |delta log p| per response token, measured every step): the engine is not serving
     # the trained weights. None: by rollout.dtype (MISMATCH_LIMITS); 0: no check
