@@ -259,20 +259,14 @@ def _hf_folder(model: str, scratch: str, log) -> str:
 
 
 def _images_per_prompt(args, datasets: dict) -> int:
-    """--max-images-per-prompt, or the most images any prompt has; a prompt above an explicit
-    limit is refused before the engine starts, naming it."""
-    examples = [e for part in datasets.values() for e in part]
-    if args.max_images_per_prompt is None:
-        return max([1] + [e.image_count for e in examples])
-    if args.max_images_per_prompt < 1:
-        raise EvaluationError(f"--max-images-per-prompt {args.max_images_per_prompt} must be "
-                              ">= 1")
-    over = next((e for e in examples if e.image_count > args.max_images_per_prompt), None)
-    if over is not None:
-        raise EvaluationError(f"{over.source}: {over.image_count} images, more than "
-                              f"--max-images-per-prompt {args.max_images_per_prompt}; raise it "
-                              "(default: the most any prompt has)")
-    return args.max_images_per_prompt
+    """--max-images-per-prompt, or the most images any prompt has."""
+    from megatron_papo.data import images_per_prompt
+
+    limit = args.max_images_per_prompt
+    if limit is not None and limit < 1:
+        raise EvaluationError(f"--max-images-per-prompt {limit} must be >= 1")
+    return images_per_prompt([e for part in datasets.values() for e in part], limit,
+                             f"--max-images-per-prompt {limit}", "default: the most any row has")
 
 
 def run(args) -> dict:

@@ -8,6 +8,15 @@ import os
 import torch.distributed as dist
 
 
+def all_gather_objects(obj) -> list:
+    """``obj`` of every rank of the world, in rank order (``[obj]`` without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class ParallelConfigError(ValueError):
     """A parallel layout that cannot work; the message names the setting and the fix."""
 

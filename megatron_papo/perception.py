@@ -178,7 +178,7 @@ class PerceptionScorer:
         every image at once (PAPO's masked branch), the occlusion map covers one region of one
         image at a time. ``fill``: the cover of an occluded region: "median" (that image's
         median colour), "mean", or an RGB tuple (black: (0, 0, 0))."""
-        from megatron_papo.rl.masking import mask_image
+        from megatron_papo.rl.masking import masked_copies
 
         resized, encoded = self.prepare(image, question)
         resized = resized if isinstance(resized, list) else [resized]
@@ -190,9 +190,8 @@ class PerceptionScorer:
             raise PerceptionError(f"fill={fill!r}: choose median, mean or an RGB tuple")
         first = encoded.input_ids.shape[0]
         ids = torch.cat([encoded.input_ids, torch.tensor(response_ids)])
-        # mask i blackens every image (image k with its own seed; one image: seed + i)
-        masked = [[mask_image(im, mask_ratio, mask_patch, seed=seed + i + k * MASK_SEED_STRIDE)
-                   for k, im in enumerate(resized)] for i in range(masks)]
+        # mask i blackens every image: the training's masks of a prompt at index i
+        masked = [masked_copies(resized, i, mask_ratio, mask_patch, seed) for i in range(masks)]
         boxes, owners, occluded, fills = [], [], [], []
         for k, im in enumerate(resized):
             cover = _cover(im, fill)
@@ -221,9 +220,6 @@ class PerceptionScorer:
                           region=region, fill_rgb=fills[0] if len(fills) == 1 else fills,
                           temperature=self.temperature, seed=seed),
             region_image=owners, image_sizes=[im.size for im in resized])
-
-
-MASK_SEED_STRIDE = 1_000_003  # image k of mask i: seed + i + k * stride
 
 
 def _cover(image: Image.Image, fill) -> tuple[int, int, int]:

@@ -75,8 +75,9 @@ def set_weights(chunks, spec, hf_dir: str) -> None:
 def engine_masked_scores(eng: RolloutEngine, prompts: list, rollouts: list, temperature: float,
                          seed: int, ratio: float = 0.6) -> dict:
     """The engine's masked-image log-probs of every sampled token (flat, in batch order) with
-    the masks of ``seed``; and two controls: the masks of another seed, and another temperature
-    (1.0, i.e. none, or 0.5 when it is 1.0)."""
+    the masks of ``seed`` (also through the plain path, for a vLLM without the render-once entry
+    points); and two controls: the masks of another seed, and another temperature (1.0, i.e.
+    none, or 0.5 when it is 1.0)."""
     from megatron_papo.rl.masking import masked_copies
     from megatron_papo.rollout import ScoreRequest
 
@@ -88,7 +89,16 @@ def engine_masked_scores(eng: RolloutEngine, prompts: list, rollouts: list, temp
                         images=lambda i, images: masked_copies(images, i, ratio, 14, s))
         return torch.tensor([v for per_prompt in out for resp in per_prompt for v in resp])
 
-    return dict(masked=scores(temperature, seed), other_seed=scores(temperature, seed + 1),
+    from unittest import mock
+
+    from megatron_papo.compat import vllm as compat
+
+    # vLLM without the render-once entry points: the plain path (one generate request each)
+    with mock.patch("megatron_papo.rollout.engine.generate_continuations",
+                    compat._generate_continuations_plainly):
+        plain = scores(temperature, seed)
+    return dict(masked=scores(temperature, seed), plain=plain,
+                other_seed=scores(temperature, seed + 1),
                 other_temperature=scores(1.0 if temperature != 1.0 else 0.5, seed))
 
 
@@ -97,5 +107,6 @@ def check_masked_scores(engine: dict, ours: torch.Tensor) -> None:
     mask or a missing temperature)."""
     assert ours.numel() > 10
     torch.testing.assert_close(engine["masked"], ours, rtol=0, atol=1e-4)
+    torch.testing.assert_close(engine["plain"], engine["masked"], rtol=0, atol=1e-5)
     assert (engine["other_seed"] - ours).abs().max() > 1e-2
     assert (engine["other_temperature"] - ours).abs().max() > 1e-2

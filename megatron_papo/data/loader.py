@@ -126,6 +126,20 @@ def row_images(raw) -> tuple[list | None, str | None]:
         return None, "corrupt image"
 
 
+def images_per_prompt(examples: list[Example], limit: int | None, setting: str,
+                      default_hint: str) -> int:
+    """The engine's image limit: ``limit``, or the most images any example has (at least 1). An
+    example above an explicit limit is refused before any work, naming its row and
+    ``setting`` (the user's key or flag, e.g. ``rollout.max_images_per_prompt=1``)."""
+    if limit is None:
+        return max([1] + [e.image_count for e in examples])
+    over = next((e for e in examples if e.image_count > limit), None)
+    if over is not None:
+        raise DataError(f"{over.source}: {over.image_count} images, more than {setting}; raise "
+                        f"it ({default_hint}) or drop the row")
+    return limit
+
+
 IMAGE_PLACEHOLDER = "<image>"
 
 

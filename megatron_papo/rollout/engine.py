@@ -37,6 +37,7 @@ from megatron_papo.compat.vllm import (
     reprocess_tied_modules,
     score_with_sampling_distribution,
 )
+from megatron_papo.parallel import all_gather_objects
 
 from .inputs import EncodedPrompt, PromptEncoder, RolloutInputError
 
@@ -178,14 +179,6 @@ def data_parallel_share(count: int, dp_size: int, dp_rank: int, blocks: int = 1)
         blocks = 1
     size = count // blocks
     return [k * size + i for k in range(blocks) for i in split_evenly(size, dp_size, dp_rank)]
-
-
-def _all_gather(obj):
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _training_dp() -> tuple[int, int]:
@@ -409,13 +402,13 @@ class RolloutEngine:
                 error = (i, str(err))  # every rank raises the first bad prompt's error
                 break
             encoded.append(e)
-        errors = [e for e in _all_gather(error) if e]
+        errors = [e for e in all_gather_objects(error) if e]
         if errors:
             raise RolloutInputError(min(errors)[1])
         self._wake("kv_cache")
         local = self._run(encoded, list(share), sampling, progress)
         leader = self.rank % self.config.tensor_parallel_size == 0
-        gathered = _all_gather(local if leader else None)
+        gathered = all_gather_objects(local if leader else None)
         everything = sorted((r for part in gathered if part for r in part), key=lambda r: r.index)
         if dp_rank is None or dp_size is None:
             dp_rank, dp_size = _training_dp()
@@ -436,7 +429,7 @@ class RolloutEngine:
         and the results come back to every rank that holds the request. ``prompts``: the global
         prompt list the indices point into (only the images are taken from it). Returns, per
         request, per response, one log-prob per response token. All ranks call it together."""
-        gathered = _all_gather([(r.index, r.prompt_ids, r.responses) for r in requests])
+        gathered = all_gather_objects([(r.index, r.prompt_ids, r.responses) for r in requests])
         union: dict[int, tuple] = {}
         for part in gathered:
             for index, prompt_ids, responses in part:
@@ -450,7 +443,7 @@ class RolloutEngine:
             local = self._score(prompts, {i: union[i] for i in share}, temperature, images)
         leader = self.rank % self.config.tensor_parallel_size == 0
         scores = {}
-        for part in _all_gather(local if leader else None):
+        for part in all_gather_objects(local if leader else None):
             scores.update(part or {})
         return [scores[r.index] for r in requests]
 

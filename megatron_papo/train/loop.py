@@ -360,22 +360,16 @@ class Trainer:
         self.reached: float | None = None  # the held-out accuracy that met stop_at_accuracy
 
     def _images_per_prompt(self) -> int:
-        """rollout.max_images_per_prompt, or the most images any row has; a row above an explicit
-        limit stops the run now, naming it, instead of at its first rollout."""
+        """rollout.max_images_per_prompt, or the most images any row has (said when > 1)."""
+        from megatron_papo.data import images_per_prompt
+
+        key = "rollout.max_images_per_prompt"
         limit = self.config.rollout.max_images_per_prompt
-        examples = self.train_data + self.val_data
-        most = max((e.image_count for e in examples), default=1)
-        if limit is None:
-            if most > 1:
-                _log(f"[train] up to {most} images per prompt (rollout.max_images_per_prompt: "
-                     "from the data)")
-            return max(1, most)
-        over = next((e for e in examples if e.image_count > limit), None)
-        if over is not None:
-            raise ConfigError(f"{over.source}: {over.image_count} images, more than "
-                              f"rollout.max_images_per_prompt={limit}; raise it (null: the most "
-                              "any row has) or drop the row")
-        return limit
+        most = images_per_prompt(self.train_data + self.val_data, limit,
+                                 f"{key}={limit}", "null: the most any row has")
+        if limit is None and most > 1:
+            _log(f"[train] up to {most} images per prompt ({key}: from the data)")
+        return most
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict:
@@ -471,6 +465,7 @@ class Trainer:
         """The frozen branch's masked log-probs [N, L] from the rollout engine: each sampled
         response scored after its prompt with the masked images (``rl.masking.masked_copies``,
         the masks the trainer would use), under the sampling distribution."""
+        from megatron_papo.parallel import all_gather_objects
         from megatron_papo.rl.masking import masked_copies
         from megatron_papo.rollout import ScoreRequest
 
@@ -478,11 +473,7 @@ class Trainer:
         # the global prompt list (the engine scores any rank's prompts): slot -> training row
         places = [(slot.rollout.index, group.position) for slot, group in zip(slots, groups)]
         prompts = [None] * self.config.trainer.prompts_per_step
-        gathered = [places]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, places)
-        for part in gathered:
+        for part in all_gather_objects(places):
             for index, position in part:
                 prompts[index] = self.train_data[position].messages
         requests = [ScoreRequest(r.index, r.prompt_ids, [resp.token_ids for resp in r.responses])
