@@ -4,7 +4,6 @@ stderr and exit code 2, never a traceback, and under torchrun that line is print
 from __future__ import annotations
 
 import errno
-import json
 import os
 import sys
 
@@ -58,18 +57,6 @@ def describe(err: BaseException) -> str:
         hint = _OS_HINTS.get(err.errno)
         return f"{where}: {cause}" + (f" ({hint})" if hint else "")
     return str(err)
-
-
-def read_json(path: str, error: type[Exception] = ValueError) -> dict:
-    """A JSON file, or ``error`` naming the file, the line and the column of what is wrong."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise error(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column "
-                    f"{err.colno}): repair or replace the file") from None
-    except UnicodeDecodeError:
-        raise error(f"{path} is not a text (JSON) file: repair or replace it") from None
 
 
 def _rank_and_world() -> tuple[int, int]:

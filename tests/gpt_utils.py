@@ -11,7 +11,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
-from megatron_papo.conversion.engine import global_megatron_name
+from megatron_papo.models.mapping.engine import global_megatron_name
 
 VOCAB, SEQ, MBS = 128, 16, 2
 

@@ -1,11 +1,11 @@
 """Test inputs for the Qwen2.5-VL parity tests; the tiny configs and reference models live in
-megatron_papo.testing.tiny (the default training config uses them too)."""
+megatron_papo.models.qwen2_5_vl.tiny (the default training config uses them too)."""
 
 from __future__ import annotations
 
 import torch
 
-from megatron_papo.testing.tiny import (  # noqa: F401  (re-exported for the tests)
+from megatron_papo.models.qwen2_5_vl.tiny import (  # noqa: F401  (re-exported for the tests)
     IMAGE_TOKEN,
     VIDEO_TOKEN,
     VISION_END,

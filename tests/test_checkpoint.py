@@ -233,6 +233,6 @@ def test_a_rank_that_dies_or_hangs_ends_the_job_naming_it(tmp_path, failure):
         assert "rank 1 died (its process" in errors[0], errors[0]
     else:
         assert "rank 1 hangs: in '" in errors[0] and "Timed out" in errors[0], errors[0]
-    from megatron_papo.train.checkpoint import find_resumable
+    from megatron_papo.conversion.locate import find_resumable
 
     assert find_resumable(os.path.join(out, "checkpoints")).endswith("step_00000001")

@@ -21,7 +21,7 @@ from megatron_papo.models.qwen2_5_vl import ModelConfigError, load_hf_config, te
 from megatron_papo.models.qwen2_5_vl.provider import forward_logits
 from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
 from megatron_papo.testing import run_distributed
-from megatron_papo.testing.tiny import write_tiny_checkpoint
+from megatron_papo.models.qwen2_5_vl.tiny import write_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "convert_checkpoint.py")

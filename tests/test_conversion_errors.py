@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from megatron_papo.testing.tiny import write_tiny_checkpoint
+from megatron_papo.models.qwen2_5_vl.tiny import write_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "convert_checkpoint.py")

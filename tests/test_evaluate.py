@@ -25,7 +25,7 @@ def tiny_model(tmp_path_factory):
     """The embedded task's tiny model (word vocabulary, random weights) as an HF folder and as a
     Megatron checkpoint converted from it."""
     from megatron_papo.data.synthetic import QUESTION
-    from megatron_papo.testing.tiny import (build_word_tokenizer, sized_hf_config,
+    from megatron_papo.models.qwen2_5_vl.tiny import (build_word_tokenizer, sized_hf_config,
                                             write_tiny_checkpoint)
 
     base = tmp_path_factory.mktemp("eval")

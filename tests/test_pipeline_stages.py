@@ -21,14 +21,11 @@ from megatron_papo.models.qwen2_5_vl.provider import (
     load_hf_weights,
 )
 from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
-from megatron_papo.models.qwen2_5_vl.stages import (
-    layers_per_stage,
-    stage_costs,
-    suggest_stage_layers,
-)
+from megatron_papo.models.qwen2_5_vl.config import layers_per_stage
+from megatron_papo.models.qwen2_5_vl.stages import stage_costs, suggest_stage_layers
 from megatron_papo.parallel import initialize_model_parallel
 from megatron_papo.testing import run_distributed
-from megatron_papo.testing.tiny import tiny_hf_config, write_tiny_checkpoint
+from megatron_papo.models.qwen2_5_vl.tiny import tiny_hf_config, write_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

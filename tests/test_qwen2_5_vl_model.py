@@ -7,7 +7,7 @@ import torch
 from megatron.core import parallel_state
 
 import qwen_utils as Q
-from megatron_papo.conversion.engine import export_megatron_to_hf, load_hf_into_megatron
+from megatron_papo.models.mapping.engine import export_megatron_to_hf, load_hf_into_megatron
 from megatron_papo.models.qwen2_5_vl import (
     ModelConfigError,
     build_qwen25vl,

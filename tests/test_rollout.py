@@ -9,7 +9,7 @@ import torch
 import rollout_utils as R
 from megatron_papo.rollout import iter_hf_weights
 from megatron_papo.testing import run_distributed
-from megatron_papo.testing.tiny import write_tiny_checkpoint
+from megatron_papo.models.qwen2_5_vl.tiny import write_tiny_checkpoint
 
 SMALL_BUCKET = 96 * 1024  # many buckets per push: the packing and the PP broadcast are exercised
 
@@ -209,7 +209,7 @@ def test_vision_tokens_are_never_sampled_and_score_zero(tmp_path, tp):
     """A model whose output rows make <|image_pad|> / <|video_pad|> the argmax almost everywhere:
     the engine never samples a vision special token (nor a padding row), and the trainer-side
     scoring gives every suppressed id probability exactly 0 (vocab-parallel at TP=2)."""
-    from megatron_papo.testing.tiny import IMAGE_TOKEN, VIDEO_TOKEN
+    from megatron_papo.models.qwen2_5_vl.tiny import IMAGE_TOKEN, VIDEO_TOKEN
 
     folder = str(tmp_path / "hf_pad")
     model = write_tiny_checkpoint(folder, dtype=torch.float32)

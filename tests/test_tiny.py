@@ -3,7 +3,7 @@ the prompts, the response format intact after decoding (the reward parses it), t
 vocabulary size carried into the model config."""
 
 from megatron_papo.reward import score
-from megatron_papo.testing.tiny import build_word_tokenizer, sized_hf_config, with_tokenizer
+from megatron_papo.models.qwen2_5_vl.tiny import build_word_tokenizer, sized_hf_config, with_tokenizer
 
 
 def test_word_tokenizer_round_trips_the_response_format():

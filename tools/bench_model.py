@@ -35,7 +35,7 @@ def main() -> None:
     import torch.distributed as dist
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from megatron_papo.conversion.engine import load_hf_into_megatron
+    from megatron_papo.models.mapping.engine import load_hf_into_megatron
     from megatron_papo.models.qwen2_5_vl import (
         build_qwen25vl, language_transformer_config, mapping_table, tensor_dims, text_spec_from_hf)
     from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index

@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     from megatron_papo.rl.packing import sample_lengths
     from megatron_papo.rl.step import PolicyUpdater, UpdateConfig
     from megatron_papo.testing.memory import PeakLive
-    from megatron_papo.testing.tiny import sized_hf_config
+    from megatron_papo.models.qwen2_5_vl.tiny import sized_hf_config
 
     hf = sized_hf_config(args.hidden, args.layers, vision_hidden=64, initializer_range=0.02)
     hf["text_config"]["max_position_embeddings"] = 32768

@@ -28,7 +28,7 @@ GOALS = {"frozen": 1.15, "live": 2.0}
 
 def _hf_config(args) -> dict:
     from megatron_papo.models.qwen2_5_vl.config import preset_hf_config
-    from megatron_papo.testing.tiny import sized_hf_config
+    from megatron_papo.models.qwen2_5_vl.tiny import sized_hf_config
 
     if args.model == "tiny":  # the default job's model (configs/model/tiny.yaml)
         return sized_hf_config(args.hidden, args.layers or 2, vision_hidden=64,

@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 def make_model(folder: str, hidden: int, layers: int, vocab: int) -> None:
     import torch
 
-    from megatron_papo.testing.tiny import sized_hf_config, write_tiny_checkpoint
+    from megatron_papo.models.qwen2_5_vl.tiny import sized_hf_config, write_tiny_checkpoint
 
     write_tiny_checkpoint(folder, dtype=torch.float32, max_shard_size="2GB", hf_config=sized_hf_config(
         hidden, layers, head_dim=64, kv_heads=2, intermediate=4 * hidden, vocab=vocab))

@@ -52,7 +52,7 @@ def _problem(spec: str, precision: str) -> str | None:
 def _hf_config(args) -> dict:
     from megatron_papo.models.qwen2_5_vl import load_hf_config
     from megatron_papo.models.qwen2_5_vl.config import preset_hf_config
-    from megatron_papo.testing.tiny import sized_hf_config
+    from megatron_papo.models.qwen2_5_vl.tiny import sized_hf_config
 
     if args.model == "tiny":
         config = sized_hf_config(args.hidden or 128, args.layers or 4, vision_hidden=64)

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     )
     from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
     from megatron_papo.parallel import initialize_model_parallel
-    from megatron_papo.testing.tiny import reference_model, tiny_hf_config
+    from megatron_papo.models.qwen2_5_vl.tiny import reference_model, tiny_hf_config
 
     hf_config = tiny_hf_config()
     reference = reference_model(hf_config).to(torch.bfloat16).to(device)

@@ -150,7 +150,8 @@ def run(args) -> str:
 def _publish(args) -> str:
     from megatron_papo.conversion.atomic import OutputExistsError
     from megatron_papo.conversion.checkpoint import mcore_to_hf
-    from megatron_papo.train.checkpoint import CONFIG_FILE, STATE_FILE
+    from megatron_papo.conversion.locate import STATE_FILE
+    from megatron_papo.train.checkpoint import CONFIG_FILE
 
     checkpoint, run_dir = resolve(args.run)
     with open(os.path.join(checkpoint, CONFIG_FILE)) as f:

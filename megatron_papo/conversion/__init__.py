@@ -1,19 +1,4 @@
-"""Shared HF <-> Megatron conversion machinery: typed mapping rows and the engine that applies a
-model family's table to a rank's TP/PP shard. The tables themselves live with each model family
-(``models/<family>/bridge.py``); converters and the vLLM weight bridge both go through here."""
-
-from .table import (
-    HFConvention,
-    Direct,
-    GateUp,
-    MappingError,
-    MappingTable,
-    QKVInterleaved,
-    Reshaped,
-    VisionQKV,
-)
-
-__all__ = [
-    "Direct", "GateUp", "HFConvention", "MappingError", "MappingTable", "QKVInterleaved",
-    "Reshaped", "VisionQKV",
-]
+"""Checkpoints on disk: HF folders (:mod:`.hf_io`), Megatron checkpoints and the converters
+between them at any TP/PP (:mod:`.checkpoint`), crash-safe output folders (:mod:`.atomic`) and
+what a model path a user gives is (:mod:`.locate`). The name mapping they apply lives with the
+models (``models/mapping`` and each family's ``bridge.py``)."""

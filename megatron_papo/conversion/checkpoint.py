@@ -239,7 +239,7 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "b
 
 
 def read_meta(ckpt: str) -> dict:
-    from megatron_papo.cli import read_json
+    from megatron_papo.files import read_json
 
     path = os.path.join(ckpt, META_FILE)
     if not os.path.isfile(path):
@@ -258,7 +258,7 @@ def dist_checkpoint_problem(weights: str) -> str | None:
     or one shorter than its metadata says (a copy or a write that was cut off)."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    from megatron_papo.cli import read_json
+    from megatron_papo.files import read_json
 
     for name in ("metadata.json", ".metadata", "common.pt"):
         if not os.path.isfile(os.path.join(weights, name)):

@@ -31,7 +31,7 @@ class HFCheckpointReader:
     with ``model.safetensors.index.json``), keeping at most the open file handles in memory."""
 
     def __init__(self, folder: str):
-        from megatron_papo.cli import read_json
+        from megatron_papo.files import read_json
 
         self.folder = folder
         index = os.path.join(folder, INDEX_FILE)

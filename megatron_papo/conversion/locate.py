@@ -8,7 +8,9 @@
   ``checkpoints/`` (what ``checkpoints/latest`` names, skipping incomplete ones), else its HF
   export ``hf/``.
 
-Anything else is one line naming the path and what was looked for.
+Anything else is one line naming the path and what was looked for. Also here: which training
+checkpoints under a folder are complete (:func:`find_resumable`, :func:`why_incomplete`), what
+resuming and every entry point agree on.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ import json
 import os
 from dataclasses import dataclass
 
-from .checkpoint import META_FILE
+from .checkpoint import META_FILE, WEIGHTS_DIR, dist_checkpoint_problem
+
+# the files that make a training checkpoint <checkpoint_dir>/step_00000050/ (train/checkpoint.py)
+STATE_FILE = "trainer_state.json"   # step, warm start done, sampler RNG, monitor history
+RNG_DIR = "rng"                     # per-rank RNG states
+PREFIX = "step_"
 
 
 class ModelPathError(ValueError):
@@ -59,8 +66,6 @@ def _is_hf(folder: str) -> bool:
 
 def resolve_model_path(path: str, option: str = "--model") -> ModelPath:
     """Classify ``path`` (see the module docstring); ``option`` names the argument in errors."""
-    from megatron_papo.train.checkpoint import find_resumable
-
     if not os.path.isdir(path):
         raise ModelPathError(f"{option} {path!r} is not a folder: give an HF folder, a Megatron "
                              "checkpoint or a run folder (trainer.output_dir)")
@@ -80,3 +85,42 @@ def resolve_model_path(path: str, option: str = "--model") -> ModelPath:
         f"{option} {path!r} is none of: an HF folder (config.json with a model_type), a Megatron "
         f"checkpoint ({META_FILE}), a run folder with a complete checkpoint under checkpoints/ "
         "or an HF export under hf/")
+
+
+def step_dirs(root: str) -> list[str]:
+    """The step_N folders under ``root`` (complete or not)."""
+    if not os.path.isdir(root):
+        return []
+    return [os.path.join(root, d) for d in os.listdir(root)
+            if d.startswith(PREFIX) and d[len(PREFIX):].isdigit()]
+
+
+def why_incomplete(path: str) -> str | None:
+    """None if ``path`` holds a complete training checkpoint, else the reason it does not."""
+    for name in (META_FILE, STATE_FILE, RNG_DIR):
+        if not os.path.exists(os.path.join(path, name)):
+            return f"{name} is missing"
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            state = json.load(f)
+        with open(os.path.join(path, META_FILE)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:
+        return f"unreadable state ({err})"
+    if meta.get("kind") != "training" or "step" not in state:
+        return "not a training checkpoint"
+    problem = dist_checkpoint_problem(os.path.join(path, WEIGHTS_DIR))
+    if problem:
+        return problem.replace(path + os.sep, "")  # relative to the checkpoint
+    return None
+
+
+def find_resumable(root: str, log=print) -> str | None:
+    """The newest complete checkpoint under ``root`` (None if there is none); each skipped
+    folder gets a line saying why."""
+    for path in sorted(step_dirs(root), reverse=True):
+        reason = why_incomplete(path)
+        if reason is None:
+            return path
+        log(f"[train] skipping checkpoint {path}: {reason}")
+    return None

@@ -29,12 +29,11 @@ import torch
 import torch.distributed as dist
 from megatron.core.utils import unwrap_model
 
+from megatron_papo.conversion.locate import PREFIX, RNG_DIR, STATE_FILE, step_dirs
+
 CKPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}
-STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.json"
-RNG_DIR = "rng"
 LATEST = "latest"
-PREFIX = "step_"
 
 
 def step_dir(root: str, step: int) -> str:
@@ -106,55 +105,11 @@ def save(root: str, step: int, chunks: list, optimizer, state: dict, config: dic
         with open(pointer + ".tmp", "w") as f:
             f.write(os.path.basename(path) + "\n")
         os.replace(pointer + ".tmp", pointer)
-        for old in sorted(_step_dirs(root))[:-keep_last] if keep_last > 0 else []:
+        for old in sorted(step_dirs(root))[:-keep_last] if keep_last > 0 else []:
             if os.path.basename(old) != os.path.basename(path):
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return path
-
-
-def _step_dirs(root: str) -> list[str]:
-    if not os.path.isdir(root):
-        return []
-    return [os.path.join(root, d) for d in os.listdir(root)
-            if d.startswith(PREFIX) and d[len(PREFIX):].isdigit()]
-
-
-def why_incomplete(path: str) -> str | None:
-    """None if ``path`` holds a complete training checkpoint, else the reason it does not."""
-    from megatron_papo.conversion.checkpoint import (
-        META_FILE,
-        WEIGHTS_DIR,
-        dist_checkpoint_problem,
-    )
-
-    for name in (META_FILE, STATE_FILE, RNG_DIR):
-        if not os.path.exists(os.path.join(path, name)):
-            return f"{name} is missing"
-    try:
-        with open(os.path.join(path, STATE_FILE)) as f:
-            state = json.load(f)
-        with open(os.path.join(path, META_FILE)) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as err:
-        return f"unreadable state ({err})"
-    if meta.get("kind") != "training" or "step" not in state:
-        return "not a training checkpoint"
-    problem = dist_checkpoint_problem(os.path.join(path, WEIGHTS_DIR))
-    if problem:
-        return problem.replace(path + os.sep, "")  # relative to the checkpoint
-    return None
-
-
-def find_resumable(root: str, log=print) -> str | None:
-    """The newest complete checkpoint under ``root`` (None if there is none); each skipped
-    folder gets a line saying why."""
-    for path in sorted(_step_dirs(root), reverse=True):
-        reason = why_incomplete(path)
-        if reason is None:
-            return path
-        log(f"[train] skipping checkpoint {path}: {reason}")
-    return None
 
 
 def load(path: str, chunks: list, optimizer, layout: dict, log=print) -> dict:

@@ -50,7 +50,7 @@ def tiny_hf_folder(folder: str, config: TrainConfig, examples=()) -> str:
     """The embedded tiny Qwen2.5-VL (random weights, local tokenizer and processor). With
     ``model.tiny_tokenizer=words`` its vocabulary is the words of ``examples``' prompts, the
     answers' digits and the response format (~35 tokens on the counting task)."""
-    from megatron_papo.testing.tiny import (build_word_tokenizer, sized_hf_config,
+    from megatron_papo.models.qwen2_5_vl.tiny import (build_word_tokenizer, sized_hf_config,
                                             write_tiny_checkpoint)
 
     m = config.model
@@ -653,18 +653,20 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from ``trainer.resume`` (auto: the newest complete checkpoint, if any)."""
+        from megatron_papo.conversion.locate import find_resumable, why_incomplete
+
         from . import checkpoint
 
         choice = self.config.trainer.resume
         if choice in ("none", "") or not self.config.trainer.save_every and choice == "auto":
             return False
         if choice == "auto":
-            path = checkpoint.find_resumable(self.checkpoint_dir, log=_log)
+            path = find_resumable(self.checkpoint_dir, log=_log)
             if path is None:
                 return False
         else:
             path = choice
-            reason = checkpoint.why_incomplete(path)
+            reason = why_incomplete(path)
             if reason:
                 raise ConfigError(f"trainer.resume={path} cannot be resumed from: {reason}")
         state = checkpoint.load(path, self.chunks, self.optimizer, self._layout(), log=_log)

@@ -8,7 +8,7 @@ read on load and selectable on export.
 
 from __future__ import annotations
 
-from megatron_papo.conversion import (
+from megatron_papo.models.mapping import (
     Direct,
     GateUp,
     HFConvention,

@@ -165,7 +165,7 @@ def text_spec_from_hf(hf: dict) -> Qwen25VLTextSpec:
 def load_hf_config(path: str) -> dict:
     """Read ``config.json`` from a checkpoint folder (or the file itself)."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    from megatron_papo.cli import read_json
+    from megatron_papo.files import read_json
 
     if not os.path.exists(file):
         raise ModelConfigError(f"no config.json at {file}: pass the HF checkpoint folder")
@@ -176,13 +176,51 @@ def load_hf_config(path: str) -> dict:
     return config
 
 
+def layers_per_stage(num_layers: int, pp: int, first: int | None = None,
+                     last: int | None = None) -> list[int]:
+    """Decoder layers of each of the ``pp`` stages; refuses a split that cannot work, naming
+    the numbers."""
+    if pp < 1:
+        raise ModelConfigError(f"pipeline_model_parallel_size={pp} must be >= 1")
+    if pp == 1:
+        if first is not None or last is not None:
+            raise ModelConfigError("first/last_stage_layers need pipeline_model_parallel_size > "
+                                   "1: unset them or use pipeline parallelism")
+        return [num_layers]
+    for name, value in (("first_stage_layers", first), ("last_stage_layers", last)):
+        if value is not None and value < 1:
+            raise ModelConfigError(f"{name}={value} must be >= 1 (or unset)")
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle_layers = num_layers - (first or 0) - (last or 0)
+    given = ", ".join(f"{n}={v}" for n, v in (("first_stage_layers", first),
+                                                  ("last_stage_layers", last)) if v is not None)
+    if middle_layers < 0 or (middle_stages == 0) != (middle_layers == 0) or (
+            middle_stages and middle_layers % middle_stages):
+        hint = (f"(tools/pp_stages.py --model <hf folder or size> --pp {pp} suggests a split)")
+        if not given:
+            raise ModelConfigError(
+                f"num_hidden_layers={num_layers} is not divisible by pipeline_model_parallel_size"
+                f"={pp}: choose another PP size or give the first/last stage fewer layers "
+                f"(first_stage_layers, last_stage_layers) {hint}")
+        raise ModelConfigError(
+            f"num_hidden_layers={num_layers} at pipeline_model_parallel_size={pp} with {given} "
+            f"leaves {middle_layers} layers for the other {middle_stages} stages, which cannot "
+            f"be split evenly: choose sizes whose remaining layers divide by the remaining "
+            f"stages {hint}")
+    per = middle_layers // middle_stages if middle_stages else 0
+    stages = [per] * pp
+    if first is not None:
+        stages[0] = first
+    if last is not None:
+        stages[-1] = last
+    return stages
+
+
 def check_parallel_layout(spec: Qwen25VLTextSpec, tp: int = 1, pp: int = 1, vpp: int | None = None,
                           vision_heads: int | None = None, first_stage_layers: int | None = None,
                           last_stage_layers: int | None = None) -> None:
     """Refuse TP/PP layouts the model cannot be split into, naming the numbers and the fix.
     ``first_stage_layers`` / ``last_stage_layers``: uneven pipeline stages (stages.py)."""
-    from .stages import layers_per_stage
-
     t = spec.transformer
     problems = []
     if t["num_attention_heads"] % tp:

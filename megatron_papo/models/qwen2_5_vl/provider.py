@@ -11,7 +11,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.utils import unwrap_model
 
-from megatron_papo.conversion.engine import export_megatron_to_hf, load_hf_into_megatron
+from megatron_papo.models.mapping.engine import export_megatron_to_hf, load_hf_into_megatron
 from megatron_papo.parallel import check_pipeline_communication, default_batch_p2p_comm
 
 from .bridge import mapping_table, tensor_dims

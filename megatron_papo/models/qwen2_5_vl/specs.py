@@ -12,7 +12,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-LAYER_SPECS = ("local", "te")
+from .precision import LAYER_SPECS, layer_spec_problem
 
 
 class RMSNorm(torch.nn.Module):
@@ -130,8 +130,6 @@ def language_layer_spec(name: str) -> ModuleSpec:
         spec.submodules.self_attention.submodules.core_attention = _packed_attention_class()
         return spec
     if name == "te":
-        from .precision import layer_spec_problem
-
         problem = layer_spec_problem(name)  # megatron-core's builder fails obscurely without TE
         if problem:
             raise ValueError(problem)

@@ -1,7 +1,7 @@
 """Tiny Qwen2.5-VL checkpoints built locally (no hub): random weights, a BPE tokenizer trained on
 generated text with Qwen2-VL's special tokens and chat template, and a Qwen2.5-VL processor, so
-that ``from_pretrained`` of transformers, ``AutoProcessor`` and vLLM work offline. Used by the
-tests and by the default (CPU) training config."""
+that ``from_pretrained`` of transformers, ``AutoProcessor`` and vLLM work offline. The default
+(CPU) training job builds its model here (``model.hf_dir`` unset); the tests use it too."""
 
 from __future__ import annotations
 
