@@ -10,6 +10,13 @@ from PIL import Image
 
 from megatron_papo.rl import algorithms as A
 from megatron_papo.rl.masking import mask_image, patch_keep_mask
+from megatron_papo.settings import SettingError
+from megatron_papo.train.config import ConfigError, algorithm_names, algorithm_preset
+
+
+def _loss(name: str, **overrides) -> A.LossConfig:
+    """The loss of the main job's algorithm option ``name`` (configs/algorithm/<name>.yaml)."""
+    return algorithm_preset(name, **overrides).loss
 
 B, T = 5, 7
 
@@ -131,9 +138,9 @@ def test_aggregation_modes_ignore_padding_and_empty_sequences(batch):
         A.aggregate(v, m, "mean")
 
 
-@pytest.mark.parametrize("name", sorted(A.PRESETS))
+@pytest.mark.parametrize("name", algorithm_names())
 def test_combined_loss_equals_weighted_formula_sum(batch, name):
-    config = A.preset(name)
+    config = _loss(name)
     inputs = A.LossInputs(logp=batch["logp"], mask=batch["mask"], advantages=batch["adv"],
                           old_logp=batch["old"], ref_logp=batch["ref"],
                           masked_logp=batch["masked"])
@@ -157,21 +164,28 @@ def test_combined_loss_equals_weighted_formula_sum(batch, name):
 
 
 def test_presets_follow_the_paper():
-    assert A.PRESETS["grpo"].prcp_gamma == 0 and A.PRESETS["grpo"].kl_beta == 0.01
-    assert A.PRESETS["papo"].prcp_gamma == 0.01
-    assert A.PRESETS["papo_h"].prcp_gamma == 0.02 and A.PRESETS["papo_h"].entropy_eta_masked == 0.03
-    assert A.PRESETS["papo_no_kl_ref"].kl_beta == 0.0
-    with pytest.raises(ValueError, match="rl.loss.aggregation"):
-        A.preset("papo", aggregation="mean")
-    with pytest.raises(ValueError, match="unknown rl.loss keys"):
-        A.preset("papo", gama=0.1)
+    assert _loss("grpo").prcp_gamma == 0 and _loss("grpo").kl_beta == 0.01
+    assert _loss("papo").prcp_gamma == 0.01 and _loss("papo").kl_beta == 0.01
+    assert _loss("papo_h").prcp_gamma == 0.02 and _loss("papo_h").entropy_eta_masked == 0.03
+    assert _loss("papo_no_kl_ref").kl_beta == 0.0
+    # the dataclass's defaults are the main job's default algorithm, not a third set of numbers
+    assert A.LossConfig() == _loss("papo_no_kl_ref")
+    with pytest.raises(ConfigError, match=r"^algorithm\.loss\.aggregation='mean': choose"):
+        _loss("papo", aggregation="mean")
+    with pytest.raises(ConfigError, match=r"^algorithm\.loss\.gama is not a setting"):
+        _loss("papo", gama=0.1)
+    # the config names its own field; the caller adds where it sits
+    with pytest.raises(SettingError) as err:
+        A.LossConfig(prcp_gamma=-1.0)
+    assert (err.value.field, err.value.under("algorithm.loss")) == (
+        "prcp_gamma", "algorithm.loss.prcp_gamma must be >= 0, got -1.0")
 
 
 def test_missing_branch_is_a_clear_error(batch):
     inputs = A.LossInputs(logp=batch["logp"], mask=batch["mask"], advantages=batch["adv"],
                           old_logp=batch["old"], ref_logp=batch["ref"])
     with pytest.raises(ValueError, match=r"kl_prcp.*masked_logp"):
-        A.combined_loss(inputs, A.preset("papo"))
+        A.combined_loss(inputs, _loss("papo"))
 
 
 # --------------------------------------------------------------------------- masking
@@ -217,11 +231,11 @@ def test_masking_pil_keeps_size_and_mode():
 
 def test_dapo_presets_are_configuration():
     for name in ("dapo", "papo_d"):
-        c = A.PRESETS[name]
+        c = _loss(name)
         assert (c.eps_low, c.eps_high, c.dual_clip, c.kl_beta, c.aggregation) == \
             (0.2, 0.28, None, 0.0, "token-mean"), name
-    assert A.PRESETS["dapo"].prcp_gamma == 0 and not A.PRESETS["dapo"].needs_masked_branch
-    d = A.PRESETS["papo_d"]
+    assert _loss("dapo").prcp_gamma == 0 and not _loss("dapo").needs_masked_branch
+    d = _loss("papo_d")
     assert (d.prcp_gamma, d.entropy_eta_original, d.entropy_eta_masked) == (0.01, 0.03, 0.03)
 
 

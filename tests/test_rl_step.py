@@ -16,7 +16,6 @@ from megatron_papo.models.qwen2_5_vl.provider import (
 )
 from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
 from megatron_papo.parallel import initialize_model_parallel
-from megatron_papo.rl.algorithms import preset
 from megatron_papo.rl.logprobs import token_entropy, token_logprobs
 from megatron_papo.rl.step import (
     PerceptionHackingMonitor,
@@ -25,6 +24,7 @@ from megatron_papo.rl.step import (
     UpdateConfig,
 )
 from megatron_papo.testing import run_distributed
+from megatron_papo.train.config import algorithm_preset
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -59,7 +59,7 @@ def _policy(tp, pp, mode, algorithm="papo_h", sp=False, micro=2, mini=4, aggrega
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.0, clip_grad=1.0,
                         use_distributed_optimizer=True, params_dtype=torch.float32), chunks)
-    loss = preset(algorithm, **({"aggregation": aggregation} if aggregation else {}))
+    loss = algorithm_preset(algorithm, **({"aggregation": aggregation} if aggregation else {})).loss
     config = UpdateConfig(micro_batch_size=micro, mini_batch_size=mini, masked_branch=mode,
                           loss=loss, packing=packing, pad_multiple=tp if sp else 1,
                           max_tokens_per_micro_batch=max_tokens)

@@ -49,7 +49,7 @@ def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
     ({"rollout": {"n": "eight"}}, 1, "rollout.n='eight' has the wrong type: expected int"),
     ({"algorithm": {"name": "ppo"}}, 1, "algorithm.name='ppo': choose one of"),
     ({"algorithm": {"loss": {"prcp_gamma": -1.0}}}, 1, "algorithm.loss.prcp_gamma must be >= 0"),
-    ({"algorithm": {"loss": {"prcp_gama": 0.1}}}, 1, "algorithm.loss.prcp_gama is not a loss"),
+    ({"algorithm": {"loss": {"prcp_gama": 0.1}}}, 1, "algorithm.loss.prcp_gama is not a setting"),
     ({"parallel": {"tensor_model_parallel_size": 2}}, 3, "does not divide the 3 processes"),
     ({"trainer": {"prompts_per_step": 7}}, 2, "prompts_per_step=7 is not divisible by the "
                                               "data-parallel size 2"),
@@ -101,12 +101,19 @@ def test_each_config_group_yaml_matches_its_dataclass():
             assert set(values) == names, (f"configs/{group.name}/{option}: only in the YAML "
                                           f"{sorted(set(values) - names)}, only in the "
                                           f"dataclass {sorted(names - set(values))}")
+            for key in names:  # a nested config (algorithm.loss) declares every field too
+                if dataclasses.is_dataclass(getattr(defaults, key)):
+                    fields = {f.name for f in dataclasses.fields(getattr(defaults, key))}
+                    assert set(values[key]) == fields, (f"configs/{group.name}/{option}: "
+                                                        f"{key} must list {sorted(fields)}")
             if option != f"{chosen[group.name]}.yaml":
                 continue
             for key, value in values.items():
                 if isinstance(value, str) and value.startswith("${"):
                     continue  # resolved by Hydra at run time (trainer.output_dir)
                 default = getattr(defaults, key)
+                if dataclasses.is_dataclass(default):
+                    default = dataclasses.asdict(default)
                 default = list(default) if isinstance(default, tuple) else default
                 assert value == default, (f"{group.name}.{key}: configs/{group.name}/{option} "
                                           f"says {value!r}, the dataclass {default!r}")
@@ -297,7 +304,7 @@ def test_presets_carry_the_authors_settings(preset):
                                           "data.train_files=[/d.parquet]", "trainer.output_dir=/o"])
     raw = OmegaConf.to_container(cfg, resolve=False)
     config = build_config(raw, 2 if "3b" in preset else 4)
-    loss = config.loss_config()
+    loss = config.algorithm.loss
     assert (config.trainer.prompts_per_step, config.trainer.optimizer_steps_per_rollout) == (384, 3)
     assert config.batch_sizes(2) == (960, 320, 4)
     assert (config.optim.lr, config.optim.weight_decay, config.optim.clip_grad) == (1e-6, 0.01, 1.0)
@@ -328,7 +335,7 @@ def test_dapo_presets_are_configuration_on_the_authors_settings(preset):
         cfg = compose("train", overrides=[f"preset={preset}", "model.hf_dir=/m",
                                           "data.train_files=[/d.parquet]", "trainer.output_dir=/o"])
     config = build_config(OmegaConf.to_container(cfg, resolve=False), 4)
-    loss = config.loss_config()
+    loss = config.algorithm.loss
     assert (loss.eps_low, loss.eps_high, loss.dual_clip, loss.kl_beta, loss.aggregation) == \
         (0.2, 0.28, None, 0.0, "token-mean")
     a = config.algorithm

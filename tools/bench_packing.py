@@ -120,10 +120,10 @@ def main(argv=None) -> int:
     from megatron_papo.models.qwen2_5_vl import text_spec_from_hf
     from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
     from megatron_papo.parallel import init_processes, initialize_model_parallel
-    from megatron_papo.rl.algorithms import PRESETS
     from megatron_papo.rl.packing import sample_lengths
     from megatron_papo.rl.step import PolicyUpdater, UpdateConfig
     from megatron_papo.testing.memory import PeakLive
+    from megatron_papo.train.config import algorithm_preset
     from megatron_papo.models.qwen2_5_vl.tiny import sized_hf_config
 
     hf = sized_hf_config(args.hidden, args.layers, vision_hidden=64, initializer_range=0.02)
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     budget = args.budget or args.micro_batch_size * width
     if budget < max(lengths):
         parser.error(f"--budget {budget} is below the longest sample ({max(lengths)} tokens)")
-    loss = PRESETS["papo_no_kl_ref"]
+    loss = algorithm_preset("papo_no_kl_ref").loss
 
     def updater(packing):
         return PolicyUpdater(chunks, optimizer, UpdateConfig(

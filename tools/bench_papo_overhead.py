@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (override)")
     parser.add_argument("--hidden", type=int, default=64, help="hidden size (tiny only)")
     parser.add_argument("--algorithm", default="papo_no_kl_ref",
-                        help="the PAPO preset (rl.algorithms.PRESETS) whose terms are timed")
+                        help="the PAPO algorithm (configs/algorithm/<name>.yaml) whose terms are timed")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--n", type=int, default=8, help="samples per prompt")
     parser.add_argument("--prompt-len", type=int, default=12, help="prompt text tokens")
@@ -131,12 +131,12 @@ def main(argv=None) -> int:
     from megatron_papo.models.qwen2_5_vl.config import ModelConfigError
     from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
     from megatron_papo.parallel import init_processes, initialize_model_parallel
-    from megatron_papo.rl.algorithms import PRESETS
     from megatron_papo.rl.step import PolicyUpdater, UpdateConfig
+    from megatron_papo.train.config import algorithm_names, algorithm_preset
 
-    if args.algorithm not in PRESETS:
-        parser.error(f"--algorithm {args.algorithm!r}: choose one of {sorted(PRESETS)}")
-    papo = PRESETS[args.algorithm]
+    if args.algorithm not in algorithm_names():
+        parser.error(f"--algorithm {args.algorithm!r}: choose one of {algorithm_names()}")
+    papo = algorithm_preset(args.algorithm).loss
     if not papo.needs_masked_branch:
         parser.error(f"--algorithm {args.algorithm} has no perception term: choose a PAPO preset")
     grpo = dataclasses.replace(papo, prcp_gamma=0.0, entropy_eta_original=0.0,

@@ -31,8 +31,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GRPO_LOSS = ["+algorithm.loss.prcp_gamma=0.0", "+algorithm.loss.entropy_eta_original=0.0",
-             "+algorithm.loss.entropy_eta_masked=0.0"]
+GRPO_LOSS = ["algorithm.loss.prcp_gamma=0.0", "algorithm.loss.entropy_eta_original=0.0",
+             "algorithm.loss.entropy_eta_masked=0.0"]
 VARIANTS = {
     "grpo": GRPO_LOSS,
     "papo_trainer": ["algorithm.masked_logprobs=trainer"],

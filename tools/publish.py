@@ -67,18 +67,19 @@ def final_metrics(records: list[dict]) -> dict:
 
 def model_card(config: dict, state: dict, metrics: dict, has_plot: bool, repo: str | None
                ) -> str:
-    import dataclasses
-
-    from megatron_papo.rl.algorithms import PRESETS
+    from megatron_papo.train.config import ConfigError, algorithm_names, algorithm_preset
 
     # the raw configuration: a GPU run's settings (FP8, TP) need not run on this machine
     m, a, d, t = (config.get(k, {}) for k in ("model", "algorithm", "data", "trainer"))
     r, o = config.get("rollout", {}), config.get("optim", {})
     name = a.get("name", "papo_no_kl_ref")
-    if name not in PRESETS:
+    if name not in algorithm_names():
         raise PublishError(f"the checkpoint's algorithm.name={name!r} is not one of "
-                           f"{sorted(PRESETS)}")
-    loss = dataclasses.replace(PRESETS[name], **(a.get("loss") or {}))
+                           f"{algorithm_names()}")
+    try:  # every loss field (older checkpoints: the overrides of the algorithm's numbers)
+        loss = algorithm_preset(name, **(a.get("loss") or {})).loss
+    except ConfigError as err:
+        raise PublishError(f"the checkpoint's configuration: {err}") from None
     base = m.get("hf_dir") or (f"the embedded tiny Qwen2.5-VL (hidden {m.get('tiny_hidden_size')}"
                                f", {m.get('tiny_layers')} layers; built locally)")
     base_id = os.path.basename(m["hf_dir"].rstrip("/")) if m.get("hf_dir") else None

@@ -4,7 +4,7 @@ PAPO (Wang et al., "Perception-Aware Policy Optimization for Multimodal Reasonin
 arXiv 2507.06448) is GRPO plus two registered terms: the implicit perception loss (maximise the KL
 between the policy on the original and on a masked image) and the double entropy loss. Terms are
 registered by name in :data:`LOSS_TERMS` and combined from a :class:`LossConfig`; the variants of
-the paper are presets (:data:`PRESETS`), not code forks.
+the paper are configurations (``configs/algorithm/*.yaml``), not code forks.
 
 Shapes: B = sequences (responses) in the micro-batch, T = response tokens (padded). Every per-token
 tensor is [B, T]; ``mask`` [B, T] is 1 on response tokens and 0 on padding.
@@ -12,10 +12,12 @@ tensor is [B, T]; ``mask`` [B, T] is 1 on response tokens and 0 on padding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from megatron_papo.settings import SettingError
 
 # Constants from the authors' code (EasyR1 fork), named with their reason.
 ADV_EPS = 1e-6          # group std floor in the advantage denominator
@@ -215,33 +217,36 @@ class LossInputs:
 
 @dataclass
 class LossConfig:
-    """Coefficients and options of the combined loss. Validates itself."""
+    """Coefficients and options of the combined loss (the main job's ``algorithm.loss``; each
+    algorithm's numbers are in ``configs/algorithm/<name>.yaml``). The defaults are the main
+    job's default algorithm, ``papo_no_kl_ref``. Validates itself (:class:`SettingError` naming
+    the field)."""
 
     eps_low: float = 0.2
     eps_high: float = 0.3
-    dual_clip: float | None = 3.0
-    kl_beta: float = 0.01             # reference KL weight (0 = no reference model)
-    prcp_gamma: float = 0.0           # implicit perception loss weight (PAPO: 0.01)
+    dual_clip: float | None = 3.0     # the dual clip bound c (> 1) or null
+    kl_beta: float = 0.0              # reference KL weight (0 = no reference model)
+    prcp_gamma: float = 0.01          # implicit perception loss weight (0: GRPO)
     prcp_clip: bool = False           # clip KL_prcp to [0, 0.2]
-    entropy_eta_original: float = 0.0  # double entropy (PAPO_H): 0.03
-    entropy_eta_masked: float = 0.0
+    entropy_eta_original: float = 0.03  # double entropy loss weights (0: off)
+    entropy_eta_masked: float = 0.03
     entropy_estimator: str = "sampled"  # "sampled" (authors) or "exact"
     aggregation: str = "token-mean"
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"rl.loss.aggregation={self.aggregation!r}: choose one of "
-                             f"{list(AGGREGATIONS)}")
+            raise SettingError("aggregation", f"={self.aggregation!r}: choose one of "
+                               f"{list(AGGREGATIONS)}")
         if self.entropy_estimator not in ("sampled", "exact"):
-            raise ValueError(f"rl.loss.entropy_estimator={self.entropy_estimator!r}: choose "
-                             "'sampled' or 'exact'")
+            raise SettingError("entropy_estimator", f"={self.entropy_estimator!r}: choose "
+                               "'sampled' or 'exact'")
         for name in ("eps_low", "eps_high", "kl_beta", "prcp_gamma", "entropy_eta_original",
                      "entropy_eta_masked"):
             if getattr(self, name) < 0:
-                raise ValueError(f"rl.loss.{name} must be >= 0, got {getattr(self, name)}")
+                raise SettingError(name, f" must be >= 0, got {getattr(self, name)}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ValueError(f"rl.loss.dual_clip must be > 1 (authors: 3.0) or null, got "
-                             f"{self.dual_clip}")
+            raise SettingError("dual_clip", f" must be > 1 (authors: 3.0) or null, got "
+                               f"{self.dual_clip}")
 
     @property
     def needs_masked_branch(self) -> bool:
@@ -266,7 +271,7 @@ def _policy(x: LossInputs, c: LossConfig) -> torch.Tensor:
 def _entropy(logp, exact, c: LossConfig):
     if c.entropy_estimator == "exact":
         if exact is None:
-            raise ValueError("rl.loss.entropy_estimator=exact needs per-token entropies")
+            raise ValueError("entropy_estimator=exact needs per-token entropies")
         return exact
     return sampled_token_entropy(logp)
 
@@ -307,32 +312,3 @@ def combined_loss(inputs: LossInputs, config: LossConfig,
         total = total + weight * value
         parts[term.name] = value.detach()
     return total, parts
-
-
-# The variants of the paper (README of the authors; PAPO_ALGORITHM.md table); DAPO (arXiv
-# 2503.14476): clip-higher (0.2 / 0.28, no dual clip), token-level loss, no reference KL (its
-# dynamic sampling and overlong shaping live in the trainer: algorithm.dynamic_sampling,
-# algorithm.overlong_buffer_ratio); PAPO-D = DAPO + PAPO's perception and double entropy terms.
-PRESETS: dict[str, LossConfig] = {
-    "grpo": LossConfig(kl_beta=0.01),
-    "papo": LossConfig(kl_beta=0.01, prcp_gamma=0.01),
-    "papo_h": LossConfig(kl_beta=0.01, prcp_gamma=0.02, entropy_eta_original=0.03,
-                         entropy_eta_masked=0.03),
-    "papo_no_kl_ref": LossConfig(kl_beta=0.0, prcp_gamma=0.01, entropy_eta_original=0.03,
-                                 entropy_eta_masked=0.03),
-    "dapo": LossConfig(kl_beta=0.0, eps_low=0.2, eps_high=0.28, dual_clip=None,
-                       aggregation="token-mean"),
-    "papo_d": LossConfig(kl_beta=0.0, eps_low=0.2, eps_high=0.28, dual_clip=None,
-                         aggregation="token-mean", prcp_gamma=0.01, entropy_eta_original=0.03,
-                         entropy_eta_masked=0.03),
-}
-
-
-def preset(name: str, **overrides) -> LossConfig:
-    if name not in PRESETS:
-        raise ValueError(f"rl.algorithm={name!r}: choose one of {sorted(PRESETS)}")
-    known = {f.name for f in fields(LossConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ValueError(f"unknown rl.loss keys {sorted(unknown)}; known: {sorted(known)}")
-    return replace(PRESETS[name], **overrides)

@@ -494,8 +494,8 @@ class PerceptionHackingMonitor:
             log.warning(
                 "KL_prcp hacking suspected: perception KL rose to %.3g (recent mean %.3g) while "
                 "both entropies (%.3g, %.3g) and the high-side clip fraction (%.3g) rose. "
-                "Lower algorithm.loss.prcp_gamma or enable the double entropy loss "
-                "(algorithm.loss.entropy_eta_original/masked, as papo_h does).",
+                "Lower the perception weight (prcp_gamma) or enable the double entropy loss "
+                "(entropy_eta_original/masked, as papo_h does).",
                 metrics["loss/kl_prcp"], mean["loss/kl_prcp"], metrics["entropy/original"],
                 metrics["entropy/masked"], metrics["clip/high"])
         return hacking

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import sys
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs")
 
 
 def _exit_now(code: int) -> None:
@@ -80,6 +78,8 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from omegaconf.errors import MissingMandatoryValue
+
+    from .config import CONFIG_DIR
 
     @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=None)
     def _main(cfg) -> None:

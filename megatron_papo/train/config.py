@@ -7,12 +7,24 @@ line naming the key and what is allowed."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 
 from megatron_papo.data import DataConfig
-from megatron_papo.rl.algorithms import PRESETS, LossConfig
+from megatron_papo.rl.algorithms import LossConfig
+from megatron_papo.settings import SettingError
+
+# the Hydra configs of the main job (configs/<group>/<option>.yaml)
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+
+
+def algorithm_names() -> list[str]:
+    """The algorithm options (``configs/algorithm/<name>.yaml``)."""
+    return sorted(f[:-len(".yaml")] for f in os.listdir(os.path.join(CONFIG_DIR, "algorithm"))
+                  if f.endswith(".yaml"))
 
 
 class ConfigError(ValueError):
@@ -79,7 +91,8 @@ class ParallelConfig:
 @dataclass
 class AlgorithmConfig:
     name: str = "papo_no_kl_ref"     # grpo | papo | papo_h | papo_no_kl_ref | dapo | papo_d
-    loss: dict = field(default_factory=dict)   # overrides of rl.algorithms.LossConfig fields
+    # every coefficient of the loss; each algorithm's numbers: configs/algorithm/<name>.yaml
+    loss: LossConfig = field(default_factory=LossConfig)
     masked_branch: str = "frozen"    # frozen (the authors') | live
     # frozen branch: who computes the masked-image log-probs of the sampled responses: the rollout
     # engine (a prefill with the rollout-time weights, the weights the frozen branch asks for) or
@@ -229,9 +242,6 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def loss_config(self) -> LossConfig:
-        return _loss(self.algorithm)
-
     def batch_sizes(self, dp: int) -> tuple[int, int, int]:
         """(samples per DP rank and rollout, samples per optimizer step and DP rank, samples per
         forward/backward)."""
@@ -241,19 +251,17 @@ class TrainConfig:
         return local, mini, min(t.micro_batch_size, mini)
 
 
-def _loss(algorithm: AlgorithmConfig) -> LossConfig:
-    if algorithm.name not in PRESETS:
-        raise ConfigError(f"algorithm.name={algorithm.name!r}: choose one of {sorted(PRESETS)}")
-    known = {f.name for f in dataclasses.fields(LossConfig)}
-    unknown = sorted(set(algorithm.loss) - known)
-    if unknown:
-        raise ConfigError(f"algorithm.loss.{unknown[0]} is not a loss setting; allowed: "
-                          f"{sorted(known)}")
-    try:
-        return dataclasses.replace(PRESETS[algorithm.name], **algorithm.loss)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"algorithm.loss: {err}".replace("rl.loss.", "algorithm.loss.")) \
-            from None
+def algorithm_preset(name: str, **loss) -> AlgorithmConfig:
+    """The algorithm option ``name`` as the main job reads it (``configs/algorithm/<name>.yaml``),
+    ``loss`` fields overridden: for tools and tests that need an algorithm's numbers."""
+    import yaml
+
+    if name not in algorithm_names():
+        raise ConfigError(f"algorithm.name={name!r}: choose one of {algorithm_names()}")
+    with open(os.path.join(CONFIG_DIR, "algorithm", f"{name}.yaml")) as f:
+        raw = yaml.safe_load(f)
+    raw["loss"].update(loss)
+    return _section(AlgorithmConfig, raw, "algorithm")
 
 
 def _check_type(value, annotation, key: str):
@@ -300,7 +308,10 @@ def _section(cls, raw, prefix: str):
             values[name] = _section(hints[name], raw[name], key)
         else:
             values[name] = _check_type(raw[name], hints[name], key)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except SettingError as err:  # the config's own check, named by its full key
+        raise ConfigError(err.under(prefix)) from None
 
 
 def _positive(config: TrainConfig, keys: list[str]) -> None:
@@ -343,7 +354,9 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
                        "trainer.optimizer_steps_per_rollout",
                        "parallel.tensor_model_parallel_size",
                        "parallel.pipeline_model_parallel_size"])
-    _loss(config.algorithm)
+    if config.algorithm.name not in algorithm_names():
+        raise ConfigError(f"algorithm.name={config.algorithm.name!r}: choose one of "
+                          f"{algorithm_names()}")
     if config.logging.wandb_project:
         import importlib.util
 
@@ -360,7 +373,7 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     if config.algorithm.masked_logprobs not in ("engine", "trainer"):
         raise ConfigError(f"algorithm.masked_logprobs={config.algorithm.masked_logprobs!r}: "
                           "choose engine or trainer")
-    loss = config.loss_config()
+    loss = config.algorithm.loss
     if (loss.entropy_estimator == "exact" and loss.entropy_eta_masked > 0
             and config.algorithm.masked_branch == "frozen"):
         raise ConfigError(
@@ -396,7 +409,7 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
         if not t.packing:
             raise ConfigError("trainer.max_tokens_per_micro_batch needs trainer.packing=true")
         live = (config.algorithm.masked_branch == "live"
-                and config.loss_config().needs_masked_branch)
+                and config.algorithm.loss.needs_masked_branch)
         longest = config.rollout.max_model_len * (2 if live else 1)
         if t.max_tokens_per_micro_batch < longest:
             raise ConfigError(

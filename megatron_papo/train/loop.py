@@ -89,9 +89,12 @@ def supervised_updater(chunks: list, optimizer, micro_batch_size: int, mini_batc
     from megatron_papo.rl.algorithms import LossConfig
     from megatron_papo.rl.step import PolicyUpdater, UpdateConfig
 
+    # the policy term alone (no KL, perception or entropy term), no dual clip
+    supervised = LossConfig(dual_clip=None, kl_beta=0.0, prcp_gamma=0.0,
+                            entropy_eta_original=0.0, entropy_eta_masked=0.0)
     return PolicyUpdater(chunks, optimizer, UpdateConfig(
         micro_batch_size=micro_batch_size, mini_batch_size=mini_batch_size,
-        loss=LossConfig(kl_beta=0.0, dual_clip=None), suppressed_token_ids=suppressed_token_ids,
+        loss=supervised, suppressed_token_ids=suppressed_token_ids,
         packing=packing, pad_multiple=pad_multiple,
         max_tokens_per_micro_batch=max_tokens_per_micro_batch))
 
@@ -323,7 +326,7 @@ class Trainer:
                                          overlap_param_gather=p.overlap_param_gather)
         ck.load_hf_folder(self.chunks, self.spec, self.hf_dir)
         self.optimizer = build_optimizer(self.chunks, c.optim, dtype)
-        self.loss = c.loss_config()
+        self.loss = c.algorithm.loss
         self.reference = None
         if self.loss.kl_beta > 0:  # the reference model exists only when it is used
             self.reference = build_model_chunks(self.spec, **build, ddp=False)
@@ -452,8 +455,8 @@ class Trainer:
             record["alert/perception_hacking"] = 1.0
             _log(f"[train] ALERT step {record['step']}: perception-KL hacking suspected (KL_prcp "
                  "jumped while both entropies rose): lower the perception "
-                 "weight (++algorithm.loss.prcp_gamma=...) or turn on the double entropy loss "
-                 "(++algorithm.loss.entropy_eta_original=0.03 ++algorithm.loss."
+                 "weight (algorithm.loss.prcp_gamma=...) or turn on the double entropy loss "
+                 "(algorithm.loss.entropy_eta_original=0.03 algorithm.loss."
                  "entropy_eta_masked=0.03)")
         self.step_index += 1
         m.write(record)
