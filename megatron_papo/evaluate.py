@@ -22,6 +22,9 @@ import json
 import os
 import tempfile
 
+from megatron_papo.rollout.settings import Sampling
+
+
 class EvaluationError(ValueError):
     """Bad command-line input; the message names the argument."""
 
@@ -59,6 +62,7 @@ def swap_images(examples: list) -> list:
 
 
 EVAL_SEED = 10_000_019  # sampling seed of evaluations (the same prompts, the same draws)
+EVAL_K = 8              # avg@k: the paper's protocol (8 samples per prompt at the rollout temperature)
 
 
 def avg_at_k(engine, examples: list, sampling, reward=None, images_swapped: bool = False,
@@ -114,9 +118,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="a benchmark file read through its preset (configs/benchmark/NAME.yaml: "
                         "geometry3k, mathvista, wemath, mmk12, mathverse, mathverse_v, "
                         "logicvista, clevr_count, mmmu_pro), e.g. mathvista=testmini.parquet")
-    p.add_argument("--k", type=int, default=8, help="samples per prompt (avg@k; default 8)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--k", type=int, default=EVAL_K,
+                   help=f"samples per prompt (avg@k; default {EVAL_K})")
+    p.add_argument("--temperature", type=float, default=Sampling.temperature,
+                   help=f"default {Sampling.temperature} (rollout.temperature's)")
+    p.add_argument("--top-p", type=float, default=Sampling.top_p,
+                   help=f"default {Sampling.top_p} (rollout.top_p's)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"default {DEFAULT_MAX_NEW_TOKENS}, lowered to what --max-model-len leaves "
                         "after the longest prompt (said in one line)")
@@ -231,16 +238,15 @@ def _new_tokens(args, engine, datasets: dict, max_model_len: int, log) -> int:
 
 def _in_flags(fn, *args, **kwargs):
     """``fn``, with the engine's prompt-length error told in this command's flags."""
-    from megatron_papo.rollout import RolloutInputError
+    from megatron_papo.rollout import PromptTooLongError
 
     try:
         return fn(*args, **kwargs)
-    except RolloutInputError as err:
-        text = (str(err).replace("rollout.sampling.max_new_tokens=", "--max-new-tokens ")
-                .replace("rollout.max_model_len=", "--max-model-len ")
-                .replace("raise max_model_len or drop long prompts (data.max_prompt_length)",
-                         "raise --max-model-len or lower --max-new-tokens"))
-        raise EvaluationError(text) from None
+    except PromptTooLongError as err:
+        raise EvaluationError(
+            f"prompt {err.index}: {err.length} tokens + --max-new-tokens {err.max_new_tokens} "
+            f"exceed --max-model-len {err.max_model_len}; raise --max-model-len or lower "
+            "--max-new-tokens") from None
 
 
 def _hf_folder(model: str, scratch: str, log) -> str:
@@ -286,7 +292,7 @@ def run(args) -> dict:
         max_model_len = _model_length(args, hf_dir, log)
         engine = RolloutEngine(EngineConfig(
             hf_dir, dtype=args.dtype, max_model_len=max_model_len,
-            kv_cache_bytes=args.kv_cache_mb * 2**20, min_pixels=args.min_pixels,
+            kv_cache_mb=args.kv_cache_mb, min_pixels=args.min_pixels,
             max_pixels=args.max_pixels, seed=args.seed,
             max_images_per_prompt=_images_per_prompt(args, datasets)))
         try:

@@ -148,7 +148,7 @@ class PerceptionScorer:
         return (resized if isinstance(image, (list, tuple)) else resized[0]), encoded
 
     @torch.no_grad()
-    def generate(self, image: Image.Image, question: str, max_new_tokens: int = 64) -> str:
+    def generate(self, image: Image.Image, question: str, max_new_tokens: int) -> str:
         """A greedy response (our model, full forward per token: for short answers)."""
         from megatron_papo.models.qwen2_5_vl.provider import forward_logits
         from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index

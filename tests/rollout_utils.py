@@ -14,7 +14,7 @@ from megatron_papo.parallel import initialize_model_parallel
 from megatron_papo.rollout import EngineConfig, RolloutEngine, SamplingConfig
 from megatron_papo.testing.memory import PeakLive  # noqa: F401  (used by the tests)
 
-KV_BYTES = 16 * 2**20
+KV_MB = 16
 
 
 def image(height: int, width: int, seed: int = 0) -> Image.Image:
@@ -52,7 +52,7 @@ def policy(hf_dir: str, tp: int = 1, pp: int = 1):
 
 def engine(hf_dir: str, **overrides) -> RolloutEngine:
     config = dict(model_path=hf_dir, max_model_len=512,
-                  kv_cache_bytes=KV_BYTES, min_pixels=28 * 28, max_pixels=112 * 112)
+                  kv_cache_mb=KV_MB, min_pixels=28 * 28, max_pixels=112 * 112)
     config.update(overrides)
     return RolloutEngine(EngineConfig(**config))
 

@@ -123,8 +123,7 @@ def _logprob_parity(hf0, tp):
             batch = build_rollout_batch(batch_prompts, rollouts, eng.encoder, pad_multiple=tp,
                                         mask_ratio=0.6, mask_seed=11)
             updater = PolicyUpdater(chunks, None, UpdateConfig(
-                micro_batch_size=2, mini_batch_size=2, temperature=temperature,
-                suppressed_token_ids=eng.suppressed_token_ids))
+                micro_batch_size=2, mini_batch_size=2, distribution=eng.distribution(sampling)))
             ours = updater.compute_logprobs(batch)
             mask = batch.response_mask.bool()
             masked = dict(ours=updater.compute_logprobs(batch, masked=True)[mask],
@@ -304,8 +303,7 @@ def _rollout_tp2(hf0, hf1, tp):
         rollouts = eng.generate(batch_prompts, sampling)
         batch = build_rollout_batch(batch_prompts, rollouts, eng.encoder, pad_multiple=tp)
         updater = PolicyUpdater(chunks, None, UpdateConfig(
-            micro_batch_size=4, mini_batch_size=4, temperature=0.7,
-            suppressed_token_ids=eng.suppressed_token_ids))
+            micro_batch_size=4, mini_batch_size=4, distribution=eng.distribution(sampling)))
         mask = batch.response_mask.bool()
         ours, engine_logp = updater.compute_logprobs(batch)[mask], batch.rollout_logp[mask]
         masked_batch = build_rollout_batch(batch_prompts, rollouts, eng.encoder,
@@ -395,10 +393,10 @@ def test_bad_inputs_fail_before_generation_naming_the_field(folders):
         "tiny": "image 64x20 px is below the processor's minimum side of 28 px",
         "too_long": "exceed rollout.max_model_len=128",
         "not_messages": "prompt 3: expected a non-empty list of chat messages",
-        "n": "rollout.sampling.n=0",
-        "temperature": "rollout.sampling.temperature=-0.5",
-        "top_p": "rollout.sampling.top_p=0.0",
-        "max_new_tokens": "rollout.sampling.max_new_tokens=0",
+        "n": "n=0 is invalid",
+        "temperature": "temperature=-0.5 is invalid",
+        "top_p": "top_p=0.0 is invalid",
+        "max_new_tokens": "max_new_tokens=0 is invalid",
     }
     for name, fragment in expect.items():
         assert errors[name] is not None and fragment in errors[name], (name, errors[name])

@@ -60,7 +60,7 @@ def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
     ({"trainer": {"stop_at_accuracy": 1.5}}, 1, "trainer.stop_at_accuracy=1.5 must be in (0, 1]"),
     ({"optim": {"vision_lr_mult": 0.0}}, 1, "optim.vision_lr_mult=0.0 must be > 0"),
     ({"rollout": {"max_images_per_prompt": 0}}, 1,
-     "rollout.max_images_per_prompt=0 must be >= 1 (null: from the data)"),
+     "rollout.max_images_per_prompt=0 is invalid: must be >= 1 (null: from the data)"),
     ({"algorithm": {"masked_logprobs": "vllm"}}, 1,
      "algorithm.masked_logprobs='vllm': choose engine or trainer"),
     ({"algorithm": {"name": "papo_h", "loss": {"entropy_estimator": "exact"}}}, 1,

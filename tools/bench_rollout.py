@@ -78,7 +78,7 @@ def bench(folder: str, tp: int, buckets: list[int], prompts: int, n: int, tokens
     initialize_model_parallel(tp, 1)
     chunks = build_model_chunks(spec, tp, 1, ddp=False)
     ck.load_hf_folder(chunks, spec, folder)
-    engine = RolloutEngine(EngineConfig(folder, max_model_len=1024, kv_cache_bytes=512 * 2**20,
+    engine = RolloutEngine(EngineConfig(folder, max_model_len=1024, kv_cache_mb=512,
                                         min_pixels=28 * 28, max_pixels=224 * 224))
     out = {}
     try:

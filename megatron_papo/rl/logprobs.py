@@ -4,6 +4,8 @@ pick, all-reduced over the tensor-parallel group). Differentiable."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -14,6 +16,20 @@ from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_para
 # (probability 0, as the engine's -inf), yet it stays finite, so log-probs at prompt positions
 # whose target is a suppressed id (the image pads) never turn a masked sum into NaN.
 SUPPRESSED_LOGIT = -1.0e4
+
+
+@dataclass(frozen=True)
+class SampledDistribution:
+    """The distribution the rollout engine samples from, which the trainer must score: logits /
+    ``temperature`` (0 = greedy is scored at 1) with ``suppressed_token_ids`` at probability 0.
+    The engine gives it (``RolloutEngine.distribution``) from the run's sampling settings and its
+    tokenizer; the temperature is checked there, once."""
+
+    temperature: float = 1.0
+    suppressed_token_ids: tuple[int, ...] = ()
+
+    def logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return sampling_logits(logits, self.temperature, self.suppressed_token_ids)
 
 
 def sampling_logits(logits: torch.Tensor, temperature: float = 1.0,

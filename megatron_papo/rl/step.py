@@ -31,7 +31,7 @@ from .algorithms import (
     clipped_policy_loss,
     combined_loss,
 )
-from .logprobs import sampling_logits, token_entropy, token_logprobs
+from .logprobs import SampledDistribution, token_entropy, token_logprobs
 from .packing import pack, packed_length, plan_micro_batches, sample_lengths, split_to_count
 
 log = logging.getLogger(__name__)
@@ -181,9 +181,8 @@ class UpdateConfig:
     mini_batch_size: int = 4          # sequences per optimizer step
     masked_branch: str = "frozen"     # "frozen" (authors') or "live"
     loss: LossConfig = field(default_factory=LossConfig)
-    # the rollout's sampling distribution: logits / temperature, suppressed ids at p = 0
-    temperature: float = 1.0
-    suppressed_token_ids: tuple[int, ...] = ()
+    # what the engine sampled from (its temperature and suppressed ids): scored exactly
+    distribution: SampledDistribution = field(default_factory=SampledDistribution)
     # packed (THD) micro-batches: the samples of a micro-batch in one row, no padding computed
     # (the same update: rl/packing.py); pad_multiple: the packed row's length is a multiple of it
     # (TP with sequence parallelism, 16 with FP8)
@@ -204,9 +203,6 @@ class UpdateConfig:
         if self.mini_batch_size % self.micro_batch_size:
             raise ValueError(f"rl.mini_batch_size={self.mini_batch_size} must be a multiple of "
                              f"rl.micro_batch_size={self.micro_batch_size}")
-        if self.temperature < 0:
-            raise ValueError(f"rl.temperature={self.temperature} must be >= 0 (the rollout's)")
-        self.suppressed_token_ids = tuple(self.suppressed_token_ids)
 
 
 class PolicyUpdater:
@@ -264,7 +260,7 @@ class PolicyUpdater:
         return result
 
     def sampling_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return sampling_logits(logits, self.config.temperature, self.config.suppressed_token_ids)
+        return self.config.distribution.logits(logits)
 
     def micro_batches(self, batch: RolloutBatch, paired: bool
                       ) -> tuple[list[list[int]], list[RolloutBatch]]:

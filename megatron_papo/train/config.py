@@ -13,7 +13,14 @@ import typing
 from dataclasses import dataclass, field
 
 from megatron_papo.data import DataConfig
+from megatron_papo.evaluate import EVAL_K
 from megatron_papo.rl.algorithms import LossConfig
+from megatron_papo.rollout.settings import (
+    EngineConfig,
+    EngineSettings,
+    Sampling,
+    SamplingConfig,
+)
 from megatron_papo.settings import SettingError
 
 # the Hydra configs of the main job (configs/<group>/<option>.yaml)
@@ -117,20 +124,12 @@ class AlgorithmConfig:
 MISMATCH_LIMITS = {"float32": 1e-2, "half": 0.1}
 
 
-@dataclass
-class RolloutConfig:
-    n: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_new_tokens: int = 16
-    max_model_len: int = 512
-    tensor_parallel_size: int = 1
-    dtype: str = "float32"
-    kv_cache_mb: int = 64            # CPU: the KV cache size
-    gpu_memory_utilization: float = 0.5   # GPU: the engine's share of the device
+@dataclass(kw_only=True)
+class RolloutConfig(Sampling, EngineSettings):
+    """The ``rollout`` group: the sampling keys and the engine keys as the rollout package
+    declares them (defaults and checks there), and how the trainer uses the engine."""
+
     weight_bucket_mb: int = 64
-    max_num_seqs: int = 512          # sequences per engine step (0: vLLM's default)
     # the engine's sampling log-probs serve as the old (behaviour) log-probs instead of a trainer
     # recomputation; exact only with a float32 engine (the mismatch is still measured at every
     # step, in the update: rollout.max_logprob_mismatch)
@@ -139,11 +138,23 @@ class RolloutConfig:
     # (mean |delta log p| per response token, measured every step): the engine is not serving
     # the trained weights. None: by rollout.dtype (MISMATCH_LIMITS); 0: no check
     max_logprob_mismatch: float | None = None
-    min_pixels: int = 28 * 28
-    max_pixels: int = 56 * 56
-    # images per prompt the engine accepts (vLLM's limit_mm_per_prompt: its memory profiling and
-    # encoder budget follow it); null: the most any row of the training and validation data has
-    max_images_per_prompt: int | None = None
+
+    def __post_init__(self):
+        Sampling.__post_init__(self)
+        EngineSettings.__post_init__(self)
+        if self.temperature <= 0:
+            raise SettingError("temperature", f"={self.temperature} must be > 0 for RL (the "
+                               "trainer scores the sampling distribution; 0 = greedy is for "
+                               "evaluation)")
+        if self.weight_bucket_mb < 1:
+            raise SettingError("weight_bucket_mb", f"={self.weight_bucket_mb} must be >= 1")
+        if self.max_logprob_mismatch is not None and self.max_logprob_mismatch < 0:
+            raise SettingError("max_logprob_mismatch", f"={self.max_logprob_mismatch} must be "
+                               ">= 0 (0: no check; null: the default of rollout.dtype)")
+        if self.old_logprobs_from_engine and self.dtype != "float32":
+            raise SettingError("old_logprobs_from_engine", f"=true needs rollout.dtype=float32 "
+                               f"(got {self.dtype!r}: a {self.dtype} engine's log-probs differ "
+                               "from the trainer's); set it to false")
 
     def logprob_mismatch_limit(self) -> float:
         """``max_logprob_mismatch``, or the default of this engine dtype (0: no check)."""
@@ -151,14 +162,17 @@ class RolloutConfig:
             return self.max_logprob_mismatch
         return MISMATCH_LIMITS["float32" if self.dtype == "float32" else "half"]
 
-    def sampling(self, seed: int | None, n: int | None = None):
-        """The engine's sampling settings of these keys (``n``: another sample count, e.g. k of
-        an avg@k evaluation)."""
-        from megatron_papo.rollout import SamplingConfig
+    def sampling(self, seed: int | None, n: int | None = None) -> SamplingConfig:
+        """One generate call's sampling with these keys (``n``: another sample count, e.g. k
+        of an avg@k evaluation)."""
+        return SamplingConfig(**{**self.sampling_fields(), "n": self.n if n is None else n}, seed=seed)
 
-        return SamplingConfig(n=self.n if n is None else n, temperature=self.temperature,
-                              top_p=self.top_p, top_k=self.top_k,
-                              max_new_tokens=self.max_new_tokens, seed=seed)
+    def engine(self, model_path: str, seed: int, max_images_per_prompt: int) -> EngineConfig:
+        """The engine of these keys for ``model_path`` (images per prompt resolved by the
+        caller when ``max_images_per_prompt`` is null)."""
+        fields = {**self.engine_fields(),
+                  "max_images_per_prompt": self.max_images_per_prompt or max_images_per_prompt}
+        return EngineConfig(model_path, **fields, seed=seed)
 
 
 @dataclass
@@ -200,7 +214,7 @@ class TrainerConfig:
     seed: int = 0
     eval_every: int = 10
     eval_prompts: int = 256
-    eval_k: int = 8
+    eval_k: int = EVAL_K
     # stop once a held-out evaluation (every eval_every steps; none when eval_every is 0) reaches
     # this avg@eval_k accuracy (null: run all `steps`); the checkpoint, final metrics and HF export
     # are written as at the end
@@ -350,7 +364,7 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     """The validated configuration of a run on ``world_size`` processes."""
     config = _section(TrainConfig, {k: v for k, v in raw.items() if k != "hydra"}, "")
     _positive(config, ["trainer.steps", "trainer.prompts_per_step", "trainer.micro_batch_size",
-                       "rollout.n", "rollout.max_new_tokens", "trainer.eval_k",
+                       "trainer.eval_k",
                        "trainer.optimizer_steps_per_rollout",
                        "parallel.tensor_model_parallel_size",
                        "parallel.pipeline_model_parallel_size"])
@@ -420,26 +434,6 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     elif t.max_tokens_per_micro_batch < 0:
         raise ConfigError(f"trainer.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} "
                           "must be >= 0 (0: micro_batch_size samples)")
-    images = config.rollout.max_images_per_prompt
-    if images is not None and images < 1:
-        raise ConfigError(f"rollout.max_images_per_prompt={images} must be >= 1 (null: from the "
-                          "data)")
-    if config.rollout.max_logprob_mismatch is not None and config.rollout.max_logprob_mismatch < 0:
-        raise ConfigError(f"rollout.max_logprob_mismatch={config.rollout.max_logprob_mismatch} "
-                          "must be >= 0 (0: no check; null: the default of rollout.dtype)")
-    if config.rollout.old_logprobs_from_engine and config.rollout.dtype != "float32":
-        raise ConfigError(f"rollout.old_logprobs_from_engine=true needs rollout.dtype=float32 "
-                          f"(got {config.rollout.dtype!r}: a {config.rollout.dtype} engine's "
-                          "log-probs differ from the trainer's); set it to false")
-    from megatron_papo.rollout import RolloutInputError
-
-    try:  # the engine's own checks, before any work, naming this config's keys
-        config.rollout.sampling(seed=0)
-    except RolloutInputError as err:
-        raise ConfigError(str(err).replace("rollout.sampling.", "rollout.")) from None
-    if config.rollout.temperature <= 0:
-        raise ConfigError(f"rollout.temperature={config.rollout.temperature} must be > 0 for RL "
-                          "(sampling)")
     p = config.parallel
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
     if world_size % model_parallel:

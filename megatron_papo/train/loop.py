@@ -87,6 +87,7 @@ def supervised_updater(chunks: list, optimizer, micro_batch_size: int, mini_batc
     """The policy-gradient update that, with advantage 1 and the old log-probs of the current
     weights, is exactly supervised learning of the responses (ratio 1, no clipping, no KL)."""
     from megatron_papo.rl.algorithms import LossConfig
+    from megatron_papo.rl.logprobs import SampledDistribution
     from megatron_papo.rl.step import PolicyUpdater, UpdateConfig
 
     # the policy term alone (no KL, perception or entropy term), no dual clip
@@ -94,7 +95,7 @@ def supervised_updater(chunks: list, optimizer, micro_batch_size: int, mini_batc
                             entropy_eta_original=0.0, entropy_eta_masked=0.0)
     return PolicyUpdater(chunks, optimizer, UpdateConfig(
         micro_batch_size=micro_batch_size, mini_batch_size=mini_batch_size,
-        loss=supervised, suppressed_token_ids=suppressed_token_ids,
+        loss=supervised, distribution=SampledDistribution(1.0, tuple(suppressed_token_ids)),
         packing=packing, pad_multiple=pad_multiple,
         max_tokens_per_micro_batch=max_tokens_per_micro_batch))
 
@@ -279,7 +280,7 @@ class Trainer:
         from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
         from megatron_papo.parallel import initialize_model_parallel
         from megatron_papo.rl.step import PerceptionHackingMonitor, PolicyUpdater, UpdateConfig
-        from megatron_papo.rollout import EngineConfig, RolloutEngine
+        from megatron_papo.rollout import RolloutEngine
 
         c = self.config
         rank = dist.get_rank()
@@ -333,13 +334,8 @@ class Trainer:
             ck.load_hf_folder(self.reference, self.spec, self.hf_dir)
         # --- the rollout engine, colocated
         r = c.rollout
-        self.engine = RolloutEngine(EngineConfig(
-            self.hf_dir, dtype=r.dtype, tensor_parallel_size=r.tensor_parallel_size,
-            max_model_len=r.max_model_len, kv_cache_bytes=r.kv_cache_mb * 2**20,
-            min_pixels=r.min_pixels, max_pixels=r.max_pixels, max_num_seqs=r.max_num_seqs or None,
-            max_images_per_prompt=self.max_images,
-            gpu_memory_utilization=r.gpu_memory_utilization,
-            seed=c.trainer.seed))
+        self.engine = RolloutEngine(r.engine(self.hf_dir, seed=c.trainer.seed,
+                                             max_images_per_prompt=self.max_images))
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         local, mini, micro = c.batch_sizes(self.dp_size)
@@ -351,8 +347,8 @@ class Trainer:
                              16 if c.model.fp8 else 1)
         self.updater = PolicyUpdater(self.chunks, self.optimizer, UpdateConfig(
             micro_batch_size=micro, mini_batch_size=mini,
-            masked_branch=c.algorithm.masked_branch, loss=self.loss, temperature=r.temperature,
-            suppressed_token_ids=self.engine.suppressed_token_ids,
+            masked_branch=c.algorithm.masked_branch, loss=self.loss,
+            distribution=self.engine.distribution(r),
             packing=c.trainer.packing, pad_multiple=self._pad,
             max_tokens_per_micro_batch=c.trainer.max_tokens_per_micro_batch))
         self.rng = random.Random(c.trainer.seed)
