@@ -12,30 +12,74 @@ import json
 import math
 import os
 import random
+import signal
 import time
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
-from megatron_papo.parallel import heartbeat
-from megatron_papo.runlock import acquire_on_rank0, folder_lock, release_all
+from megatron_papo.compat import apply_cpu_patches
 
-from .config import ConfigError, TrainConfig
+apply_cpu_patches()  # before megatron-core is imported: its CPU fixes hook that import
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.optimizer import (  # noqa: E402
+    OptimizerConfig,
+    ParamKey,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
+
+from megatron_papo.conversion import checkpoint as ck  # noqa: E402
+from megatron_papo.conversion.atomic import overlapping_input  # noqa: E402
+from megatron_papo.conversion.locate import find_resumable, why_incomplete  # noqa: E402
+from megatron_papo.data import images_per_prompt, load_split, write_counting_dataset  # noqa: E402
+from megatron_papo.evaluate import EVAL_SEED, avg_at_k  # noqa: E402
+from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf  # noqa: E402
+from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks, sync_params  # noqa: E402
+from megatron_papo.models.qwen2_5_vl.tiny import (  # noqa: E402
+    build_word_tokenizer,
+    sized_hf_config,
+    write_tiny_checkpoint,
+)
+from megatron_papo.parallel import (  # noqa: E402
+    all_gather_objects,
+    heartbeat,
+    initialize_model_parallel,
+)
+from megatron_papo.reward import score_all  # noqa: E402
+from megatron_papo.rl.algorithms import (  # noqa: E402
+    LossConfig,
+    fill_with_signal,
+    group_advantages,
+    overlong_penalty,
+)
+from megatron_papo.rl.logprobs import SampledDistribution  # noqa: E402
+from megatron_papo.rl.masking import masked_copies  # noqa: E402
+from megatron_papo.rl.step import (  # noqa: E402
+    PerceptionHackingMonitor,
+    PolicyUpdater,
+    UpdateConfig,
+)
+from megatron_papo.rollout import (  # noqa: E402
+    PromptRollout,
+    Response,
+    RolloutEngine,
+    ScoreRequest,
+    build_rollout_batch,
+    iter_hf_weights,
+)
+from megatron_papo.rollout.engine import is_long_rollout, split_evenly  # noqa: E402
+from megatron_papo.runlock import acquire_on_rank0, folder_lock, release_all  # noqa: E402
+
+from . import checkpoint  # noqa: E402
+from .config import ConfigError, TrainConfig  # noqa: E402
+from .metrics import Metrics, step_record, stop_on_mismatch, watch  # noqa: E402
+from .metrics import log as _log  # noqa: E402
 
 SYNTHETIC_DIR = "data"
 INITIAL_HF_DIR = "initial_hf"
 EXPORT_DIR = "hf"
-MISMATCH_WARN = 1e-3  # mean |log p| per token, engine vs trainer (fp32: ~1e-6)
-
-
-class EngineMismatchError(RuntimeError):
-    """The rollout engine's log-probs left the trainer's: it samples from other weights."""
-
-
-def _log(message: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(message, flush=True)
 
 
 def _texts(examples) -> list[str]:
@@ -50,9 +94,6 @@ def tiny_hf_folder(folder: str, config: TrainConfig, examples=()) -> str:
     """The embedded tiny Qwen2.5-VL (random weights, local tokenizer and processor). With
     ``model.tiny_tokenizer=words`` its vocabulary is the words of ``examples``' prompts, the
     answers' digits and the response format (~35 tokens on the counting task)."""
-    from megatron_papo.models.qwen2_5_vl.tiny import (build_word_tokenizer, sized_hf_config,
-                                            write_tiny_checkpoint)
-
     m = config.model
     tokenizer = None
     if m.tiny_tokenizer == "words":
@@ -71,8 +112,6 @@ def tiny_hf_folder(folder: str, config: TrainConfig, examples=()) -> str:
 def target_rollout(encoder, messages, index: int, target: str):
     """Prompt ``index`` with one given response (``target`` + <|im_end|>), as if the engine had
     sampled it: supervised steps run through the RL update (:func:`supervised_updater`)."""
-    from megatron_papo.rollout import PromptRollout, Response
-
     tokenizer = encoder.tokenizer
     ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [
         tokenizer.convert_tokens_to_ids("<|im_end|>")]
@@ -86,10 +125,6 @@ def supervised_updater(chunks: list, optimizer, micro_batch_size: int, mini_batc
                        max_tokens_per_micro_batch: int = 0):
     """The policy-gradient update that, with advantage 1 and the old log-probs of the current
     weights, is exactly supervised learning of the responses (ratio 1, no clipping, no KL)."""
-    from megatron_papo.rl.algorithms import LossConfig
-    from megatron_papo.rl.logprobs import SampledDistribution
-    from megatron_papo.rl.step import PolicyUpdater, UpdateConfig
-
     # the policy term alone (no KL, perception or entropy term), no dual clip
     supervised = LossConfig(dual_clip=None, kl_beta=0.0, prcp_gamma=0.0,
                             entropy_eta_original=0.0, entropy_eta_masked=0.0)
@@ -103,13 +138,6 @@ def supervised_updater(chunks: list, optimizer, micro_batch_size: int, mini_batc
 def build_optimizer(chunks: list, o, dtype: torch.dtype):
     """megatron-core's distributed Adam over ``chunks`` (``o``: the run's OptimConfig), the
     vision tower in its own parameter group at ``o.lr x o.vision_lr_mult``."""
-    from megatron.core.optimizer import (
-        OptimizerConfig,
-        ParamKey,
-        get_megatron_optimizer,
-        get_standard_config_overrides,
-    )
-
     config = OptimizerConfig(
         optimizer="adam", lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, use_distributed_optimizer=True,
@@ -122,68 +150,6 @@ def build_optimizer(chunks: list, o, dtype: torch.dtype):
     for group in optimizer.param_groups:  # no lr scheduler: each group runs at its max_lr
         group["lr"] = group["max_lr"]
     return optimizer
-
-
-class Metrics:
-    """Per-step metrics on rank 0: JSONL always, TensorBoard when installed, W&B when
-    configured; plus the per-phase timer."""
-
-    def __init__(self, folder: str, config, run_config: dict | None = None):
-        self.path = os.path.join(folder, "metrics.jsonl")
-        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        self.jsonl = config.jsonl and self.rank0
-        self.phases: dict[str, float] = {}
-        self.step: int | None = None  # the step being run (for heartbeats)
-        self.tensorboard = self.wandb = None
-        if not self.rank0:
-            return
-        if config.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"))
-            except ImportError:
-                _log("[train] TensorBoard is not installed (pip install tensorboard): metrics go "
-                     f"to {self.path} only")
-        if config.wandb_project:
-            import wandb
-
-            self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name,
-                                    dir=folder, config=run_config)
-
-    @contextmanager
-    def phase(self, name: str):
-        heartbeat(name, self.step)  # what this rank is doing, should a peer wait for it in vain
-        start = time.perf_counter()
-        yield
-        self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
-
-    def start_over(self) -> None:
-        """A run that starts from step 0 in a folder with a log (a run killed before its first
-        checkpoint, or resume=none): the old log is kept beside, the new one starts empty."""
-        if self.jsonl and os.path.exists(self.path) and os.path.getsize(self.path):
-            kept = f"{self.path[:-len('.jsonl')]}.previous-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-            os.replace(self.path, kept)
-            _log(f"[train] starting from step 0: the earlier log of this folder is kept as {kept}")
-
-    def write(self, record: dict) -> None:
-        if self.jsonl:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        numbers = {k: v for k, v in record.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
-        if self.tensorboard is not None:
-            for key, value in numbers.items():
-                self.tensorboard.add_scalar(key, value, record.get("step", 0))
-            self.tensorboard.flush()
-        if self.wandb is not None:
-            self.wandb.log(numbers, step=record.get("step", 0))
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
 
 
 def _jsonable(value):
@@ -216,8 +182,6 @@ class _StopSignals:
     SIGNALS = ("SIGTERM", "SIGUSR1")
 
     def __init__(self):
-        import signal
-
         self.received = 0
         self.previous = {}
         for name in self.SIGNALS:
@@ -234,16 +198,12 @@ class _StopSignals:
         return int(flag)
 
     def restore(self) -> None:
-        import signal
-
         for number, handler in self.previous.items():
             signal.signal(number, handler)
 
 
 class Trainer:
     def __init__(self, config: TrainConfig):
-        from megatron_papo.conversion.atomic import overlapping_input
-
         self.config = c = config
         self.out = c.trainer.output_dir
         export = os.path.join(self.out, EXPORT_DIR)
@@ -272,85 +232,30 @@ class Trainer:
         return locks
 
     def _build(self) -> None:
-        from megatron.core import parallel_state
-
-        from megatron_papo.conversion import checkpoint as ck
-        from megatron_papo.data import load_split, write_counting_dataset
-        from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
-        from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
-        from megatron_papo.parallel import initialize_model_parallel
-        from megatron_papo.rl.step import PerceptionHackingMonitor, PolicyUpdater, UpdateConfig
-        from megatron_papo.rollout import RolloutEngine
-
+        """Data, model, optimizer, engine, updater: each from its own builder, in this order
+        (a bad data file or column stops the run before any other work)."""
         c = self.config
-        rank = dist.get_rank()
-        if rank == 0:
+        if dist.get_rank() == 0:
             os.makedirs(self.out, exist_ok=True)
         dist.barrier()
-        # --- data first: a bad file or column stops the run before any other work
-        d = c.data
-        train_files, val_files = list(d.train_files), list(d.val_files)
-        if not train_files:
-            folder = os.path.join(self.out, SYNTHETIC_DIR)
-            if rank == 0:
-                write_counting_dataset(folder, d.synthetic_train, d.synthetic_val,
-                                       seed=c.trainer.seed)
-            dist.barrier()
-            paths = {s: os.path.join(folder, f"{s}.parquet") for s in ("train", "test")}
-            train_files, val_files = [paths["train"]], val_files or [paths["test"]]
-        self.train_data = load_split(train_files, d, log=_log)
-        self.val_data = load_split(val_files, d, log=_log) if val_files else []
-        if len(self.train_data) < c.trainer.prompts_per_step:
-            raise ConfigError(f"trainer.prompts_per_step={c.trainer.prompts_per_step} exceeds "
-                              f"the {len(self.train_data)} usable training rows")
+        self.train_data, self.val_data = self._load_data()
         self.max_images = self._images_per_prompt()
-        # --- the model: an HF folder (or the embedded tiny one) -> Megatron chunks
-        self.hf_dir = c.model.hf_dir or os.path.join(self.out, INITIAL_HF_DIR)
-        if not c.model.hf_dir and rank == 0 and not os.path.exists(
-                os.path.join(self.hf_dir, "config.json")):
-            tiny_hf_folder(self.hf_dir, c, self.train_data + self.val_data)
-        dist.barrier()
+        self.hf_dir = self._initial_hf_folder()
         p = c.parallel
         initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                   seed=c.trainer.seed,
                                   timeout_minutes=c.trainer.collective_timeout_minutes)
-        self.spec = text_spec_from_hf(load_hf_config(self.hf_dir))
-        dtype = getattr(torch, c.model.params_dtype)
-        language, vision = c.model.transformer_overrides()
-        build = dict(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
-                     sequence_parallel=p.sequence_parallel, params_dtype=dtype,
-                     first_stage_layers=p.first_stage_layers,
-                     last_stage_layers=p.last_stage_layers, layer_spec=c.model.layer_spec,
-                     vision_overrides=vision, **language)
-        self.chunks = build_model_chunks(self.spec, **build, use_distributed_optimizer=True,
-                                         overlap_grad_reduce=p.overlap_grad_reduce,
-                                         overlap_param_gather=p.overlap_param_gather)
-        ck.load_hf_folder(self.chunks, self.spec, self.hf_dir)
-        self.optimizer = build_optimizer(self.chunks, c.optim, dtype)
-        self.loss = c.algorithm.loss
-        self.reference = None
-        if self.loss.kl_beta > 0:  # the reference model exists only when it is used
-            self.reference = build_model_chunks(self.spec, **build, ddp=False)
-            ck.load_hf_folder(self.reference, self.spec, self.hf_dir)
-        # --- the rollout engine, colocated
-        r = c.rollout
-        self.engine = RolloutEngine(r.engine(self.hf_dir, seed=c.trainer.seed,
-                                             max_images_per_prompt=self.max_images))
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        local, mini, micro = c.batch_sizes(self.dp_size)
-        # each DP rank's prompts: its part of every mini-batch, so that several optimizer steps
-        # per rollout update on the same samples at any DP size (whole prompts per mini-batch)
-        self._blocks = local // mini if mini % r.n == 0 else 1
-        # sequence parallelism splits the sequence over TP; FP8 GEMMs need multiples of 16 tokens
-        self._pad = math.lcm(p.tensor_model_parallel_size if p.sequence_parallel else 1,
-                             16 if c.model.fp8 else 1)
-        self.updater = PolicyUpdater(self.chunks, self.optimizer, UpdateConfig(
-            micro_batch_size=micro, mini_batch_size=mini,
-            masked_branch=c.algorithm.masked_branch, loss=self.loss,
-            distribution=self.engine.distribution(r),
-            packing=c.trainer.packing, pad_multiple=self._pad,
-            max_tokens_per_micro_batch=c.trainer.max_tokens_per_micro_batch))
+        self.spec = text_spec_from_hf(load_hf_config(self.hf_dir))
+        self.loss = c.algorithm.loss
+        self.chunks = self._policy_chunks(trained=True)
+        self.optimizer = build_optimizer(self.chunks, c.optim, getattr(torch, c.model.params_dtype))
+        # the reference model exists only when it is used
+        self.reference = self._policy_chunks(trained=False) if self.loss.kl_beta > 0 else None
+        self.engine = RolloutEngine(c.rollout.engine(self.hf_dir, seed=c.trainer.seed,
+                                                     max_images_per_prompt=self.max_images))
+        self.updater = PolicyUpdater(self.chunks, self.optimizer, self._update_config())
         self.rng = random.Random(c.trainer.seed)
         self.metrics = Metrics(self.out, c.logging, dataclasses.asdict(c))
         self.monitor = PerceptionHackingMonitor()
@@ -358,10 +263,76 @@ class Trainer:
         self.warmed_up = False
         self.reached: float | None = None  # the held-out accuracy that met stop_at_accuracy
 
+    def _load_data(self) -> tuple[list, list]:
+        """(training rows, held-out rows): ``data.*`` files, or the embedded counting task
+        written into the run folder."""
+        c, d = self.config, self.config.data
+        train_files, val_files = list(d.train_files), list(d.val_files)
+        if not train_files:
+            folder = os.path.join(self.out, SYNTHETIC_DIR)
+            if dist.get_rank() == 0:
+                write_counting_dataset(folder, d.synthetic_train, d.synthetic_val,
+                                       seed=c.trainer.seed)
+            dist.barrier()
+            paths = {s: os.path.join(folder, f"{s}.parquet") for s in ("train", "test")}
+            train_files, val_files = [paths["train"]], val_files or [paths["test"]]
+        train = load_split(train_files, d, log=_log)
+        val = load_split(val_files, d, log=_log) if val_files else []
+        if len(train) < c.trainer.prompts_per_step:
+            raise ConfigError(f"trainer.prompts_per_step={c.trainer.prompts_per_step} exceeds "
+                              f"the {len(train)} usable training rows")
+        return train, val
+
+    def _initial_hf_folder(self) -> str:
+        """``model.hf_dir``, or the embedded tiny model written into the run folder once."""
+        c = self.config
+        folder = c.model.hf_dir or os.path.join(self.out, INITIAL_HF_DIR)
+        if not c.model.hf_dir and dist.get_rank() == 0 and not os.path.exists(
+                os.path.join(folder, "config.json")):
+            tiny_hf_folder(folder, c, self.train_data + self.val_data)
+        dist.barrier()
+        return folder
+
+    def _policy_chunks(self, trained: bool) -> list:
+        """The model at the run's layout, loaded from the initial HF folder: the trained policy
+        (DDP, distributed optimizer) or a frozen copy (the reference model)."""
+        c, p = self.config, self.config.parallel
+        language, vision = c.model.transformer_overrides()
+        build = dict(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+                     sequence_parallel=p.sequence_parallel,
+                     params_dtype=getattr(torch, c.model.params_dtype),
+                     first_stage_layers=p.first_stage_layers,
+                     last_stage_layers=p.last_stage_layers, layer_spec=c.model.layer_spec,
+                     vision_overrides=vision, **language)
+        if trained:
+            build.update(use_distributed_optimizer=True, overlap_grad_reduce=p.overlap_grad_reduce,
+                         overlap_param_gather=p.overlap_param_gather)
+        else:
+            build.update(ddp=False)
+        chunks = build_model_chunks(self.spec, **build)
+        ck.load_hf_folder(chunks, self.spec, self.hf_dir)
+        return chunks
+
+    def _update_config(self) -> UpdateConfig:
+        """The updater's settings: batch sizes for this DP size, the algorithm, the engine's
+        sampling distribution, packing."""
+        c, p = self.config, self.config.parallel
+        local, mini, micro = c.batch_sizes(self.dp_size)
+        # each DP rank's prompts: its part of every mini-batch, so that several optimizer steps
+        # per rollout update on the same samples at any DP size (whole prompts per mini-batch)
+        self._blocks = local // mini if mini % c.rollout.n == 0 else 1
+        # sequence parallelism splits the sequence over TP; FP8 GEMMs need multiples of 16 tokens
+        self._pad = math.lcm(p.tensor_model_parallel_size if p.sequence_parallel else 1,
+                             16 if c.model.fp8 else 1)
+        return UpdateConfig(
+            micro_batch_size=micro, mini_batch_size=mini,
+            masked_branch=c.algorithm.masked_branch, loss=self.loss,
+            distribution=self.engine.distribution(c.rollout),
+            packing=c.trainer.packing, pad_multiple=self._pad,
+            max_tokens_per_micro_batch=c.trainer.max_tokens_per_micro_batch)
+
     def _images_per_prompt(self) -> int:
         """rollout.max_images_per_prompt, or the most images any row has (said when > 1)."""
-        from megatron_papo.data import images_per_prompt
-
         key = "rollout.max_images_per_prompt"
         limit = self.config.rollout.max_images_per_prompt
         most = images_per_prompt(self.train_data + self.val_data, limit,
@@ -372,10 +343,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict:
-        from megatron_papo.rl.algorithms import group_advantages
-        from megatron_papo.rl.step import mean_over_data_parallel
-        from megatron_papo.rollout import build_rollout_batch
-
         c, m = self.config, self.metrics
         m.phases = {}
         m.step = self.step_index + 1
@@ -404,8 +371,6 @@ class Trainer:
                 prompts, rollouts, self.engine.encoder, pad_multiple=self._pad,
                 mask_ratio=a.mask_ratio if needs_masked and not scored_by_engine else None,
                 mask_patch=a.mask_patch, mask_seed=mask_seed, advantages=advantages)
-        # what the policy did (every group drawn this step), not only what it trains on
-        scored = [s for g in everything for s in g.scored]
         with m.phase("logprobs"):
             batch.old_logp = (batch.rollout_logp if c.rollout.old_logprobs_from_engine
                               else self.updater.compute_logprobs(batch))
@@ -421,42 +386,12 @@ class Trainer:
             updates = self.updater.update(batch)
         with m.phase("sync"):
             self.push_weights()
-        mask = batch.response_mask.bool()
-        local = {
-            "reward": sum(float(g.rewards.sum()) for g in everything) / len(scored),
-            "accuracy": sum(s.accuracy for s in scored) / len(scored),
-            "format": sum(s.format for s in scored) / len(scored),
-            # share of the first draw's groups whose rewards differ (before any filtering)
-            "groups_with_signal": sum(g.has_signal for g in first_round) / len(first_round),
-            "response_length": float(mask.sum(-1).float().mean()),
-            "tokens": float(mask.sum()),
-            **sampling_stats,
-        }
-        record = mean_over_data_parallel(local)
-        # engine vs trainer on every step, measured in the update's first mini-batch (the
-        # sampling weights still): no extra forward
-        record["logprob_mismatch"] = mismatch = updates[0]["check/logprob_mismatch"]
-        if (c.rollout.old_logprobs_from_engine   # (above the limit: EngineMismatchError below)
-                and MISMATCH_WARN < mismatch <= c.rollout.logprob_mismatch_limit()):
-            _log(f"[train] warning: engine vs trainer log-probs differ by {mismatch:.2e} per "
-                 "token; the importance ratios are off: set rollout.old_logprobs_from_engine=false")
-        record["tokens"] *= self.dp_size
-        record.update({k: v for k, v in updates[-1].items()  # shared by every rank
-                       if k.startswith(("loss/", "clip/", "entropy/")) or k == "grad_norm"})
-        seconds = time.perf_counter() - start
-        record.update({f"time/{k}": v for k, v in m.phases.items()})
-        record.update(step=self.step_index + 1, seconds=seconds,
-                      tokens_per_s=record["tokens"] / seconds)
-        if self.monitor.check(record):  # the paper's KL_prcp-hacking symptoms, together
-            record["alert/perception_hacking"] = 1.0
-            _log(f"[train] ALERT step {record['step']}: perception-KL hacking suspected (KL_prcp "
-                 "jumped while both entropies rose): lower the perception "
-                 "weight (algorithm.loss.prcp_gamma=...) or turn on the double entropy loss "
-                 "(algorithm.loss.entropy_eta_original=0.03 algorithm.loss."
-                 "entropy_eta_masked=0.03)")
+        record = step_record(self.step_index + 1, first_round, everything, batch, updates,
+                             sampling_stats, m.phases, time.perf_counter() - start, self.dp_size)
+        watch(record, c.rollout, self.monitor)
         self.step_index += 1
         m.write(record)
-        self._check_mismatch(record)
+        stop_on_mismatch(record, c.rollout)
         return record
 
     def _engine_masked_logprobs(self, slots: list[_Group], groups: list[_Group], rollouts: list,
@@ -464,10 +399,6 @@ class Trainer:
         """The frozen branch's masked log-probs [N, L] from the rollout engine: each sampled
         response scored after its prompt with the masked images (``rl.masking.masked_copies``,
         the masks the trainer would use), under the sampling distribution."""
-        from megatron_papo.parallel import all_gather_objects
-        from megatron_papo.rl.masking import masked_copies
-        from megatron_papo.rollout import ScoreRequest
-
         a = self.config.algorithm
         # the global prompt list (the engine scores any rank's prompts): slot -> training row
         places = [(slot.rollout.index, group.position) for slot, group in zip(slots, groups)]
@@ -490,31 +421,10 @@ class Trainer:
                 row += 1
         return result
 
-    def _check_mismatch(self, record: dict) -> None:
-        """Stop (one line) when the engine's log-probs left the trainer's: training on would
-        sample from, and take old log-probs from, a policy that is not the trained one."""
-        r = self.config.rollout
-        limit = r.logprob_mismatch_limit()
-        value = record.get("logprob_mismatch", 0.0)
-        if limit and not value <= limit:  # NaN stops too
-            raise EngineMismatchError(
-                f"step {record['step']}: the rollout engine's log-probs differ from the trainer's "
-                f"by {value:.3g} per response token (limit {limit:g} for a {r.dtype} engine, "
-                "rollout.max_logprob_mismatch); the engine is not serving the trained weights. "
-                "Likely causes: weights not pushed after the update, an output head tied to the "
-                "embedding not refreshed by the engine, engine and trainer dtypes or processors "
-                "that differ (rollout.dtype, model.params_dtype, rollout.min/max_pixels). The "
-                "metrics up to this step are in metrics.jsonl; raise the limit or set it to 0 "
-                "only if this level is expected")
-
     def _draw_groups(self, round_index: int) -> list[_Group]:
         """Draw ``trainer.prompts_per_step`` prompts, roll out this DP rank's share and score
         them: one :class:`_Group` per prompt (its responses, their scores and rewards, the
         overlong penalty included)."""
-        from megatron_papo.reward import score_all
-        from megatron_papo.rl.algorithms import overlong_penalty
-        from megatron_papo.rollout.engine import is_long_rollout
-
         c, m = self.config, self.metrics
         # rows by position (the same draw as sampling the rows themselves)
         positions = self.rng.sample(range(len(self.train_data)), c.trainer.prompts_per_step)
@@ -551,8 +461,6 @@ class Trainer:
         draws at most; short of that, groups without signal fill the rest and
         ``sampling/filled_without_signal`` counts them). Returns (the groups to train on, every
         group drawn, metrics)."""
-        from megatron_papo.rl.algorithms import fill_with_signal
-
         def short_anywhere(short: int) -> int:
             value = torch.tensor([short], dtype=torch.long)
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
@@ -576,14 +484,10 @@ class Trainer:
 
     def _sync_params(self) -> None:
         """Weights read after an optimizer step are complete (parallel.overlap_param_gather)."""
-        from megatron_papo.models.qwen2_5_vl.provider import sync_params
-
         sync_params(self.chunks)
 
     def push_weights(self) -> None:
         """The updated weights into the rollout engine (in buckets, every rank)."""
-        from megatron_papo.rollout import iter_hf_weights
-
         r = self.config.rollout
         self._sync_params()
         self.engine.load_weights(iter_hf_weights(self.chunks, self.spec, getattr(torch, r.dtype),
@@ -595,8 +499,6 @@ class Trainer:
         random answers: the policy-gradient update with advantage 1 and the old log-probs of the
         current weights is exactly supervised learning of the target (ratio 1, no clipping)."""
         heartbeat("format warm start")
-        from megatron_papo.rollout import build_rollout_batch
-        from megatron_papo.rollout.engine import split_evenly
 
         c = self.config
         encoder = self.engine.encoder
@@ -635,8 +537,6 @@ class Trainer:
 
     def save(self) -> str:
         """A training checkpoint of the current step (every rank)."""
-        from . import checkpoint
-
         heartbeat("checkpoint save", self.step_index)
         self._sync_params()
         state = {"step": self.step_index, "warmed_up": self.warmed_up,
@@ -652,10 +552,6 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from ``trainer.resume`` (auto: the newest complete checkpoint, if any)."""
-        from megatron_papo.conversion.locate import find_resumable, why_incomplete
-
-        from . import checkpoint
-
         choice = self.config.trainer.resume
         if choice in ("none", "") or not self.config.trainer.save_every and choice == "auto":
             return False
@@ -686,8 +582,6 @@ class Trainer:
     def evaluate(self, images_swapped: bool = False) -> dict:
         """avg@k accuracy and format rate on the held-out prompts (temperature of the run);
         ``images_swapped``: every prompt shown another prompt's image (vision dependence)."""
-        from megatron_papo.evaluate import EVAL_SEED, avg_at_k
-
         heartbeat("evaluation" + (" (images swapped)" if images_swapped else ""))
         c = self.config
         start = time.perf_counter()
@@ -787,12 +681,10 @@ class Trainer:
         return {"before": before, "after": {**after, **swapped}, "last": last, "interrupted": 0}
 
     def export_hf(self, folder: str) -> None:
-        from megatron_papo.conversion.checkpoint import write_hf_folder
-
         heartbeat("HF export")
         self._sync_params()
-        write_hf_folder(self.chunks, self.spec, folder, self.hf_dir,
-                        getattr(torch, self.config.model.params_dtype), force=True)
+        ck.write_hf_folder(self.chunks, self.spec, folder, self.hf_dir,
+                           getattr(torch, self.config.model.params_dtype), force=True)
         _log(f"[train] HF export of the trained model: {folder}")
 
     def close(self) -> None:

@@ -1,0 +1,151 @@
+"""The main job's per-step metrics: assembled from what a step produced (:func:`step_record`),
+watched (:func:`watch`: the engine/trainer log-prob gap, the paper's KL_prcp-hacking symptoms;
+:func:`stop_on_mismatch`) and written (:class:`Metrics`: JSONL, TensorBoard, W&B; the phase
+timer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+
+import torch.distributed as dist
+
+from megatron_papo.parallel import heartbeat
+from megatron_papo.rl.step import mean_over_data_parallel
+
+MISMATCH_WARN = 1e-3  # mean |log p| per token, engine vs trainer (fp32: ~1e-6)
+
+
+def log(message: str) -> None:
+    """Print on rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+class EngineMismatchError(RuntimeError):
+    """The rollout engine's log-probs left the trainer's: it samples from other weights."""
+
+
+def step_record(step: int, first_round: list, everything: list, batch, updates: list[dict],
+                sampling_stats: dict, phases: dict, seconds: float, dp_size: int) -> dict:
+    """One step's metrics, the same on every rank: what the policy did (every group drawn,
+    averaged over data parallelism), what the update measured (its last mini-batch's loss terms,
+    the first's engine-vs-trainer gap, taken before any weight changed) and the phase times."""
+    scored = [s for g in everything for s in g.scored]
+    mask = batch.response_mask.bool()
+    local = {
+        "reward": sum(float(g.rewards.sum()) for g in everything) / len(scored),
+        "accuracy": sum(s.accuracy for s in scored) / len(scored),
+        "format": sum(s.format for s in scored) / len(scored),
+        # share of the first draw's groups whose rewards differ (before any filtering)
+        "groups_with_signal": sum(g.has_signal for g in first_round) / len(first_round),
+        "response_length": float(mask.sum(-1).float().mean()),
+        "tokens": float(mask.sum()),
+        **sampling_stats,
+    }
+    record = mean_over_data_parallel(local)
+    record["logprob_mismatch"] = updates[0]["check/logprob_mismatch"]
+    record["tokens"] *= dp_size
+    record.update({k: v for k, v in updates[-1].items()  # shared by every rank
+                   if k.startswith(("loss/", "clip/", "entropy/")) or k == "grad_norm"})
+    record.update({f"time/{k}": v for k, v in phases.items()})
+    record.update(step=step, seconds=seconds, tokens_per_s=record["tokens"] / seconds)
+    return record
+
+
+def watch(record: dict, rollout, monitor) -> None:
+    """Warn (one line) when the engine's old log-probs drift from the trainer's below the stop
+    line; flag the paper's KL_prcp-hacking symptoms (``alert/perception_hacking`` = 1)."""
+    mismatch = record["logprob_mismatch"]
+    if (rollout.old_logprobs_from_engine   # (above the limit: stop_on_mismatch)
+            and MISMATCH_WARN < mismatch <= rollout.logprob_mismatch_limit()):
+        log(f"[train] warning: engine vs trainer log-probs differ by {mismatch:.2e} per "
+             "token; the importance ratios are off: set rollout.old_logprobs_from_engine=false")
+    if monitor.check(record):  # the paper's KL_prcp-hacking symptoms, together
+        record["alert/perception_hacking"] = 1.0
+        log(f"[train] ALERT step {record['step']}: perception-KL hacking suspected (KL_prcp "
+             "jumped while both entropies rose): lower the perception "
+             "weight (algorithm.loss.prcp_gamma=...) or turn on the double entropy loss "
+             "(algorithm.loss.entropy_eta_original=0.03 algorithm.loss."
+             "entropy_eta_masked=0.03)")
+
+
+def stop_on_mismatch(record: dict, rollout) -> None:
+    """Stop (one line) when the engine's log-probs left the trainer's: training on would
+    sample from, and take old log-probs from, a policy that is not the trained one."""
+    limit = rollout.logprob_mismatch_limit()
+    value = record.get("logprob_mismatch", 0.0)
+    if limit and not value <= limit:  # NaN stops too
+        raise EngineMismatchError(
+            f"step {record['step']}: the rollout engine's log-probs differ from the trainer's "
+            f"by {value:.3g} per response token (limit {limit:g} for a {rollout.dtype} engine, "
+            "rollout.max_logprob_mismatch); the engine is not serving the trained weights. "
+            "Likely causes: weights not pushed after the update, an output head tied to the "
+            "embedding not refreshed by the engine, engine and trainer dtypes or processors "
+            "that differ (rollout.dtype, model.params_dtype, rollout.min/max_pixels). The "
+            "metrics up to this step are in metrics.jsonl; raise the limit or set it to 0 "
+            "only if this level is expected")
+
+
+class Metrics:
+    """Per-step metrics on rank 0: JSONL always, TensorBoard when installed, W&B when
+    configured; plus the per-phase timer."""
+
+    def __init__(self, folder: str, config, run_config: dict | None = None):
+        self.path = os.path.join(folder, "metrics.jsonl")
+        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        self.jsonl = config.jsonl and self.rank0
+        self.phases: dict[str, float] = {}
+        self.step: int | None = None  # the step being run (for heartbeats)
+        self.tensorboard = self.wandb = None
+        if not self.rank0:
+            return
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"))
+            except ImportError:
+                log("[train] TensorBoard is not installed (pip install tensorboard): metrics go "
+                     f"to {self.path} only")
+        if config.wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name,
+                                    dir=folder, config=run_config)
+
+    @contextmanager
+    def phase(self, name: str):
+        heartbeat(name, self.step)  # what this rank is doing, should a peer wait for it in vain
+        start = time.perf_counter()
+        yield
+        self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
+
+    def start_over(self) -> None:
+        """A run that starts from step 0 in a folder with a log (a run killed before its first
+        checkpoint, or resume=none): the old log is kept beside, the new one starts empty."""
+        if self.jsonl and os.path.exists(self.path) and os.path.getsize(self.path):
+            kept = f"{self.path[:-len('.jsonl')]}.previous-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+            os.replace(self.path, kept)
+            log(f"[train] starting from step 0: the earlier log of this folder is kept as {kept}")
+
+    def write(self, record: dict) -> None:
+        if self.jsonl:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        numbers = {k: v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        if self.tensorboard is not None:
+            for key, value in numbers.items():
+                self.tensorboard.add_scalar(key, value, record.get("step", 0))
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=record.get("step", 0))
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
