@@ -16,6 +16,7 @@ from megatron_papo.data import DataConfig
 from megatron_papo.evaluate import EVAL_K
 from megatron_papo.rl.algorithms import LossConfig
 from megatron_papo.rollout.settings import (
+    DTYPES,
     EngineConfig,
     EngineSettings,
     Sampling,
@@ -341,7 +342,7 @@ def _check_gpu_settings(config: TrainConfig) -> None:
     from megatron_papo.models.qwen2_5_vl import precision
 
     m, p = config.model, config.parallel
-    if m.params_dtype not in ("float32", "bfloat16", "float16"):
+    if m.params_dtype not in DTYPES:
         raise ConfigError(f"model.params_dtype={m.params_dtype!r}: choose float32, bfloat16 or "
                           "float16")
     problem = (precision.layer_spec_problem(m.layer_spec)
