@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,9 +57,12 @@ def _steps(out):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    """The 5-step run; its step-4 checkpoint is also copied to ``<out>_step4`` (the tests below
+    truncate and replace the run's own newest ones)."""
     out = str(tmp_path_factory.mktemp("ckpt") / "straight")
     done = _run(out)
     assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(os.path.join(out, "checkpoints", "step_00000004"), out + "_step4")
     return out
 
 
@@ -100,26 +104,29 @@ def test_broken_newest_checkpoint_is_skipped(uninterrupted):
 
 
 def test_explicit_resume_of_a_folder_that_is_no_checkpoint_is_one_line(tmp_path):
+    """... before any work: no model written, no engine started."""
     done = _run(str(tmp_path / "x"), f"trainer.resume={tmp_path}")
     assert done.returncode == 2 and "cannot be resumed from" in done.stderr
     assert "Traceback" not in done.stderr
+    assert not os.path.exists(tmp_path / "x" / "initial_hf")
 
 
 def test_a_checkpoint_resumes_at_another_layout(uninterrupted, tmp_path):
-    """Written by one process, resumed at TP=2 (+SP) on two: weights and optimizer resharded by
-    dist_checkpointing; step 3 continues the one-process run (perception KL and entropy within
-    1e-3: TP changes the float summation order, nothing else)."""
+    """Written by one process (the 5-step run's step 4), resumed at TP=2 (+SP) on two: weights
+    and optimizer resharded by dist_checkpointing; step 5 continues the one-process run
+    (perception KL and entropy within 1e-3: TP changes the float summation order, nothing
+    else)."""
     out = str(tmp_path / "relayout")
-    first = _run(out, "trainer.steps=2")
-    assert first.returncode == 0, first.stderr[-3000:]
     done = subprocess.run(
-        ["bash", os.path.join(ROOT, "scripts", "train.sh"), *RUN, "trainer.steps=3",
-         "parallel=tp2", f"trainer.output_dir={out}", f"hydra.run.dir={out}"],
+        ["bash", os.path.join(ROOT, "scripts", "train.sh"), *RUN, "parallel=tp2",
+         f"trainer.resume={uninterrupted}_step4", f"trainer.output_dir={out}",
+         f"hydra.run.dir={out}"],
         capture_output=True, text=True, cwd=ROOT, timeout=900,
         env={**os.environ, "NPROC_PER_NODE": "2", "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout and "per-rank RNG states not restored" in done.stdout
-    ours, ref = _steps(out)[3], _steps(uninterrupted)[3]
+    assert sorted(_steps(out)) == [5]
+    ours, ref = _steps(out)[5], _steps(uninterrupted)[5]
     assert ours["reward"] == ref["reward"]
     for key in ("loss/kl_prcp", "entropy/original", "entropy/masked"):
         assert ours[key] == pytest.approx(ref[key], abs=1e-3), key
@@ -131,10 +138,17 @@ TRAIN_SH = os.path.join(ROOT, "scripts", "train.sh")
 TWO = {"NPROC_PER_NODE": "2", "PYTHON": sys.executable}
 
 
+# DP=2 with DDP's communication overlap: the weights pushed after the warm start's updates must
+# be the gathered ones
+OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
+
+
 def _start_two(out, *extra):
-    """The job on two processes (DP=2) through scripts/train.sh, in its own process group."""
+    """The job on two processes (DP=2, communication overlap) through scripts/train.sh, in its
+    own process group."""
     return subprocess.Popen(
-        ["bash", TRAIN_SH, *RUN, *extra, f"trainer.output_dir={out}", f"hydra.run.dir={out}"],
+        ["bash", TRAIN_SH, *RUN, *OVERLAP, *extra, f"trainer.output_dir={out}",
+         f"hydra.run.dir={out}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         start_new_session=True, env={**os.environ, **TWO})
 
@@ -161,6 +175,16 @@ def uninterrupted_two(tmp_path_factory):
     code, output = _finish(launcher)
     assert code == 0, output[-3000:]
     return out
+
+
+def test_two_processes_train_like_one(uninterrupted, uninterrupted_two):
+    """DP=2 on two processes (scripts/train.sh, torchrun, DDP's communication overlap): every
+    step reports the loss metrics; step 1's perception KL equals the one-process run's (same
+    data, seeds and weights; tol 1e-3)."""
+    two, one = _steps(uninterrupted_two), _steps(uninterrupted)
+    assert sorted(two) == [1, 2, 3, 4, 5]
+    assert all(r["loss/kl_prcp"] > 0 and r["entropy/original"] > 0 for r in two.values())
+    assert two[1]["loss/kl_prcp"] == pytest.approx(one[1]["loss/kl_prcp"], abs=1e-3)
 
 
 def test_two_processes_killed_at_a_random_step_resume_exactly(uninterrupted_two, tmp_path):

@@ -323,6 +323,43 @@ def test_recompute_and_communication_overlap_keep_the_update():
                 torch.testing.assert_close(value, ref["weights"][name], **TOL, msg=name)
 
 
+def _on_policy_update(pp, given):
+    """One mini-batch of 4 (2 micro-batches, live PAPO_H): old log-probs computed by a forward of
+    their own (``given``) or left out (the update's forward gives them)."""
+    spec, chunks, updater = _policy(1, pp, "live")
+    batch = rollout_batch()
+    batch.ref_logp = updater.compute_logprobs(batch)
+    if given:
+        batch.old_logp = updater.compute_logprobs(batch)
+    (metrics,) = updater.update(batch)
+    refused = None
+    try:  # two mini-batches: the second one's weights are no longer the sampling weights
+        updater.config.mini_batch_size = 2
+        updater.update(rollout_batch())
+    except ValueError as err:
+        refused = str(err)
+    return dict(metrics=metrics, weights=dict(export_hf_weights(chunks, spec)), refused=refused,
+                last=parallel_state.is_pipeline_last_stage())
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_on_policy_update_needs_no_old_logprob_forward(pp):
+    """Without old log-probs a one-mini-batch update (the warm start's supervised steps) makes
+    the update of the old log-probs computed beforehand (loss, grad norm: 1e-6; weights: the
+    file's 1e-5, as Adam's first step divides by the gradient's own size, so a gradient of ~0
+    moves its weight by up to lr either way), and several mini-batches without them are refused."""
+    ref = run_distributed(_on_policy_update, pp, pp, True)
+    got = run_distributed(_on_policy_update, pp, pp, False)
+    for r, g in zip(ref, got):
+        assert g["refused"] and "old_logp" in g["refused"] and r["refused"]
+        assert g["metrics"]["grad_norm"] == pytest.approx(r["metrics"]["grad_norm"], rel=1e-6)
+        if g["last"]:
+            assert g["metrics"]["loss/total"] == pytest.approx(r["metrics"]["loss/total"],
+                                                               rel=1e-6)
+        for name, value in g["weights"].items():
+            torch.testing.assert_close(value, r["weights"][name], **TOL, msg=name)
+
+
 def _masked_branch_gradient(mode):
     spec, chunks, updater = _policy(1, 1, mode)
     batch = rollout_batch().select(0, 2)

@@ -136,19 +136,15 @@ def test_cli_errors_are_one_line_before_any_work(tmp_path):
     assert "Traceback" not in done.stderr and not os.path.exists(tmp_path / "b" / "initial_hf")
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "single"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_main_job_on_two_processes(tmp_path, single_run, layout):
-    """scripts/train.sh with 2 processes at TP=2 (+SP), PP=2 and DP=2 ('single' on 2 processes,
-    with DDP's communication overlap): the job
-    completes, every stage reports the loss metrics, the export is written; step 1's perception
-    KL equals the one-process run's (same data, seeds and weights; tol 1e-3)."""
+    """scripts/train.sh with 2 processes at TP=2 (+SP) and PP=2: the job completes, every stage
+    reports the loss metrics, the export is written; step 1's perception KL equals the
+    one-process run's (same data, seeds and weights; tol 1e-3). (DP=2 with DDP's communication
+    overlap: tests/test_checkpoint.py's two-process run.)"""
     out = str(tmp_path / layout)
-    # DP=2 with the communication overlap: the weights pushed after the warm start's updates
-    # must be the gathered ones
-    overlap = (["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
-               if layout == "single" else [])
     done = subprocess.run(  # through the launcher users run (torchrun, standalone rendezvous)
-        ["bash", os.path.join(ROOT, "scripts", "train.sh"), f"parallel={layout}", *SMALL, *overlap,
+        ["bash", os.path.join(ROOT, "scripts", "train.sh"), f"parallel={layout}", *SMALL,
          f"trainer.output_dir={out}", f"hydra.run.dir={out}"],
         capture_output=True, text=True, cwd=ROOT, timeout=900,
         env={**os.environ, "NPROC_PER_NODE": "2", "PYTHON": sys.executable})
@@ -162,50 +158,33 @@ def test_main_job_on_two_processes(tmp_path, single_run, layout):
 
 
 def test_performance_knobs_keep_the_math(tmp_path, single_run):
-    """The trainer's recomputation as the old log-probs (the default run: the fp32 engine's),
-    packed micro-batches under a budget of 512 tokens (rollout.max_model_len: the 32 samples of
-    a step, ~2,000 tokens, in several micro-batches; the default run: all in one) and the frozen
-    masked branch's log-probs scored by the rollout engine (algorithm.masked_logprobs=engine; the
-    default run: the trainer): steps 1 and 2 (step 2 samples from the weights step 1 produced)
-    have the same rewards and the same loss terms as the default run within 1e-4."""
+    """Three knobs in one job (CI time): padded micro-batches of 4 samples (trainer.packing=false,
+    the warm start too; the default run packs the 32 samples of a step into one row), the
+    trainer's recomputation as the old log-probs (the default run: the fp32 engine's) and the
+    frozen masked branch's log-probs scored by the rollout engine (algorithm.masked_logprobs=
+    engine; the default run: the trainer): steps 1 and 2 (step 2 samples from the weights step 1
+    produced) have the default run's rewards and tokens exactly, its loss terms, entropies and
+    grad norm within 1e-4. (Token-budget micro-batches keep the update: tests/test_rl_step.py.)"""
     out = str(tmp_path / "knobs")
-    done = _main(SMALL + ["rollout.old_logprobs_from_engine=false",
-                          "trainer.max_tokens_per_micro_batch=512",
-                          "algorithm.masked_logprobs=engine", "trainer.export_hf=false"], out)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    def step(folder, n):
-        records = [json.loads(x) for x in open(os.path.join(folder, "metrics.jsonl"))]
-        return next(r for r in records if r.get("step") == n and "reward" in r)
-    assert single_run[1].returncode == 0
-    for n in (1, 2):
-        ours, ref = step(out, n), step(single_run[0], n)
-        assert ours["reward"] == ref["reward"] and ours["tokens"] == ref["tokens"]
-        for key in ("loss/policy", "loss/kl_prcp", "entropy/original", "entropy/masked"):
-            assert ours[key] == pytest.approx(ref[key], abs=1e-4), (n, key)
-        # the engine scored the masked branch (its own phase), the default run's trainer did not
-        assert ours["time/masked_scoring"] > 0 and "time/masked_scoring" not in ref
-    # step 2: the engine-vs-trainer gap at fp32 noise whether the old log-probs are the trainer's
-    # recomputation (here) or the engine's (the default run)
-    assert step(out, 2)["logprob_mismatch"] < 1e-5
-    assert step(single_run[0], 2)["logprob_mismatch"] < 1e-5
-
-
-def test_padded_job_logs_the_packed_jobs_metrics(tmp_path, single_run):
-    """trainer.packing=false with micro-batches of 4 padded samples (the warm start too) logs
-    the same steps as the packed default run (the 32 samples of a step in one packed row):
-    rewards exactly, loss terms, grad norm, perception KL and entropies within 1e-5 relative."""
-    out = str(tmp_path / "padded")
     done = _main(SMALL + ["trainer.packing=false", "trainer.micro_batch_size=4",
-                          "trainer.export_hf=false", "trainer.save_every=0"], out)
+                          "rollout.old_logprobs_from_engine=false",
+                          "algorithm.masked_logprobs=engine", "trainer.export_hf=false",
+                          "trainer.save_every=0"], out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert single_run[1].returncode == 0
     for n in (1, 2):
         ours, ref = _step(out, n), _step(single_run[0], n)
         assert ours["reward"] == ref["reward"] and ours["tokens"] == ref["tokens"]
         for key in ("loss/total", "loss/policy", "loss/kl_prcp", "entropy/original",
-                    "entropy/masked", "grad_norm"):
-            assert ours[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (n, key)
+                    "entropy/masked"):
+            assert ours[key] == pytest.approx(ref[key], abs=1e-4), (n, key)
+        assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), n
+        # the engine scored the masked branch (its own phase), the default run's trainer did not
+        assert ours["time/masked_scoring"] > 0 and "time/masked_scoring" not in ref
+    # step 2: the engine-vs-trainer gap at fp32 noise whether the old log-probs are the trainer's
+    # recomputation (here) or the engine's (the default run)
+    assert _step(out, 2)["logprob_mismatch"] < 1e-5
+    assert _step(single_run[0], 2)["logprob_mismatch"] < 1e-5
 
 
 def test_main_job_with_one_and_two_image_rows(tmp_path):
@@ -246,23 +225,6 @@ def test_main_job_with_one_and_two_image_rows(tmp_path):
 def _step(folder, n):
     records = [json.loads(x) for x in open(os.path.join(folder, "metrics.jsonl"))]
     return next(r for r in records if r.get("step") == n and "reward" in r)
-
-
-def test_tied_head_job_keeps_engine_and_trainer_together(tmp_path):
-    """The main job on a tiny model with TIED embeddings (Qwen2.5-VL-3B's layout): after the
-    warm start's and step 1's weight pushes the engine serves the trained weights (its log-probs
-    equal the trainer's at the untied model's level, < 1e-5 per token, at steps 1 and 2).
-    Before the engine re-derived its tied head after a push, step 1 measured 0.02-0.12 and the
-    guard stopped the job there."""
-    out = str(tmp_path / "tied")
-    done = _main(SMALL + ["model.tiny_tied_embeddings=true", "trainer.export_hf=false",
-                          "trainer.save_every=0"], out)
-    assert done.returncode == 0, done.stderr[-3000:]
-    config = json.load(open(os.path.join(out, "initial_hf", "config.json")))
-    assert config["tie_word_embeddings"] is True
-    records = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
-    mismatch = [r["logprob_mismatch"] for r in records if "reward" in r]
-    assert len(mismatch) == 2 and max(mismatch) < 1e-5, mismatch
 
 
 def test_an_engine_serving_other_weights_stops_the_job_in_one_line(tmp_path):
@@ -345,14 +307,23 @@ def test_dapo_presets_are_configuration_on_the_authors_settings(preset):
     assert (config.trainer.prompts_per_step, config.rollout.n) == (384, 5)
 
 
-def test_papo_d_runs_with_dynamic_sampling(tmp_path):
-    """The tiny job with algorithm=papo_d: every trained group has differing rewards unless the
-    cap forced uniform ones in (counted), the draws are logged, the overlong penalty enters the
-    reward (a response at the length limit costs up to 1)."""
+def test_papo_d_on_a_tied_head(tmp_path):
+    """The tiny job with algorithm=papo_d on a model with TIED embeddings (Qwen2.5-VL-3B's
+    layout; one job for both: CI time).
+
+    Dynamic sampling: every trained group has differing rewards unless the cap forced uniform
+    ones in (counted), the draws are logged, the overlong penalty enters the reward (a response
+    at the length limit costs up to 1). The tied head: after the warm start's and step 1's
+    weight pushes the engine serves the trained weights (its log-probs equal the trainer's at
+    the untied model's level, < 1e-5 per token, at steps 1 and 2). Before the engine re-derived
+    its tied head after a push, step 1 measured 0.02-0.12 and the guard stopped the job there."""
     out = str(tmp_path / "papo_d")
     done = _main(SMALL + ["algorithm=papo_d", "trainer.export_hf=false", "trainer.save_every=0",
-                          "algorithm.max_sampling_rounds=4"], out)
+                          "algorithm.max_sampling_rounds=4", "model.tiny_tied_embeddings=true"],
+                 out)
     assert done.returncode == 0, done.stderr[-3000:]
+    config = json.load(open(os.path.join(out, "initial_hf", "config.json")))
+    assert config["tie_word_embeddings"] is True
     records = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     steps = [r for r in records if "reward" in r]
     assert len(steps) == 2
@@ -363,6 +334,8 @@ def test_papo_d_runs_with_dynamic_sampling(tmp_path):
             assert r["sampling/trained_groups_with_signal"] == 1.0
         assert r["reward"] >= -1.0 and "loss/kl_prcp" in r and "loss/kl_ref" not in r
     assert "prompts drawn" in done.stdout
+    mismatch = [r["logprob_mismatch"] for r in steps]
+    assert max(mismatch) < 1e-5, mismatch
 
 
 def test_a_preset_without_its_required_paths_is_a_one_line_error(tmp_path):

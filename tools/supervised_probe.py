@@ -63,8 +63,7 @@ def main(argv=None) -> int:
                         for i in range(batch_size)]
             batch = build_rollout_batch(prompts, rollouts, encoder,
                                         advantages=torch.ones(batch_size))
-            batch.old_logp = sft.compute_logprobs(batch)
-            sft.update(batch)
+            sft.update(batch)  # one mini-batch, on-policy: plain supervised steps
             if step % 10 == 0:
                 trainer.push_weights()
                 result = trainer.evaluate()

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import warnings
 
 import torch
@@ -73,4 +74,21 @@ def apply_cpu_patches(force: bool = False) -> bool:
     return True
 
 
-__all__ = ["apply_cpu_patches", "CPU_PATCHES"]
+def save_sharded(sharded_state_dict: dict, folder: str) -> None:
+    """``dist_checkpointing.save`` (synchronous, as every save here is), its write results handed
+    over in this process.
+
+    megatron-core's file writer passes its results through a queue of a multiprocessing Manager
+    that it starts on first use in a spawned interpreter (one per process; seconds, as the fresh
+    interpreter imports the entry point's modules), so that an asynchronous save in another
+    process can report back. A synchronous save's writers report to the saving process itself,
+    where a plain queue carries the results (same files, same finalisation)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is None:
+        filesystem_async._results_queue = queue.Queue()
+    dist_checkpointing.save(sharded_state_dict, folder)
+
+
+__all__ = ["apply_cpu_patches", "CPU_PATCHES", "save_sharded"]

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.utils import unwrap_model
 
+from megatron_papo.compat import save_sharded
 from megatron_papo.models.qwen2_5_vl import (
     check_parallel_layout,
     load_hf_config,
@@ -229,7 +230,7 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "b
         if dist.is_initialized():
             dist.barrier()
         _log(f"writing dist checkpoint to {out}")
-        dist_checkpointing.save({"model": chunks[0].sharded_state_dict()}, weights)
+        save_sharded({"model": chunks[0].sharded_state_dict()}, weights)
     stats = ConversionStats(time.time() - start, peak_rss_bytes(), len(on_disk))
     _log(stats.report())
     return stats

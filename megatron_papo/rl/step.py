@@ -53,7 +53,7 @@ class RolloutBatch:
     image_grid_thw: torch.Tensor | None = None        # [images, 3]
     images_per_sample: torch.Tensor | None = None     # [N]
     masked_pixel_values: torch.Tensor | None = None   # like pixel_values, masked images
-    old_logp: torch.Tensor | None = None    # [N, L]
+    old_logp: torch.Tensor | None = None    # [N, L]; None: the current weights' (on-policy)
     ref_logp: torch.Tensor | None = None    # [N, L]
     masked_logp: torch.Tensor | None = None  # [N, L] (frozen branch)
     rollout_logp: torch.Tensor | None = None  # [N, L] the engine's log-probs (diagnostics)
@@ -332,14 +332,17 @@ class PolicyUpdater:
 
         def loss_func(logits):
             logp, masked_logp, entropy, masked_entropy = split(logits)
+            # on-policy (no old_logp, one mini-batch): the sampling weights are these weights,
+            # so the old log-probs are this forward's own (ratio 1) and need no forward of their own
+            old_logp = mb.old_logp if mb.old_logp is not None else logp.detach()
             inputs = LossInputs(logp=logp, mask=mb.response_mask, advantages=mb.advantages,
-                                old_logp=mb.old_logp, ref_logp=mb.ref_logp,
+                                old_logp=old_logp, ref_logp=mb.ref_logp,
                                 masked_logp=masked_logp, entropy=entropy,
                                 masked_entropy=masked_entropy)
             loss, parts = combined_loss(inputs, cfg, denominator)
             loss = loss * scale
             parts = {k: v * scale for k, v in parts.items()}
-            pg = clipped_policy_loss(logp.detach(), mb.old_logp, mb.advantages, cfg.eps_low,
+            pg = clipped_policy_loss(logp.detach(), old_logp, mb.advantages, cfg.eps_low,
                                      cfg.eps_high, cfg.dual_clip)
             mask = mb.response_mask
             metrics = {f"loss/{k}": v for k, v in parts.items()}
@@ -366,9 +369,13 @@ class PolicyUpdater:
 
     # ------------------------------------------------------------------ the update
     def update(self, batch: RolloutBatch) -> list[dict]:
-        """One optimizer step per mini-batch of the rollout batch; returns the metrics of each."""
+        """One optimizer step per mini-batch of the rollout batch; returns the metrics of each.
+        Without ``old_logp`` the batch must be one mini-batch (its weights are the sampling
+        weights: the ratio is 1 and the forward that computes the loss gives the old log-probs)."""
         cfg = self.config
-        missing = [n for n in ("old_logp", "advantages") if getattr(batch, n) is None]
+        missing = ["advantages"] if batch.advantages is None else []
+        if batch.old_logp is None and len(batch) > cfg.mini_batch_size:
+            missing.append("old_logp (several mini-batches: the later ones are off-policy)")
         if cfg.loss.kl_beta > 0 and batch.ref_logp is None:
             missing.append("ref_logp")
         if (cfg.loss.needs_masked_branch and cfg.masked_branch == "frozen"

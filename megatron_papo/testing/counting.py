@@ -56,9 +56,7 @@ def train_counting_model(folder: str, steps: int = 300, batch: int = 32, lr: flo
     for _ in range(steps):
         if not order:  # a new epoch in a new order
             order = rng.sample(range(len(batches)), len(batches))
-        data = batches[order.pop()]
-        data.old_logp = sft.compute_logprobs(data)  # ratio 1: plain supervised learning
-        sft.update(data)
+        sft.update(batches[order.pop()])  # on-policy (ratio 1): plain supervised learning
     out = os.path.join(folder, "hf")
     ck.write_hf_folder(chunks, spec, out, initial, torch.float32, force=True)
     return out

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.utils import unwrap_model
 
+from megatron_papo.compat import save_sharded
 from megatron_papo.conversion.locate import PREFIX, RNG_DIR, STATE_FILE, step_dirs
 
 CKPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -74,8 +75,6 @@ def _set_rng_state(state: dict) -> None:
 def save(root: str, step: int, chunks: list, optimizer, state: dict, config: dict, hf_dir: str,
          dtype: str, layout: dict, keep_last: int = 2) -> str:
     """Write checkpoint ``step`` (every rank calls it); returns its folder."""
-    from megatron.core import dist_checkpointing
-
     from megatron_papo.conversion.atomic import atomic_output_dir
     from megatron_papo.conversion.checkpoint import FORMAT, HF_DIR, META_FILE, WEIGHTS_DIR
     from megatron_papo.conversion.hf_io import copy_sidecar_files
@@ -97,8 +96,8 @@ def save(root: str, step: int, chunks: list, optimizer, state: dict, config: dic
             with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
                 json.dump(config, f, indent=1)
         dist.barrier()
-        dist_checkpointing.save(_sharded(chunks, optimizer, is_loading=False),
-                                os.path.join(tmp, WEIGHTS_DIR))
+        save_sharded(_sharded(chunks, optimizer, is_loading=False),
+                     os.path.join(tmp, WEIGHTS_DIR))
         torch.save(_rng_state(), os.path.join(tmp, RNG_DIR, f"rank_{rank:05d}.pt"))
     if rank == 0:
         pointer = os.path.join(root, LATEST)

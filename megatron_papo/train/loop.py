@@ -235,6 +235,11 @@ class Trainer:
         """Data, model, optimizer, engine, updater: each from its own builder, in this order
         (a bad data file or column stops the run before any other work)."""
         c = self.config
+        if c.trainer.resume not in ("auto", "none", ""):
+            reason = why_incomplete(c.trainer.resume)
+            if reason:
+                raise ConfigError(f"trainer.resume={c.trainer.resume} cannot be resumed from: "
+                                  f"{reason}")
         if dist.get_rank() == 0:
             os.makedirs(self.out, exist_ok=True)
         dist.barrier()
@@ -518,8 +523,7 @@ class Trainer:
                         for i in split_evenly(len(prompts), self.dp_size, self.dp_rank)]
             batch = build_rollout_batch(prompts, rollouts, encoder, pad_multiple=self._pad,
                                         advantages=torch.ones(len(rollouts)))
-            batch.old_logp = sft.compute_logprobs(batch)
-            (metrics,) = sft.update(batch)
+            (metrics,) = sft.update(batch)  # one mini-batch, on-policy: plain supervised steps
             if (step + 1) % 10 == 0 or step + 1 == c.trainer.warmup_steps:
                 _log(f"[train] format warm start {step + 1}/{c.trainer.warmup_steps}: "
                      f"response log-prob {-metrics['entropy/original']:.3f}")
@@ -560,10 +564,7 @@ class Trainer:
             if path is None:
                 return False
         else:
-            path = choice
-            reason = why_incomplete(path)
-            if reason:
-                raise ConfigError(f"trainer.resume={path} cannot be resumed from: {reason}")
+            path = choice  # checked before any work (_build)
         state = checkpoint.load(path, self.chunks, self.optimizer, self._layout(), log=_log)
         self.step_index = int(state["step"])
         self.warmed_up = bool(state["warmed_up"])
