@@ -30,6 +30,19 @@ def single_run(tmp_path_factory):
     return out, run_main_job(SMALL, out)
 
 
+# The files that take longest (minutes: main jobs, the fitted counting model), longest first: the
+# two workers (pyproject's addopts) start with them instead of ending on one of them alone.
+LONGEST_FIRST = ("test_train.py", "test_checkpoint.py", "test_perception.py", "test_rollout.py",
+                 "test_evaluate.py", "test_conversion.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)  # stable: the order inside a file and among the others stays
+
+
 def pytest_configure(config):
     os.environ[RUN_MARKER] = uuid.uuid4().hex  # a nested run watches its own processes
 
@@ -53,6 +66,7 @@ def _run_processes():
     return found
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-xdist has shut its workers down
 def pytest_sessionfinish(session, exitstatus):
     import psutil
 
