@@ -1,0 +1,242 @@
+"""Memory per GPU of a Qwen2.5-VL PAPO job (trainer + colocated vLLM engine) for a layout, and the
+layouts of a cluster that fit, fastest first.
+
+The model is stated here so that a reader can check it (docs/benchmarks.md prints its tables):
+
+* parameters per pipeline stage: :func:`stages.stage_costs` (the one count; the vision tower and
+  the embedding on stage 0, the output layer on the last), divided by TP (every matrix is split;
+  the norms and biases that are not are < 0.1 % and counted split too);
+* trainer state per parameter: bf16 weights (2 B) + fp32 gradient buffer (4 B: megatron-core DDP
+  with ``grad_reduce_in_fp32``, as ``provider.build_model_chunks`` sets it) + the distributed
+  optimizer's fp32 master copy and Adam moments (12 B), sharded over DP; the frozen reference
+  model (``kl_beta > 0``) adds 2 B per parameter;
+* activations of one micro-batch of ``tokens`` tokens per decoder layer (bf16, SDPA/flash
+  attention: no tokens x tokens tensor): the layer input and the two norm inputs/outputs
+  (4 h, divided by TP with sequence parallelism), Q/K/V, the rotated Q/K and the attention output
+  (3 heads + 3 KV heads) x head_dim, the MLP's fc1 output, SwiGLU output (3 ffn); all divided by
+  TP. FP8 stores the four linear inputs in 1 byte. Full recompute keeps only each layer's input
+  plus one layer's activations; selective recompute is counted as none (it recomputes the core
+  attention, which stores no tokens x tokens tensor with flash attention). The live masked branch
+  doubles every micro-batch (original + masked image);
+* stage 0 also holds the vision tower's activations for the micro-batch's images (4 patches per
+  image token, the same per-layer count at the ViT's widths, not sequence parallel), the last
+  stage the logits: tokens x vocabulary / TP x 14 B (bf16 logits, their fp32 log-softmax and its
+  gradient, the exact entropy's probabilities);
+* the 1F1B pipeline schedule keeps ``min(PP - stage, micro-batches)`` micro-batches in flight on
+  each stage (stage 0 the most);
+* the colocated engine: its weights (2 B per parameter / rollout TP) and the KV cache of the
+  sequences it runs at once (2 x layers x KV heads x head_dim x 2 B per token; KV heads divided
+  by rollout TP); with sleep mode (``rollout.sleep_while_training``) both are released while the
+  trainer's activations exist, so the peak is the larger of the two phases, else their sum;
+* a fixed 3 GiB per GPU for the CUDA context, NCCL buffers and allocator slack.
+
+The speed order of :func:`suggest` is a model too: the training step's time is the slowest
+stage's FLOPs for one optimizer step's sequences (3 x forward, 4 x with full recompute) / TP /
+TP efficiency (1, 0.9, 0.8, 0.7 at TP 1, 2, 4, 8: its all-reduces inside a node) x the pipeline
+bubble (1 + (PP - 1) / micro-batches), at the GPU's dense bf16 peak. Rollout time (memory-bound
+decoding) is left out of the order: it is the same engine at any training layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .config import ModelConfigError, check_parallel_layout, text_spec_from_hf
+from .stages import _shapes, stage_costs
+
+GIB = 1024 ** 3
+GPUS = {"h100": 79.6, "h200": 140.4}  # GiB that nvidia-smi reports (81,559 / 143,771 MiB)
+OVERHEAD_GIB = 3.0
+TP_EFFICIENCY = {1: 1.0, 2: 0.9, 4: 0.8, 8: 0.7}
+PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0}  # dense bf16 (the same SXM compute)
+
+
+@dataclass
+class Job:
+    """What one training step works on (per GPU quantities follow from the layout)."""
+
+    response_len: int = 1024
+    image_tokens: int = 256          # per image (448 x 448 px -> 256)
+    images_per_prompt: int = 1
+    prompt_text_tokens: int = 200
+    max_tokens_per_micro_batch: int = 4096
+    sequences_per_update: int = 640  # per optimizer step (the authors' presets: 128 prompts x 5)
+    engine_sequences: int = 256      # sequences the engine decodes at once (vLLM max_num_seqs)
+    reference_model: bool = True     # kl_beta > 0
+    live_masked_branch: bool = False
+
+    @property
+    def sequence_len(self) -> int:
+        return (self.prompt_text_tokens + self.images_per_prompt * self.image_tokens
+                + self.response_len)
+
+
+@dataclass
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    rollout_tp: int | None = None    # default: tp
+    recompute: str = "none"          # none | selective | full
+    fp8: bool = False
+    sleep: bool = True               # rollout.sleep_while_training
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    gpu: str
+    stage: int                       # the stage with the highest peak
+    parts: dict = field(default_factory=dict)   # GiB per GPU on that stage
+    train_peak: float = 0.0
+    rollout_peak: float = 0.0
+    peak: float = 0.0
+    capacity: float = 0.0
+    step_time: float = 0.0           # seconds of the training step by the stated model
+    micro_batches: int = 0
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.capacity
+
+
+def _layer_activation_bytes(h: int, ffn: int, heads: int, kv: int, d: int, tokens: int, tp: int,
+                            sp: bool, fp8: bool) -> float:
+    """Bytes one decoder layer keeps for the backward pass of ``tokens`` tokens."""
+    t_sp = tp if sp else 1
+    elements = (4 * h / t_sp + (3 * heads + 3 * kv) * d / tp + 3 * ffn / tp)
+    saved = (2 * h / t_sp + heads * d / tp + ffn / tp) if fp8 else 0.0  # 4 linear inputs: 1 B
+    return tokens * (2 * elements - saved)
+
+
+def _vision_shapes(hf: dict) -> dict:
+    v = hf["vision_config"]
+    heads = v["num_heads"]
+    return dict(h=v["hidden_size"], f=v["intermediate_size"], heads=heads, kv=heads,
+                d=v["hidden_size"] // heads, depth=v["depth"],
+                merge=v.get("spatial_merge_size", 2) ** 2)
+
+
+def plan(hf: dict, layout: Layout, job: Job, gpu: str = "h100") -> Plan:
+    """Memory per GPU of ``layout`` for ``job``; refuses a layout the model cannot be split
+    into (ModelConfigError naming the numbers)."""
+    if gpu not in GPUS:
+        raise ModelConfigError(f"--gpu {gpu!r}: choose one of {sorted(GPUS)}")
+    if layout.recompute not in ("none", "selective", "full"):
+        raise ModelConfigError(f"recompute={layout.recompute!r}: none, selective or full")
+    spec = text_spec_from_hf(hf)
+    v = hf.get("vision_config") or {}
+    check_parallel_layout(spec, layout.tp, layout.pp, vision_heads=v.get("num_heads"))
+    rollout_tp = layout.rollout_tp or layout.tp
+    s = _shapes(hf)
+    tp, sp = layout.tp, layout.tp > 1
+    seq = job.sequence_len
+    if job.max_tokens_per_micro_batch < seq:
+        raise ModelConfigError(
+            f"--max-tokens-per-micro-batch {job.max_tokens_per_micro_batch} is below one "
+            f"sequence ({seq} tokens: prompt {job.prompt_text_tokens} + images "
+            f"{job.images_per_prompt} x {job.image_tokens} + response {job.response_len}); "
+            "raise it or shorten the response")
+    per_micro = job.max_tokens_per_micro_batch // seq           # whole sequences per micro-batch
+    tokens = per_micro * seq * (2 if job.live_masked_branch else 1)
+    local_sequences = math.ceil(job.sequences_per_update / layout.dp)
+    micro_batches = max(1, math.ceil(local_sequences / per_micro))
+    costs = stage_costs(hf, layout.pp, seq_len=seq, images=job.images_per_prompt,
+                        image_pixels=job.image_tokens * 4 * (v.get("patch_size", 14) ** 2))
+    total_params = sum(c.params for c in costs)
+
+    engine_weights = 2 * total_params / rollout_tp / GIB
+    kv_heads = max(1, s["kv"] // rollout_tp)
+    kv_per_token = 2 * s["layers"] * kv_heads * s["d"] * 2
+    kv_cache = kv_per_token * seq * job.engine_sequences / GIB
+
+    best = None
+    for stage, cost in enumerate(costs):
+        params = cost.params / tp
+        weights = 2 * params / GIB
+        grads = 4 * params / GIB
+        optimizer = 12 * params / layout.dp / GIB
+        reference = 2 * params / GIB if job.reference_model else 0.0
+        layer = _layer_activation_bytes(s["h"], s["f"], s["heads"], s["kv"], s["d"], tokens, tp,
+                                        sp, layout.fp8)
+        if layout.recompute == "full":
+            per_micro_bytes = cost.layers * tokens * 2 * s["h"] / (tp if sp else 1)
+            extra_once = layer  # one layer's activations while it is recomputed
+        else:
+            per_micro_bytes, extra_once = cost.layers * layer, 0.0
+        if stage == 0 and v:
+            vs = _vision_shapes(hf)
+            patches = tokens // seq * job.images_per_prompt * job.image_tokens * vs["merge"]
+            per_micro_bytes += vs["depth"] * _layer_activation_bytes(
+                vs["h"], vs["f"], vs["heads"], vs["kv"], vs["d"], patches, tp, False, False)
+        if stage == len(costs) - 1:
+            per_micro_bytes += tokens * s["vocab"] / tp * 14
+        in_flight = min(layout.pp - stage, micro_batches)
+        activations = (in_flight * per_micro_bytes + extra_once) / GIB
+        persistent = weights + grads + optimizer + reference + OVERHEAD_GIB
+        engine = engine_weights + kv_cache
+        train_peak = persistent + activations + (0.0 if layout.sleep else engine)
+        rollout_peak = persistent + engine
+        peak = max(train_peak, rollout_peak)
+        parts = {"weights": weights, "gradients": grads, "optimizer": optimizer,
+                 "reference": reference, "activations": activations,
+                 "engine weights": engine_weights, "KV cache": kv_cache,
+                 "overhead": OVERHEAD_GIB}
+        candidate = Plan(layout, gpu, stage, parts, train_peak, rollout_peak, peak, GPUS[gpu],
+                         micro_batches=micro_batches)
+        if best is None or peak > best.peak:
+            best = candidate
+    slowest = max(c.flops for c in costs) * local_sequences
+    passes = 4 if layout.recompute == "full" else 3
+    if job.live_masked_branch:
+        slowest *= 2
+    bubble = 1 + (layout.pp - 1) / micro_batches
+    best.step_time = (passes * slowest / tp / TP_EFFICIENCY.get(tp, 0.6)
+                      / (PEAK_TFLOPS[gpu] * 1e12) * bubble)
+    return best
+
+
+def advice(p: Plan) -> str:
+    """What to turn when ``p`` does not fit (or 'fits')."""
+    if p.fits:
+        return f"fits ({p.capacity - p.peak:.1f} GiB free)"
+    parts, over, lay = p.parts, p.peak - p.capacity, p.layout
+    persistent = sum(parts[k] for k in ("weights", "gradients", "optimizer", "reference",
+                                        "overhead"))
+    if persistent >= p.capacity:
+        knob = ("more TP or PP (weights and gradients are split over them) or DP (the "
+                "optimizer state is sharded over it)")
+    elif p.train_peak >= p.rollout_peak:
+        knob = ("model.recompute_granularity=full or a smaller trainer.max_tokens_per_micro_batch"
+                if lay.recompute != "full" else "a smaller trainer.max_tokens_per_micro_batch")
+    elif parts["KV cache"] > over:
+        knob = "fewer sequences decoded at once (rollout.max_num_seqs: a smaller KV cache)"
+    else:
+        knob = "a larger rollout TP (the engine's weights and KV cache are split over it)"
+    return f"does not fit: {over:.1f} GiB over; {knob}"
+
+
+def suggest(hf: dict, gpus: int, job: Job, gpu: str = "h100", recompute=("none", "full"),
+            fp8: bool = False, sleep: bool = True) -> list[Plan]:
+    """Every TP x PP x DP = ``gpus`` layout the model can be split into that fits, fastest first
+    (TP <= 8: one node's NVLink)."""
+    out = []
+    for tp in (1, 2, 4, 8):
+        for pp in range(1, gpus // tp + 1):
+            if gpus % (tp * pp):
+                continue
+            for rc in recompute:
+                layout = Layout(tp=tp, pp=pp, dp=gpus // (tp * pp), recompute=rc, fp8=fp8,
+                                sleep=sleep)
+                try:
+                    p = plan(hf, layout, job, gpu)
+                except ModelConfigError:
+                    continue
+                if p.fits:
+                    out.append(p)
+    return sorted(out, key=lambda p: (p.step_time, p.peak))

@@ -1,0 +1,98 @@
+"""The memory planner (models/qwen2_5_vl/memory.py, tools/memory_plan.py): each part follows the
+layout as the stated model says (TP and DP split what they split, recompute/FP8/sleep mode lower
+what they lower), --suggest returns only layouts that fit and that the model can be split into,
+fastest first, and bad input is one line. Arithmetic only: no model is built."""
+
+import os
+import sys
+
+import pytest
+
+from megatron_papo.models.qwen2_5_vl.config import ModelConfigError, preset_hf_config
+from megatron_papo.models.qwen2_5_vl.memory import GIB, Job, Layout, advice, plan, suggest
+from megatron_papo.models.qwen2_5_vl.stages import stage_costs
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tools"))
+import memory_plan  # noqa: E402
+
+SEVEN = preset_hf_config("7b")
+
+
+def test_trainer_state_follows_tp_dp_and_the_reference_model():
+    job = Job()
+    one = plan(SEVEN, Layout(tp=1, dp=1), job)
+    params = sum(c.params for c in stage_costs(SEVEN, 1, seq_len=job.sequence_len))
+    assert one.parts["weights"] == pytest.approx(2 * params / GIB)
+    assert one.parts["gradients"] == pytest.approx(4 * params / GIB)   # fp32 grad buffer
+    assert one.parts["optimizer"] == pytest.approx(12 * params / GIB)  # master + Adam moments
+    assert one.parts["reference"] == pytest.approx(one.parts["weights"])
+    two = plan(SEVEN, Layout(tp=2, dp=4), job)
+    for part in ("weights", "gradients", "reference", "engine weights"):
+        assert two.parts[part] == pytest.approx(one.parts[part] / 2), part
+    assert two.parts["optimizer"] == pytest.approx(one.parts["optimizer"] / 8)  # TP x DP
+    # KV heads split by the rollout TP: 7B has 4
+    assert two.parts["KV cache"] == pytest.approx(one.parts["KV cache"] / 2)
+    assert plan(SEVEN, Layout(tp=1, dp=1), Job(reference_model=False)).parts["reference"] == 0
+
+
+def test_activation_knobs_lower_or_raise_what_they_should():
+    job = Job()
+    base = plan(SEVEN, Layout(tp=2), job).parts["activations"]
+    # (the logits and the vision tower are not recomputed: about 3 of the 11 GiB)
+    assert plan(SEVEN, Layout(tp=2, recompute="full"), job).parts["activations"] < base / 2
+    assert plan(SEVEN, Layout(tp=2, recompute="selective"), job).parts["activations"] == base
+    assert plan(SEVEN, Layout(tp=2, fp8=True), job).parts["activations"] < base
+    live = plan(SEVEN, Layout(tp=2), Job(live_masked_branch=True)).parts["activations"]
+    assert live == pytest.approx(2 * base, rel=0.01)  # original + masked images per micro-batch
+    half = plan(SEVEN, Layout(tp=2), Job(max_tokens_per_micro_batch=2048)).parts["activations"]
+    assert half < base
+    # 1F1B: stage 0 keeps PP micro-batches in flight; the fullest stage is reported
+    pp = plan(SEVEN, Layout(tp=1, pp=4), job)
+    assert pp.stage in (0, 3) and pp.micro_batches == 640 // 2
+
+
+def test_sleep_mode_keeps_the_engine_out_of_the_training_peak():
+    job = Job()
+    asleep, awake = plan(SEVEN, Layout(tp=2), job), plan(SEVEN, Layout(tp=2, sleep=False), job)
+    engine = asleep.parts["engine weights"] + asleep.parts["KV cache"]
+    assert awake.train_peak == pytest.approx(asleep.train_peak + engine)
+    assert asleep.rollout_peak == awake.rollout_peak
+    assert asleep.peak == max(asleep.train_peak, asleep.rollout_peak)
+
+
+def test_suggestions_fit_can_be_split_and_come_fastest_first():
+    three = preset_hf_config("3b")
+    plans = suggest(three, 8, Job(), "h100")
+    assert plans and all(p.fits and p.layout.gpus == 8 for p in plans)
+    assert [p.step_time for p in plans] == sorted(p.step_time for p in plans)
+    assert all(p.layout.tp <= 2 for p in plans)  # 2 KV heads: TP 4 and 8 cannot split them
+    assert not suggest(preset_hf_config("72b"), 8, Job(), "h100")  # ~1.3 TB of Adam state
+    assert suggest(preset_hf_config("72b"), 32, Job(), "h200")
+
+
+def test_advice_names_the_knob():
+    p = plan(SEVEN, Layout(tp=2, dp=4), Job(max_tokens_per_micro_batch=65536))
+    assert not p.fits and "recompute" in advice(p)
+    p = plan(SEVEN, Layout(tp=2, dp=4), Job(engine_sequences=4096))
+    assert not p.fits and "max_num_seqs" in advice(p)
+    assert "DP" in advice(plan(SEVEN, Layout(tp=1), Job()))  # 8.3B x 20 B: no room at all
+    assert advice(plan(SEVEN, Layout(tp=2, dp=4), Job())).startswith("fits")
+
+
+def test_cli_prints_the_parts_and_bad_input_is_one_line(capsys):
+    assert memory_plan.main(["--model", "7b", "--tp", "2", "--dp", "4", "--gpu", "h200"]) == 0
+    out = capsys.readouterr().out
+    for part in ("weights", "optimizer", "activations", "KV cache", "rollout peak", "fits"):
+        assert part in out, part
+    assert memory_plan.main(["--model", "3b", "--suggest"]) == 0
+    assert "layouts fit, fastest first" in capsys.readouterr().out
+    for argv, words in ((["--model", "7b", "--tp", "3"], "not divisible"),
+                        (["--model", "7b", "--cp", "2"], "context parallelism"),
+                        (["--model", "7b", "--max-tokens-per-micro-batch", "512"],
+                         "below one sequence")):
+        assert memory_plan.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    with pytest.raises(ModelConfigError):
+        plan(SEVEN, Layout(), Job(), gpu="a100")
