@@ -25,6 +25,7 @@ class _BeforeTorchvision(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if fullname == "torchvision":
             sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+            # imports torch: only now (this hook runs in every interpreter)
             from megatron_papo.compat.torchvision_cpu import (
                 patch_torchvision_meta_registrations,
             )

@@ -4,8 +4,11 @@ stderr and exit code 2, never a traceback, and under torchrun that line is print
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
+import tempfile
+import traceback
 
 # the error types (by name: importing them all would pull in every subsystem) that name the
 # user's file, key, column or tensor and the fix
@@ -34,8 +37,6 @@ _OS_HINTS = {
 def quiet_redundant_logs() -> None:
     """dist_checkpointing logs a failed write before raising it; the raised error is reported
     (one line, naming the output), so the log line would only say it twice."""
-    import logging
-
     logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").setLevel(
         logging.CRITICAL)
 
@@ -60,7 +61,7 @@ def describe(err: BaseException) -> str:
 
 
 def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
+    import torch.distributed as dist  # torch: this module stays torch-free (instant --help)
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -77,7 +78,7 @@ def report(err: BaseException | str) -> None:
     message = err if isinstance(err, str) else describe(err)
     rank, world = _rank_and_world()
     if world > 1:
-        from megatron_papo.parallel import gather_errors
+        from megatron_papo.parallel import gather_errors  # imports torch (see _rank_and_world)
 
         messages = gather_errors(message)
         if messages is not None:
@@ -96,9 +97,6 @@ def internal_error(err: BaseException, prog: str, log_dir: str | None = None) ->
     """An exception that no user-error handling caught (a bug, or a failure nobody foresaw): the
     traceback goes to a log file (``log_dir``, e.g. the run folder, else the temp folder), the
     terminal gets one line with the cause and that file. Returns the exit code (1)."""
-    import tempfile
-    import traceback
-
     rank, world = _rank_and_world()
     folder = log_dir if log_dir and os.path.isdir(log_dir) else tempfile.gettempdir()
     name = f"{prog}-error" + (f"-rank{rank}" if world > 1 else "") + f"-{os.getpid()}.log"
@@ -127,8 +125,8 @@ def run_main(run, args, prog: str = "megatron_papo") -> int:
     """A command-line entry point: the process group (torchrun's or a world of one), ``run(args)``,
     a user error as one line and exit 2, any other exception as one line naming the log file
     that holds its traceback (exit 1), and the process group torn down in every case."""
+    # torch: this module stays torch-free (instant --help and argument errors)
     import torch.distributed as dist
-
     from megatron_papo.parallel import init_processes
 
     init_processes()

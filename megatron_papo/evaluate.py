@@ -22,6 +22,12 @@ import json
 import os
 import tempfile
 
+from megatron_papo.cli import run_main
+from megatron_papo.data import DataConfig, images_per_prompt, load_split, write_counting_dataset
+from megatron_papo.data.benchmarks import GROUPS, load_benchmark, load_preset, summary_table
+from megatron_papo.data.loader import PROMPT_TEMPLATE
+from megatron_papo.reward import score_all
+from megatron_papo.rollout import PromptTooLongError
 from megatron_papo.rollout.settings import Sampling
 
 
@@ -71,10 +77,9 @@ def avg_at_k(engine, examples: list, sampling, reward=None, images_swapped: bool
     the same on every rank. ``training_dp``: each training data-parallel rank scores its share
     of the prompts and the counts are summed over the DP group (inside the trainer); False:
     every rank scores all of them (a standalone engine)."""
+    # torch and the engine: this module's CLI stays torch-free (instant --help)
     import torch
     import torch.distributed as dist
-
-    from megatron_papo.reward import score_all
     from megatron_papo.rollout.engine import is_long_rollout
 
     if not examples:
@@ -92,7 +97,7 @@ def avg_at_k(engine, examples: list, sampling, reward=None, images_swapped: bool
     totals = torch.tensor([sum(s.accuracy for s in scored), sum(s.format for s in scored),
                            float(len(scored))], dtype=torch.float64)
     if training_dp and dist.is_initialized() and dist.get_world_size() > 1:
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state  # megatron-core: only inside the trainer
 
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     accuracy, fmt, n = totals.tolist()
@@ -152,8 +157,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _benchmarks(args, log) -> tuple[dict[str, list], dict]:
-    from megatron_papo.data.benchmarks import load_benchmark, load_preset
-
     examples, presets = {}, {}
     for item in args.benchmark:
         name, sep, path = item.partition("=")
@@ -171,14 +174,9 @@ def _benchmarks(args, log) -> tuple[dict[str, list], dict]:
 
 
 def _datasets(args, log, scratch: str) -> dict[str, list]:
-    from megatron_papo.data import DataConfig, load_split
-    from megatron_papo.data.loader import PROMPT_TEMPLATE
-
     if not args.data and args.benchmark:
         return {}
     if not args.data:
-        from megatron_papo.data import write_counting_dataset
-
         args.data = [write_counting_dataset(scratch, train=1, test=256)["test"]]
         args.prompt_template = args.prompt_template or "{problem}"
     config = DataConfig(image_key=args.image_key, problem_key=args.problem_key,
@@ -198,6 +196,7 @@ DEFAULT_MAX_NEW_TOKENS = 2048
 
 def _model_length(args, hf_dir: str, log) -> int:
     """--max-model-len, or the default clamped to the model's max_position_embeddings."""
+    # megatron-core (seconds; after apply_cpu_patches): the CLI part stays light
     from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
 
     limit = text_spec_from_hf(load_hf_config(hf_dir)).max_position_embeddings
@@ -238,8 +237,6 @@ def _new_tokens(args, engine, datasets: dict, max_model_len: int, log) -> int:
 
 def _in_flags(fn, *args, **kwargs):
     """``fn``, with the engine's prompt-length error told in this command's flags."""
-    from megatron_papo.rollout import PromptTooLongError
-
     try:
         return fn(*args, **kwargs)
     except PromptTooLongError as err:
@@ -252,6 +249,7 @@ def _in_flags(fn, *args, **kwargs):
 def _hf_folder(model: str, scratch: str, log) -> str:
     """An HF folder for the engine: the model itself, or a Megatron checkpoint (converted or
     training; a run folder's newest) exported into ``scratch``."""
+    # megatron-core (seconds; after apply_cpu_patches): the CLI part stays light
     from megatron_papo.conversion.checkpoint import mcore_to_hf
     from megatron_papo.conversion.locate import resolve_model_path
 
@@ -266,8 +264,6 @@ def _hf_folder(model: str, scratch: str, log) -> str:
 
 def _images_per_prompt(args, datasets: dict) -> int:
     """--max-images-per-prompt, or the most images any prompt has."""
-    from megatron_papo.data import images_per_prompt
-
     limit = args.max_images_per_prompt
     if limit is not None and limit < 1:
         raise EvaluationError(f"--max-images-per-prompt {limit} must be >= 1")
@@ -276,6 +272,7 @@ def _images_per_prompt(args, datasets: dict) -> int:
 
 
 def run(args) -> dict:
+    # the engine: torch, megatron-core, vLLM (seconds; after apply_cpu_patches)
     from megatron_papo.rollout import EngineConfig, RolloutEngine, SamplingConfig
 
     if args.k < 1:
@@ -314,8 +311,6 @@ def run(args) -> dict:
         finally:
             engine.close()
     if presets:
-        from megatron_papo.data.benchmarks import GROUPS, summary_table
-
         scored = {n: results[n] for n in presets}
         log(f"[eval] avg@{args.k} accuracy (%), the paper's grouping:\n"
             + summary_table(scored, presets))
@@ -331,12 +326,11 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    # torch, then the CPU patches: --help and argument errors import neither
     from megatron_papo.compat import apply_cpu_patches
 
-    args = _parser().parse_args(argv)
     apply_cpu_patches()
-    from megatron_papo.cli import run_main
-
     return run_main(run, args, prog="evaluate")
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import socket
+import time
 
+import torch
 import torch.distributed as dist
 
 
@@ -32,10 +36,6 @@ def init_processes(timeout_minutes: float | None = None) -> None:
 
     With several processes a small gloo group with a short timeout rides along: ranks that fail
     agree there on one error line (:func:`gather_errors`)."""
-    import socket
-
-    import torch
-
     global _ERROR_CHANNEL
     if dist.is_initialized():
         return
@@ -78,6 +78,7 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
                               seed: int = 1234, timeout_minutes: float = 30) -> None:
     """Create megatron-core's model-parallel groups on an initialised default process group and
     seed the model-parallel RNG tracker (attention always forks it)."""
+    # megatron-core (seconds; after apply_cpu_patches): this module's top is torch.distributed only
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -99,7 +100,7 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
 
 
 def pipeline_backend() -> str:
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # megatron-core: as in initialize_model_parallel
 
     group = parallel_state.get_pipeline_model_parallel_group()
     return dist.get_backend(group)
@@ -148,10 +149,6 @@ def _store():
 def heartbeat(phase: str, step: int | None = None) -> None:
     """Record on the rendezvous store (not the process group: it outlives a hung or dead
     peer) what this rank is doing now; :func:`diagnose_collective_failure` reads it back."""
-    import json
-    import socket
-    import time
-
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     store = _store()
@@ -194,10 +191,6 @@ def diagnose_collective_failure(err: BaseException) -> str:
     """One line for a collective that failed: which peer stopped (the rank whose heartbeat is
     oldest: the others moved on to the collective it never reached), in which phase and step,
     how long ago, and whether its process is gone."""
-    import json
-    import socket
-    import time
-
     rank, world = dist.get_rank(), dist.get_world_size()
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     first = first.split("] ", 1)[-1].split(". ", 1)[0][:200]  # gloo's location and advice off

@@ -30,6 +30,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from PIL import Image
 
+from megatron_papo.conversion import checkpoint as ck
+from megatron_papo.conversion.locate import resolve_model_path
+from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
+from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks, forward_logits
+from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
+from megatron_papo.parallel import init_processes, initialize_model_parallel
+from megatron_papo.rl.logprobs import sampling_logits
+from megatron_papo.rl.masking import masked_copies
+from megatron_papo.rollout.inputs import PromptEncoder
+
 
 class PerceptionError(ValueError):
     """Bad input to a perception map; the message names the argument."""
@@ -67,14 +77,6 @@ class PerceptionScorer:
     def __init__(self, model: str, dtype: torch.dtype = torch.float32,
                  min_pixels: int | None = None, max_pixels: int | None = None,
                  temperature: float = 1.0, batch_size: int = 16):
-        from megatron_papo.conversion import checkpoint as ck
-        from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
-        from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
-        from megatron_papo.parallel import init_processes, initialize_model_parallel
-        from megatron_papo.rollout.inputs import PromptEncoder
-
-        from megatron_papo.conversion.locate import resolve_model_path
-
         init_processes()  # a no-op inside an initialised job
         found = resolve_model_path(model)
         if found.is_megatron:
@@ -104,10 +106,6 @@ class PerceptionScorer:
         """Log-probs [len(image_sets), R, V] of the sampling distribution at the positions that
         predict ids[first:], one row per set of images (each set: the prompt's images in order,
         of the sizes ``grids``; the same token ids)."""
-        from megatron_papo.models.qwen2_5_vl.provider import forward_logits
-        from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
-        from megatron_papo.rl.logprobs import sampling_logits
-
         out = []
         for start in range(0, len(image_sets), self.batch_size):
             chunk = image_sets[start:start + self.batch_size]
@@ -150,10 +148,6 @@ class PerceptionScorer:
     @torch.no_grad()
     def generate(self, image: Image.Image, question: str, max_new_tokens: int) -> str:
         """A greedy response (our model, full forward per token: for short answers)."""
-        from megatron_papo.models.qwen2_5_vl.provider import forward_logits
-        from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
-        from megatron_papo.rl.logprobs import sampling_logits
-
         _, encoded = self.prepare(image, question)
         ids = encoded.input_ids.tolist()
         prompt_len = len(ids)
@@ -178,8 +172,6 @@ class PerceptionScorer:
         every image at once (PAPO's masked branch), the occlusion map covers one region of one
         image at a time. ``fill``: the cover of an occluded region: "median" (that image's
         median colour), "mean", or an RGB tuple (black: (0, 0, 0))."""
-        from megatron_papo.rl.masking import masked_copies
-
         resized, encoded = self.prepare(image, question)
         resized = resized if isinstance(resized, list) else [resized]
         response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
@@ -259,10 +251,10 @@ def _png_bytes(image: Image.Image) -> bytes:
 def write_png(result: PerceptionMap, image, path: str) -> None:
     """The image(s), the occlusion heat map over each (one colour scale), and the response
     shaded by token KL."""
-    import matplotlib
+    import matplotlib  # optional (pip install matplotlib): only the PNG needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     images = _images(image)
     rows = len(images)

@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 
+import psutil
 import torch.distributed as dist
 
 from megatron_papo.parallel import process_alive
@@ -41,8 +42,6 @@ class FolderLockedError(RuntimeError):
 
 
 def _start_time(pid: int) -> float | None:
-    import psutil
-
     try:
         return psutil.Process(pid).create_time()
     except psutil.Error:

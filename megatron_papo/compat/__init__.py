@@ -83,6 +83,7 @@ def save_sharded(sharded_state_dict: dict, folder: str) -> None:
     interpreter imports the entry point's modules), so that an asynchronous save in another
     process can report back. A synchronous save's writers report to the saving process itself,
     where a plain queue carries the results (same files, same finalisation)."""
+    # megatron-core: this package is imported before apply_cpu_patches, which must precede it
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 

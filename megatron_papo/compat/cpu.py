@@ -334,6 +334,7 @@ def patch_rng_tracker() -> None:
     ``fork()`` then warns "CPU RNG state changed within GPU RNG context" on every dropout or
     attention call (the "GPU" generator IS the CPU one here); that one message is filtered.
     """
+    # patched here: imported after the import hook is installed (patch_megatron_core)
     from megatron.core.tensor_parallel import random as mp_random
 
     if getattr(mp_random, _MARK, False):
@@ -404,6 +405,7 @@ def patch_cuda_tensor_type_checks() -> None:
     Fix: only while those functions run, a CPU tensor's ``type()`` reports the CUDA type name and
     ``.cuda()`` returns the tensor itself.
     """
+    # patched here: imported after the import hook is installed (patch_megatron_core)
     from megatron.core.models.common.language_module import language_module
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
 
@@ -444,6 +446,7 @@ def patch_fresh_optimizer_state_for_loading() -> None:
     k-th parameter sees step 1+k: silently wrong bias correction. Fix: each parameter gets its own
     copy after loading.
     """
+    # patched here: imported after the import hook is installed (patch_megatron_core)
     from megatron.core.optimizer import distrib_optimizer
 
     cls = distrib_optimizer.DistributedOptimizer

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 
 @contextlib.contextmanager
 def engine_shutdown_keeps_process_group():
@@ -21,7 +23,7 @@ def engine_shutdown_keeps_process_group():
     sub-groups, TP/PP/DP groups) and forgets them, but leaves the default group alone. The patch
     is scoped to the context: outside it vLLM is untouched.
     """
-    from vllm.distributed import parallel_state as vps
+    from vllm.distributed import parallel_state as vps  # vLLM (seconds): engine paths only
 
     original = vps.destroy_distributed_environment
 
@@ -89,8 +91,7 @@ def score_with_sampling_distribution(worker, temperature: float | None,
     and divides by the temperature, until called again with ``temperature=None``. Only scoring
     requests run in between (their one sampled token is discarded). Run in every worker through
     ``collective_rpc``; returns how many layers it changed."""
-    import torch
-    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor  # vLLM: in its workers
 
     changed = 0
     for module in worker.get_model().modules():
@@ -128,6 +129,7 @@ def generate_continuations(llm, prompts: list[dict], continuations: list[list[li
     token ids (the image placeholders keep their offsets); vLLM documents passing rendered
     inputs to ``LLMEngine.add_request``. A vLLM without these entry points gets the plain path
     (one ``generate`` request per continuation, the placeholders collapsed for it to expand)."""
+    # vLLM (seconds to import): only the engine's paths need it
     from vllm.outputs import RequestOutput
     from vllm.sampling_params import RequestOutputKind
 

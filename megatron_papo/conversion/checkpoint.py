@@ -19,14 +19,17 @@ import json
 import os
 import resource
 import time
+import zipfile
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_papo.compat import save_sharded
+from megatron_papo.files import read_json
 from megatron_papo.models.qwen2_5_vl import (
     check_parallel_layout,
     load_hf_config,
@@ -37,8 +40,10 @@ from megatron_papo.models.qwen2_5_vl.bridge import expected_hf_names
 from megatron_papo.models.qwen2_5_vl.provider import (
     build_model_chunks,
     export_hf_weights,
+    forward_logits,
     load_hf_weights,
 )
+from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
 from megatron_papo.parallel import initialize_model_parallel
 
 from .atomic import atomic_output_dir, check_output
@@ -240,8 +245,6 @@ def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "b
 
 
 def read_meta(ckpt: str) -> dict:
-    from megatron_papo.files import read_json
-
     path = os.path.join(ckpt, META_FILE)
     if not os.path.isfile(path):
         raise ConversionError(f"{ckpt} is not a megatron_papo checkpoint (no {META_FILE}); "
@@ -257,10 +260,6 @@ def dist_checkpoint_problem(weights: str) -> str | None:
     """None if ``weights`` holds a complete megatron-core dist checkpoint (torch_dist), else
     what is wrong, naming the file: a missing or unreadable metadata file, a missing data file,
     or one shorter than its metadata says (a copy or a write that was cut off)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from megatron_papo.files import read_json
-
     for name in ("metadata.json", ".metadata", "common.pt"):
         if not os.path.isfile(os.path.join(weights, name)):
             return f"{os.path.join(weights, name)} is missing"
@@ -282,8 +281,6 @@ def dist_checkpoint_problem(weights: str) -> str | None:
         size = os.path.getsize(path)
         if size < end:
             return f"{path} is truncated ({size} bytes, the metadata needs {end})"
-    import zipfile
-
     if not zipfile.is_zipfile(os.path.join(weights, "common.pt")):
         return f"{os.path.join(weights, 'common.pt')} is truncated or corrupt"
     return None
@@ -441,10 +438,7 @@ def verify_conversion(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, seed: in
                       last_stage_layers: int | None = None) -> float:
     """Max abs logit difference between transformers on ``hf_dir`` and our model on ``ckpt``
     (at TP/PP), both fp32, on a text+image sample. The same value is returned on every rank."""
-    from transformers import AutoModelForImageTextToText
-
-    from megatron_papo.models.qwen2_5_vl.provider import forward_logits
-    from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
+    from transformers import AutoModelForImageTextToText  # seconds: only verification needs it
 
     text_spec_from_hf(load_hf_config(hf_dir))  # the reference exists and is Qwen2.5-VL
     HFCheckpointReader(hf_dir)

@@ -11,6 +11,8 @@ from typing import Iterable
 import torch
 from safetensors import safe_open
 
+from megatron_papo.files import read_json
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Files other than weights that belong to a usable HF folder (transformers, vLLM).
@@ -31,8 +33,6 @@ class HFCheckpointReader:
     with ``model.safetensors.index.json``), keeping at most the open file handles in memory."""
 
     def __init__(self, folder: str):
-        from megatron_papo.files import read_json
-
         self.folder = folder
         index = os.path.join(folder, INDEX_FILE)
         single = os.path.join(folder, SINGLE_FILE)

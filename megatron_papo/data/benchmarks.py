@@ -90,7 +90,7 @@ def available_presets() -> list[str]:
 
 def load_preset(name: str) -> BenchmarkPreset:
     """``configs/benchmark/<name>.yaml`` (or a path to such a file), validated."""
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf  # ~0.1 s: only presets need it (evaluate's --help imports us)
 
     path = name if name.endswith(".yaml") else os.path.join(PRESET_DIR, f"{name}.yaml")
     if not os.path.exists(path):

@@ -70,7 +70,7 @@ class LoadSummary:
 
 
 def _read(path: str):
-    import datasets
+    import datasets  # imports torch (seconds): only reading a file needs it
 
     if not os.path.exists(path):
         raise DataError(f"data file '{path}' does not exist")
@@ -86,7 +86,7 @@ def undecoded(table, column: str):
     (``Image()``, or a list/sequence of them): datasets would decode while iterating and a
     corrupt image would end the iteration with an exception; here each cell stays
     {"bytes", "path"} and :func:`row_images` decodes it, so a bad image is one counted row."""
-    from datasets import Image as HFImage
+    from datasets import Image as HFImage  # datasets: as in _read
     from datasets import List, Sequence  # List: datasets >= 4 (requirements.txt)
 
     feature = table.features.get(column)

@@ -6,7 +6,10 @@ chance."""
 from __future__ import annotations
 
 import io
+import os
 import random
+
+from PIL import Image
 
 QUESTION = "How many shapes are in the image?"
 COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
@@ -14,7 +17,7 @@ COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30,
 
 def draw_shapes(count: int, size: int, rng: random.Random):
     """A ``size`` x ``size`` RGB image with ``count`` non-overlapping filled circles/squares."""
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw  # ~50 ms (its fonts): the CLIs that import this package skip it
 
     image = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(image)
@@ -48,9 +51,7 @@ def counting_rows(n: int, seed: int = 0, size: int = 56, min_count: int = 1,
 def write_counting_dataset(folder: str, train: int = 2048, test: int = 256, seed: int = 0,
                            size: int = 56, max_count: int = 4) -> dict[str, str]:
     """Parquet files ``train.parquet`` and ``test.parquet`` (disjoint seeds); returns the paths."""
-    import os
-
-    import datasets
+    import datasets  # imports torch (seconds): only writing the files needs it
 
     os.makedirs(folder, exist_ok=True)
     paths = {}

@@ -76,7 +76,7 @@ def format_ok(response: str, config: RewardConfig | None = None) -> bool:
 def _grade(predicted: str, answer: str) -> bool:
     """math-verify's verdict; a pure function of the two strings, so it is memoised (the n
     responses of a group often box the same answer; sympy takes ~3 ms per comparison)."""
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # ~1 s (sympy): evaluate's CLI imports this module
 
     if predicted.strip() == answer.strip():  # equal strings are equal answers
         return True

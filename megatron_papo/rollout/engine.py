@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_papo.compat.vllm import (
+    engine_shutdown_keeps_process_group,
     generate_continuations,
     reprocess_tied_modules,
     score_with_sampling_distribution,
@@ -119,7 +120,7 @@ def data_parallel_share(count: int, dp_size: int, dp_rank: int, blocks: int = 1)
 
 def _training_dp() -> tuple[int, int]:
     try:
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state  # in the try: ImportError -> torch's world
         if parallel_state.model_parallel_is_initialized():
             return (parallel_state.get_data_parallel_rank(),
                     parallel_state.get_data_parallel_world_size())
@@ -156,6 +157,7 @@ def _quiet_vllm_logs() -> None:
 
 
 def _suppress_processor_class():
+    # vLLM (seconds to import): engine paths only
     from vllm.v1.sample.logits_processor import LogitsProcessor
 
     class SuppressTokens(LogitsProcessor):
@@ -224,7 +226,7 @@ class RolloutEngine:
         self.encoder = PromptEncoder(config.model_path, config.min_pixels, config.max_pixels,
                                      config.max_images_per_prompt)
         if vocab_size is None:
-            from transformers import AutoConfig
+            from transformers import AutoConfig  # seconds: with vLLM, not at import
             hf = AutoConfig.from_pretrained(config.model_path)
             vocab_size = getattr(hf, "text_config", hf).vocab_size
         self.vocab_size = vocab_size
@@ -245,7 +247,7 @@ class RolloutEngine:
             # logprobs would otherwise trigger an inductor compile that needs a C++ toolchain
             os.environ["TORCHDYNAMO_DISABLE"] = "1"
             torch._dynamo.config.disable = True
-        from vllm import LLM
+        from vllm import LLM  # vLLM (seconds to import): engine paths only
 
         _quiet_vllm_logs()
         return LLM(**llm_kwargs(self.config, self.encoder.processor_kwargs,
@@ -253,7 +255,7 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ generation
     def _sampling_params(self, sampling: SamplingConfig, index: int):
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # vLLM (seconds to import): engine paths only
 
         seed = None if sampling.seed is None else sampling.seed + index * sampling.n
         return SamplingParams(
@@ -387,7 +389,7 @@ class RolloutEngine:
 
     def _score(self, prompts: list, share: dict[int, tuple], temperature: float,
                images: Callable[[int, list], list] | None) -> dict[int, list[list[float]]]:
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # vLLM (seconds to import): engine paths only
 
         pad = self.encoder.image_token_id
         requests, ends = [], []
@@ -470,8 +472,6 @@ class RolloutEngine:
 
     def close(self) -> None:
         """Shut the engine down, keeping the trainer's process group alive."""
-        from megatron_papo.compat.vllm import engine_shutdown_keeps_process_group
-
         llm, self.llm = getattr(self, "llm", None), None
         _LIVE_ENGINES.discard(self)
         if llm is None:

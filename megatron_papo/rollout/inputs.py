@@ -59,7 +59,7 @@ class PromptEncoder:
 
     def __init__(self, model_path: str, min_pixels: int | None = None,
                  max_pixels: int | None = None, max_images_per_prompt: int = 1):
-        from transformers import AutoProcessor
+        from transformers import AutoProcessor  # seconds to import: only an encoder needs it
 
         self.processor = AutoProcessor.from_pretrained(model_path)
         image_processor = self.processor.image_processor

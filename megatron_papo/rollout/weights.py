@@ -23,6 +23,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from megatron_papo.models.qwen2_5_vl.bridge import HF_VIS
 from megatron_papo.models.qwen2_5_vl.provider import export_hf_weights
@@ -173,8 +174,6 @@ def iter_hf_weights(chunks: list, spec, dtype: torch.dtype | None = None,
     A collective over the TP and PP groups: every rank of the world must consume the generator
     to the end (e.g. ``engine.load_weights(iter_hf_weights(...))`` on every rank).
     ``include_vision=False`` pushes the language model only (frozen vision tower)."""
-    from megatron.core import parallel_state
-
     if bucket_bytes < 1:
         raise ValueError(f"rollout.weight_bucket_bytes={bucket_bytes} must be >= 1")
     stats = stats if stats is not None else PushStats()

@@ -9,24 +9,23 @@ import os
 import random
 
 import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+from megatron_papo.conversion import checkpoint as ck
+from megatron_papo.data import load_split, write_counting_dataset
+from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
+from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
+from megatron_papo.parallel import initialize_model_parallel
+from megatron_papo.rollout import build_rollout_batch
+from megatron_papo.rollout.inputs import PromptEncoder
+from megatron_papo.train.config import TrainConfig
+from megatron_papo.train.loop import supervised_updater, target_rollout, tiny_hf_folder
 
 
 def train_counting_model(folder: str, steps: int = 300, batch: int = 32, lr: float = 2e-3,
                          seed: int = 0) -> str:
     """Write ``<folder>/hf`` (the fitted model) and ``<folder>/data/{train,test}.parquet``;
     returns the HF folder. Runs on one initialised process (e.g. in ``run_distributed``)."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    from megatron_papo.conversion import checkpoint as ck
-    from megatron_papo.data import load_split, write_counting_dataset
-    from megatron_papo.models.qwen2_5_vl import load_hf_config, text_spec_from_hf
-    from megatron_papo.models.qwen2_5_vl.provider import build_model_chunks
-    from megatron_papo.parallel import initialize_model_parallel
-    from megatron_papo.rollout import build_rollout_batch
-    from megatron_papo.rollout.inputs import PromptEncoder
-    from megatron_papo.train.config import TrainConfig
-    from megatron_papo.train.loop import supervised_updater, target_rollout, tiny_hf_folder
-
     config = TrainConfig()
     config.trainer.seed = seed
     paths = write_counting_dataset(os.path.join(folder, "data"), train=1024, test=64, seed=seed)

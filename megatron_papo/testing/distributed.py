@@ -55,21 +55,22 @@ class DistributedTestTimeout(DistributedTestError):
 
 def _reset_global_state() -> None:
     """Undo what a test may have set in megatron-core's and torch's globals."""
-    import torch
+    import torch  # not at the top: see _worker_main
 
     try:
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state  # after the worker's apply_cpu_patches
 
         parallel_state.destroy_model_parallel()
     except Exception:  # noqa: BLE001 - best effort; a broken state is caught by the next test
         pass
     try:
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker  # as above
 
         get_cuda_rng_tracker().reset()
     except Exception:  # noqa: BLE001
         pass
     try:
+        # megatron-core: as above
         from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 
         destroy_num_microbatches_calculator()
@@ -85,6 +86,7 @@ def _destroy_subgroups() -> None:
     forgets its groups and a vLLM engine makes a dozen more: in a worker reused by many tests the
     gloo groups (two polling threads per peer each) piled up to ~900 threads per process and
     slowed every later test."""
+    # not at the top: see _worker_main
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
@@ -109,7 +111,7 @@ def _close_vllm() -> None:
             pass
     vps = sys.modules.get("vllm.distributed.parallel_state")
     if vps is not None and vps._WORLD is not None:
-        from megatron_papo.compat.vllm import engine_shutdown_keeps_process_group
+        from megatron_papo.compat.vllm import engine_shutdown_keeps_process_group  # imports torch
 
         try:
             with engine_shutdown_keeps_process_group():
@@ -130,9 +132,10 @@ def _worker_main(rank: int, world_size: int, store_port: int, conn, dump_path: s
     dump_file = open(dump_path, "w")  # noqa: SIM115 - lives as long as the worker
     faulthandler.register(signal.SIGUSR1, file=dump_file, all_threads=True)
     try:
+        # torch and the CPU patches only here: after the worker's environment, process group
+        # and stack-dump handler (this module is imported first, to unpickle the target)
         import torch
         import torch.distributed as dist
-
         from megatron_papo.compat import apply_cpu_patches
 
         torch.set_num_threads(threads)
@@ -245,7 +248,7 @@ def _threads_per_rank(world_size: int) -> int:
 
 
 def _start_pool(world_size: int) -> _Pool:
-    import torch.distributed as dist
+    import torch.distributed as dist  # not at the top: see _worker_main
 
     ctx = multiprocessing.get_context("spawn")
     pool = _Pool(world_size=world_size, tmpdir=tempfile.TemporaryDirectory(prefix="mp_harness_"))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import threading
+
 
 class PeakLive:
     """Peak of the bytes malloc has handed out and not taken back (glibc ``mallinfo2``: arena
@@ -11,8 +15,6 @@ class PeakLive:
     copies and collectives release the GIL, so transient peaks inside a step are seen too)."""
 
     def __init__(self):
-        import ctypes
-
         class MallInfo2(ctypes.Structure):
             _fields_ = [(n, ctypes.c_size_t) for n in (
                 "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
@@ -29,9 +31,6 @@ class PeakLive:
         self.top = max(self.top, self.live())
 
     def __enter__(self):
-        import gc
-        import threading
-
         gc.collect()
         self.base = self.top = self.live()
         self._stop = threading.Event()

@@ -10,6 +10,7 @@ __all__ = ["ConfigError", "TrainConfig", "Trainer", "build_config"]
 
 def __getattr__(name: str):
     if name == "Trainer":
+        # lazy on purpose: megatron-core and vLLM only after the entry point's CPU patches
         from .loop import Trainer
 
         return Trainer

@@ -4,19 +4,31 @@ Single process by default; under torchrun every process runs it (TP/PP/DP from `
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
+import hydra
+import psutil
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from megatron_papo.cli import fail, internal_error, is_user_error, quiet_redundant_logs
+from megatron_papo.compat import apply_cpu_patches
+from megatron_papo.parallel import (
+    diagnose_collective_failure,
+    init_processes,
+    is_collective_failure,
+)
+
+from .config import CONFIG_DIR, TrainerConfig, build_config
 
 
 def _exit_now(code: int) -> None:
     """Exit at once, without the process group's teardown (it would wait for the lost peer
     again) and without leaving a child process behind (os._exit skips the handlers that would
     stop multiprocessing's children)."""
-    import contextlib
-
-    import psutil
-
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
             child.kill()
@@ -26,20 +38,8 @@ def _exit_now(code: int) -> None:
 
 
 def run(raw: dict) -> None:
-    from megatron_papo.compat import apply_cpu_patches
-
     apply_cpu_patches()
-    import torch.distributed as dist
-
-    from megatron_papo.cli import fail, internal_error, is_user_error, quiet_redundant_logs
-    from megatron_papo.parallel import (
-        diagnose_collective_failure,
-        init_processes,
-        is_collective_failure,
-    )
-
-    from .config import TrainerConfig, build_config
-    from .loop import Trainer
+    from .loop import Trainer  # megatron-core and vLLM: after apply_cpu_patches(), which they need
 
     quiet_redundant_logs()
     timeout = (raw.get("trainer") or {}).get("collective_timeout_minutes")
@@ -74,20 +74,11 @@ def run(raw: dict) -> None:
 
 
 def main() -> None:
-    import hydra
-    from omegaconf import OmegaConf
-
-    from omegaconf.errors import MissingMandatoryValue
-
-    from .config import CONFIG_DIR
-
     @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=None)
     def _main(cfg) -> None:
         try:
             raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         except MissingMandatoryValue as err:
-            from megatron_papo.cli import fail
-
             key = getattr(err, "full_key", None) or str(err)
             fail(f"{key} has no value and this configuration needs one: pass {key}=... on the "
                  "command line")

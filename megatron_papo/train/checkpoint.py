@@ -27,9 +27,13 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.utils import unwrap_model
 
 from megatron_papo.compat import save_sharded
+from megatron_papo.conversion.atomic import atomic_output_dir
+from megatron_papo.conversion.checkpoint import FORMAT, HF_DIR, META_FILE, WEIGHTS_DIR
+from megatron_papo.conversion.hf_io import copy_sidecar_files
 from megatron_papo.conversion.locate import PREFIX, RNG_DIR, STATE_FILE, step_dirs
 
 CKPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -51,8 +55,6 @@ def _sharded(chunks: list, optimizer, is_loading: bool) -> dict:
 
 
 def _rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
              "python": random.getstate(),
              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
@@ -62,8 +64,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -75,10 +75,6 @@ def _set_rng_state(state: dict) -> None:
 def save(root: str, step: int, chunks: list, optimizer, state: dict, config: dict, hf_dir: str,
          dtype: str, layout: dict, keep_last: int = 2) -> str:
     """Write checkpoint ``step`` (every rank calls it); returns its folder."""
-    from megatron_papo.conversion.atomic import atomic_output_dir
-    from megatron_papo.conversion.checkpoint import FORMAT, HF_DIR, META_FILE, WEIGHTS_DIR
-    from megatron_papo.conversion.hf_io import copy_sidecar_files
-
     rank = dist.get_rank()
     path = step_dir(root, step)
     os.makedirs(root, exist_ok=True)
@@ -113,10 +109,6 @@ def save(root: str, step: int, chunks: list, optimizer, state: dict, config: dic
 
 def load(path: str, chunks: list, optimizer, layout: dict, log=print) -> dict:
     """Load weights, optimizer and (same layout only) RNG states; returns the trainer state."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_papo.conversion.checkpoint import META_FILE, WEIGHTS_DIR
-
     state = dist_checkpointing.load(_sharded(chunks, optimizer, is_loading=True),
                                     os.path.join(path, WEIGHTS_DIR))
     unwrap_model(chunks[0]).load_state_dict(state["model"])

@@ -7,10 +7,13 @@ line naming the key and what is allowed."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import types
 import typing
 from dataclasses import dataclass, field
+
+import yaml
 
 from megatron_papo.data import DataConfig
 from megatron_papo.evaluate import EVAL_K
@@ -68,6 +71,7 @@ class ModelConfig:
 
     def transformer_overrides(self) -> tuple[dict, dict]:
         """TransformerConfig fields of the language model and of the vision tower."""
+        # megatron-core (seconds; after apply_cpu_patches): config checks stay free of it
         from megatron_papo.models.qwen2_5_vl.precision import fp8_fields, recompute_fields
 
         fp8 = fp8_fields(self.fp8, self.fp8_recipe, self.fp8_bf16_first_layers,
@@ -269,8 +273,6 @@ class TrainConfig:
 def algorithm_preset(name: str, **loss) -> AlgorithmConfig:
     """The algorithm option ``name`` as the main job reads it (``configs/algorithm/<name>.yaml``),
     ``loss`` fields overridden: for tools and tests that need an algorithm's numbers."""
-    import yaml
-
     if name not in algorithm_names():
         raise ConfigError(f"algorithm.name={name!r}: choose one of {algorithm_names()}")
     with open(os.path.join(CONFIG_DIR, "algorithm", f"{name}.yaml")) as f:
@@ -339,7 +341,7 @@ def _positive(config: TrainConfig, keys: list[str]) -> None:
 
 def _check_gpu_settings(config: TrainConfig) -> None:
     """The layer spec, FP8, recompute and GPU-only settings can run on this machine."""
-    from megatron_papo.models.qwen2_5_vl import precision
+    from megatron_papo.models.qwen2_5_vl import precision  # megatron-core: not at import (as above)
 
     m, p = config.model, config.parallel
     if m.params_dtype not in DTYPES:
@@ -373,8 +375,6 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
         raise ConfigError(f"algorithm.name={config.algorithm.name!r}: choose one of "
                           f"{algorithm_names()}")
     if config.logging.wandb_project:
-        import importlib.util
-
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError(f"logging.wandb_project={config.logging.wandb_project!r} is set but "
                               "wandb is not installed: pip install wandb, or unset it")

@@ -104,14 +104,14 @@ class Metrics:
             return
         if config.tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional (tensorboard)
 
                 self.tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"))
             except ImportError:
                 log("[train] TensorBoard is not installed (pip install tensorboard): metrics go "
                      f"to {self.path} only")
         if config.wandb_project:
-            import wandb
+            import wandb  # optional: pip install wandb (build_config checks it is there)
 
             self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name,
                                     dir=folder, config=run_config)

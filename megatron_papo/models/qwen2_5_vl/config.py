@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from megatron_papo.files import read_json
+
 
 class ModelConfigError(ValueError):
     """An HF config or a parallel layout the model cannot use; names the key and the fix."""
@@ -165,8 +167,6 @@ def text_spec_from_hf(hf: dict) -> Qwen25VLTextSpec:
 def load_hf_config(path: str) -> dict:
     """Read ``config.json`` from a checkpoint folder (or the file itself)."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    from megatron_papo.files import read_json
-
     if not os.path.exists(file):
         raise ModelConfigError(f"no config.json at {file}: pass the HF checkpoint folder")
     config = read_json(file, ModelConfigError)

@@ -9,6 +9,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron.core.utils import unwrap_model
 
 from megatron_papo.models.mapping.engine import export_megatron_to_hf, load_hf_into_megatron
@@ -104,9 +106,6 @@ def forward_logits(chunks: list, input_ids: torch.Tensor, position_ids: torch.Te
     """Logits [b, s, vocab] of one batch through megatron-core's forward-only schedule (any PP).
     Returned on the last pipeline stage (the full vocabulary gathered across TP unless
     ``gather_vocab=False``); None on other stages."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
     stored = []
     batch = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                  pixel_values=pixel_values, image_grid_thw=image_grid_thw)

@@ -6,6 +6,11 @@ from __future__ import annotations
 import copy
 
 import torch
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -85,8 +90,6 @@ def _group_plan(params, device) -> _GroupPlan:
 
 
 def _packed_attention_class():
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
     class PackedDotProductAttention(DotProductAttention):
         """megatron-core's local core attention, also for packed (THD) micro-batches, which it
         refuses. With ``packed_seq_params`` (qkv_format "thd", q [t, heads, d], k/v [t, groups,
@@ -122,8 +125,6 @@ def _packed_attention_class():
 
 def language_layer_spec(name: str) -> ModuleSpec:
     if name == "local":
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
         spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
@@ -133,10 +134,6 @@ def language_layer_spec(name: str) -> ModuleSpec:
         problem = layer_spec_problem(name)  # megatron-core's builder fails obscurely without TE
         if problem:
             raise ValueError(problem)
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
-
         return get_gpt_layer_with_transformer_engine_spec()
     raise ValueError(f"model.layer_spec={name!r} is not one of {LAYER_SPECS}")
 
@@ -147,7 +144,7 @@ def language_block_spec(name: str, config, vp_stage: int | None = None
     layer = language_layer_spec(name)
     final_norm = RMSNorm
     if name == "te":
-        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.extensions.transformer_engine import TENorm  # GPU-only (TE)
 
         final_norm = TENorm
     return TransformerBlockSubmodules(

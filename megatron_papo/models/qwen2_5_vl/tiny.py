@@ -8,8 +8,10 @@ from __future__ import annotations
 import copy
 import os
 import random
+import re
 
 import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 VOCAB = 320  # 256 byte tokens + 54 BPE merges + the special tokens (+ 3 unused rows)
 # ids of the special tokens in the tiny vocabulary (the real model: 151643...)
@@ -112,8 +114,7 @@ def _corpus(n: int = 400, seed: int = 0) -> list[str]:
 def build_tokenizer():
     """A byte-level BPE tokenizer with VOCAB - len(SPECIAL_TOKENS) - 1 learned tokens and the
     special tokens at the ids of :data:`SPECIAL_TOKENS`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # seconds: only building the files needs it
 
     learned = min(SPECIAL_TOKENS.values())
     tok = Tokenizer(models.BPE())
@@ -147,10 +148,7 @@ def build_word_tokenizer(texts: list[str] = ()):
     tasks far faster on such a vocabulary (~35 tokens for the counting task) than on bytes. Decoding
     concatenates tokens without spaces (``<think></think>\\boxed{12}``): answers stay intact;
     prose inside ``<think>`` reads run together, which the grader ignores."""
-    import re
-
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # seconds: only building the files needs it
 
     split = pre_tokenizers.Sequence([
         pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
@@ -190,6 +188,7 @@ def with_tokenizer(config: dict, tokenizer, vocab_multiple: int = 8) -> dict:
 
 
 def build_processor(tokenizer=None, min_pixels: int = 56 * 56, max_pixels: int = 224 * 224):
+    # transformers (seconds to import): only building the files needs it
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
@@ -204,6 +203,7 @@ def build_processor(tokenizer=None, min_pixels: int = 56 * 56, max_pixels: int =
 def reference_model(hf_config: dict, seed: int = 0):
     """transformers' Qwen2.5-VL with random weights (norm weights and biases random too, so that
     a mapping mistake cannot hide behind ones and zeros)."""
+    # transformers (seconds to import): only the reference model needs it
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)

@@ -31,7 +31,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import sharded_state_dict_default
 
 from .config import ModelConfigError
-from .specs import RMSNorm
+from .specs import RMSNorm, language_layer_spec
 
 
 # --------------------------------------------------------------------------- index helpers
@@ -164,8 +164,6 @@ def vision_layer_spec(name: str = "local") -> ModuleSpec:
     """The vision block: the GPT layer spec with bidirectional, segment-confined attention
     (local: :class:`SegmentAttention`; te: TE's attention on the packed THD layout, where
     megatron-core turns ``no_mask`` into TE's ``padding`` mask over ``cu_seqlens``)."""
-    from .specs import language_layer_spec
-
     spec = copy.deepcopy(language_layer_spec(name))
     attention = spec.submodules.self_attention
     attention.params = {**attention.params, "attn_mask_type": AttnMaskType.no_mask}
