@@ -121,3 +121,27 @@ def test_startup_hook_fixes_torchvision_in_foreign_interpreters():
                            capture_output=True, text=True, timeout=60)
     assert "megatron_papo._startup" in start.stderr and "torch" not in {
         line.rsplit("|", 1)[-1].strip() for line in start.stderr.splitlines()}
+
+
+def test_two_jobs_tp_engines_get_their_own_cpu_shared_memory(monkeypatch):
+    """vLLM on CPU names a TP group's shared memory after its init method's port, which an engine
+    inside a training process (env://) lacks: two jobs' TP-2 engines on one machine collided
+    (errno 17; seen with two test workers). After compat.vllm.cpu_shm_names_per_job the name
+    carries the job's MASTER_PORT and no '/' (shm_open refuses one inside a name: errno 22)."""
+    import types
+
+    from vllm.distributed.device_communicators import cpu_communicator as cc
+
+    from megatron_papo.compat.vllm import cpu_shm_names_per_job
+
+    cpu_shm_names_per_job()
+    cpu_shm_names_per_job()  # idempotent: the port is added once
+    monkeypatch.setenv("VLLM_DIST_IDENT", "//")  # what vLLM's CPU worker sets for env://
+    group = types.SimpleNamespace(unique_name="tp:0", ranks=[0, 1])
+    names = {}
+    for port in ("29511", "29512"):
+        monkeypatch.setenv("MASTER_PORT", port)
+        names[port] = cc._CPUSHMDistributed.make_group_name(group)
+    assert names["29511"] != names["29512"]
+    assert all(n.startswith(p + "-") and "/" not in n and n.count(p) == 1
+               for p, n in names.items()), names

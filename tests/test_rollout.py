@@ -430,14 +430,15 @@ def _push_memory(folder, tp, pp, bucket):
 def test_push_memory_is_bounded_by_the_bucket(tmp_path, tp, pp):
     """A 35 MB (fp32) model pushed in 1 MiB buckets: the peak of live memory a push adds on any
     rank (TP gathers, bucket packing, the PP broadcast and receive) stays within one bucket plus
-    the largest tensor (+1 MiB for the interpreter and gloo); keeping the whole model, the
+    the largest tensor (+2 MiB for the interpreter, gloo and the sampler: 1 MiB was exceeded by
+    0.14 MiB once, with another test worker loading the machine); keeping the whole model, the
     control, exceeds that bound (so the measurement can see a leak)."""
     folder = str(tmp_path / "hf_big")
     write_tiny_checkpoint(folder, dtype=torch.float32, layers=8, intermediate_size=2048,
                           vocab_size=8192)
     bucket = 2**20
     for r in run_distributed(_push_memory, tp * pp, folder, tp, pp, bucket, timeout=600):
-        bound = bucket + r["largest"] + 2**20
+        bound = bucket + r["largest"] + 2 * 2**20
         assert r["stats"].largest_bucket_bytes <= bucket
         assert r["stats"].bytes == r["total"] > 3 * bound
         assert r["streamed"] <= bound, (r["streamed"], bound)

@@ -7,8 +7,30 @@ trainer, whose default process group (and megatron-core's groups) must outlive t
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
+
+
+def cpu_shm_names_per_job() -> None:
+    """Failure fixed: vLLM on CPU names the shared memory of a TP group's collectives after the
+    port of its distributed init method; an engine inside a training process (the external
+    launcher, ``env://``) has none, so every TP > 1 engine on one machine takes the same name and
+    a second job's engine fails with ``create shm in SHMManager failed. errno: 17`` (two test
+    workers, or two CPU jobs on one machine). The job's MASTER_PORT (the same on all its ranks,
+    held by it while it runs) is added to the name. Idempotent; CPU engines only."""
+    from vllm.distributed.device_communicators import cpu_communicator as cc
+
+    make = cc._CPUSHMDistributed.make_group_name
+    if getattr(make, "_per_job", False):
+        return
+
+    def per_job(communicator) -> str:
+        # (no '/' inside: shm_open refuses it; vLLM's own name starts with the '//' of env://)
+        return f"{os.environ.get('MASTER_PORT', '')}-{make(communicator).replace('/', '')}"
+
+    per_job._per_job = True
+    cc._CPUSHMDistributed.make_group_name = staticmethod(per_job)
 
 
 @contextlib.contextmanager

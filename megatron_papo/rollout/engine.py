@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_papo.compat.vllm import (
+    cpu_shm_names_per_job,
     engine_shutdown_keeps_process_group,
     generate_continuations,
     reprocess_tied_modules,
@@ -247,6 +248,7 @@ class RolloutEngine:
             # logprobs would otherwise trigger an inductor compile that needs a C++ toolchain
             os.environ["TORCHDYNAMO_DISABLE"] = "1"
             torch._dynamo.config.disable = True
+            cpu_shm_names_per_job()
         from vllm import LLM  # vLLM (seconds to import): engine paths only
 
         _quiet_vllm_logs()
