@@ -219,6 +219,32 @@ def test_images_repeated_across_samples_are_encoded_once():
     torch.testing.assert_close(once, each, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("one_grid", [True, False], ids=["one-grid", "mixed-grids"])
+def test_runs_of_equal_images_are_found(one_grid):
+    """consecutive_duplicates: the distinct images of each run of equal images, in order, and the
+    index handing every original image its run's features (one grid: one vectorised
+    comparison; mixed grids: image by image). A batch without repeats gives None."""
+    from megatron_papo.models.qwen2_5_vl.vision import consecutive_duplicates
+
+    g = torch.Generator().manual_seed(0)
+
+    def image(h, w):
+        return torch.randn(h * w, 12, generator=g), torch.tensor([[1, h, w]])
+
+    a, b = image(2, 2), image(2, 2)
+    c = image(2, 2) if one_grid else image(2, 4)
+    order, runs, owners = [a, a, b, b, b, c, a], [a, b, c, a], [0, 0, 1, 1, 1, 2, 3]
+    (pixels, grid), index = consecutive_duplicates(
+        torch.cat([x[0] for x in order]), torch.cat([x[1] for x in order]), 4)
+    assert torch.equal(pixels, torch.cat([x[0] for x in runs]))
+    assert torch.equal(grid, torch.cat([x[1] for x in runs]))
+    features = [x[0].shape[0] // 4 for x in runs]
+    offsets = [sum(features[:r]) for r in range(len(runs))]
+    assert index.tolist() == [i for o in owners for i in range(offsets[o], offsets[o] + features[o])]
+    assert consecutive_duplicates(torch.cat([a[0], b[0], c[0]]),
+                                  torch.cat([a[1], b[1], c[1]]), 4) is None
+
+
 def test_flat_and_nested_hf_configs_translate_the_same():
     assert text_spec_from_hf(Q.flat_hf_config()) == text_spec_from_hf(Q.tiny_hf_config())
 

@@ -540,6 +540,32 @@ def test_seeded_batch_larger_than_a_scheduler_step(folders):
     assert first == second and len(first) == 48 and all(len(s) == 4 for s in first)
 
 
+def test_encoder_gives_the_processors_inputs(folders):
+    """PromptEncoder.encode_one (image processor + placeholder expansion + tokenizer, without
+    the processor's per-call overhead) gives exactly what the HF processor's __call__ gives:
+    token ids, pixel values and grids of text-only, one-image and two-image prompts. A text that
+    writes its own image placeholder is refused in one line."""
+    from megatron_papo.rollout import PromptEncoder
+    from megatron_papo.rollout.settings import RolloutInputError
+
+    encoder = PromptEncoder(folders[0], min_pixels=28 * 28, max_pixels=112 * 112,
+                            max_images_per_prompt=2)
+    for index, messages in enumerate(R.prompts(two_images=True)):
+        encoded = encoder.encode_one(messages, index)
+        images = encoder.images(messages, index)
+        reference = encoder.processor(text=[encoded.text], images=images or None,
+                                      return_tensors="pt",
+                                      **(encoder.processor_kwargs if images else {}))
+        assert torch.equal(encoded.input_ids, reference["input_ids"][0])
+        if images:
+            assert torch.equal(encoded.pixel_values, reference["pixel_values"])
+            assert torch.equal(encoded.image_grid_thw, reference["image_grid_thw"])
+        else:
+            assert encoded.pixel_values is None
+    with pytest.raises(RolloutInputError, match="2 image placeholders for 1 images"):
+        encoder.encode_one(R.user("a <|image_pad|> here", R.image(56, 56, 3)), 7)
+
+
 def test_rollout_batch_layout_and_masked_images(folders):
     """build_rollout_batch on a hand-made rollout (no engine needed): every response is a sample
     with its prompt's images (in order), the length is padded to the TP multiple, the response
@@ -550,18 +576,19 @@ def test_rollout_batch_layout_and_masked_images(folders):
     from megatron_papo.rl.masking import IMAGE_SEED_STRIDE, mask_image
     from megatron_papo.rollout import PromptEncoder, PromptRollout, Response, build_rollout_batch
 
-    encoder = PromptEncoder(folders[0], min_pixels=28 * 28, max_pixels=112 * 112)
-    prompts = R.prompts()
+    encoder = PromptEncoder(folders[0], min_pixels=28 * 28, max_pixels=112 * 112,
+                            max_images_per_prompt=2)
+    prompts = R.prompts(two_images=True)
     rollouts = []
-    for index in (0, 1, 2):
+    for index in (0, 1, 2, 3):
         (encoded,) = encoder.encode([prompts[index]])
         responses = [Response([40 + k, 41, 42][:k + 1], [-0.5 - k, -1.0, -1.5][:k + 1], "stop")
                      for k in range(3)]
         rollouts.append(PromptRollout(index, encoded.input_ids.tolist(), responses))
     batch = build_rollout_batch(prompts, rollouts, encoder, pad_multiple=4, mask_ratio=0.6,
                                 mask_seed=9)
-    assert len(batch) == 9 and batch.input_ids.shape[1] % 4 == 0
-    assert batch.images_per_sample.tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 1]
+    assert len(batch) == 12 and batch.input_ids.shape[1] % 4 == 0
+    assert batch.images_per_sample.tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 1, 2, 2, 2]
     lengths = batch.attention_mask.sum(-1).tolist()
     for i, (r, k) in enumerate((r, k) for r in rollouts for k in range(3)):
         n_prompt = len(r.prompt_ids)
@@ -572,16 +599,17 @@ def test_rollout_batch_layout_and_masked_images(folders):
         assert batch.rollout_logp[i, n_prompt:n_prompt + k + 1].tolist() == r.responses[k].logprobs
     assert torch.equal(batch.position_ids, get_rope_index(
         batch.input_ids, batch.image_grid_thw, encoder.image_token_id, 2, batch.attention_mask))
-    (first,) = encoder.encode([prompts[0]])
-    (third,) = encoder.encode([prompts[2]])
-    masked = [encoder.pixel_values([mask_image(e.images[0], 0.6, 14, seed=9 + i *
-                                                IMAGE_SEED_STRIDE)])
-              for i, e in ((0, first), (2, third))]
-    p0, p2 = first.pixel_values.shape[0], third.pixel_values.shape[0]
-    assert batch.pixel_values.shape[0] == 3 * p0 + 3 * p2
+    first, _, third, fourth = encoder.encode(prompts)
+    masked = [torch.cat([encoder.pixel_values([mask_image(im, 0.6, 14, seed=9 + i *
+                                                          IMAGE_SEED_STRIDE + k)])
+                         for k, im in enumerate(e.images)])
+              for i, e in ((0, first), (2, third), (3, fourth))]
+    p0, p2, p3 = (e.pixel_values.shape[0] for e in (first, third, fourth))
+    assert batch.pixel_values.shape[0] == 3 * (p0 + p2 + p3)
     assert torch.equal(batch.pixel_values[:p0], first.pixel_values)
     assert torch.equal(batch.masked_pixel_values[:p0], masked[0])
-    assert torch.equal(batch.masked_pixel_values[-p2:], masked[1])
+    assert torch.equal(batch.masked_pixel_values[3 * p0 + 2 * p2:3 * (p0 + p2)], masked[1])
+    assert torch.equal(batch.masked_pixel_values[-p3:], masked[2])
     assert not torch.equal(batch.masked_pixel_values, batch.pixel_values)
     part = batch.select(5, 8)  # text sample, then two samples of the third prompt
     assert part.images_per_sample.tolist() == [0, 1, 1]

@@ -31,7 +31,8 @@ def build_rollout_batch(prompts: list, rollouts: list[PromptRollout], encoder: P
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     merge = encoder.processor.image_processor.merge_size
     rows, prompt_lens, logps = [], [], []
-    pixels, masked, grids, per_sample = [], [], [], []
+    pixels, masked, grids, per_sample, prompt_positions = [], [], [], [], []
+    masked_images, masked_at = [], []  # every prompt's masked copies: one processor call
     for rollout in rollouts:
         encoded = rollout.encoded or encoder.encode_one(prompts[rollout.index], rollout.index)
         if encoded.input_ids.tolist() != rollout.prompt_ids:
@@ -39,11 +40,17 @@ def build_rollout_batch(prompts: list, rollouts: list[PromptRollout], encoder: P
                 f"prompt {rollout.index}: the trainer's processor gives other prompt ids than the "
                 "engine consumed; both must use the same processor, chat template and min/max "
                 "pixels")
-        masked_pixels = None
+        # the prompt's MRoPE positions, once for its n responses (text after it continues them)
+        prompt_positions.append(get_rope_index(encoded.input_ids[None], encoded.image_grid_thw,
+                                               encoder.image_token_id, merge)[:, 0])
         if encoded.images and mask_ratio is not None:
-            masked_pixels = encoder.pixel_values(masked_copies(
-                encoded.images, rollout.index, mask_ratio, mask_patch, mask_seed))
+            masked_at.append((encoded.image_grid_thw, len(rollout.responses)))
+            masked_images += masked_copies(encoded.images, rollout.index, mask_ratio, mask_patch,
+                                           mask_seed)
         for response in rollout.responses:
+            if encoder.image_token_id in response.token_ids:
+                raise ValueError(f"prompt {rollout.index}: a response holds the image-pad token "
+                                 f"(id {encoder.image_token_id}), which only an image may use")
             rows.append(rollout.prompt_ids + response.token_ids)
             prompt_lens.append(len(rollout.prompt_ids))
             logps.append(response.logprobs)
@@ -51,25 +58,36 @@ def build_rollout_batch(prompts: list, rollouts: list[PromptRollout], encoder: P
             if encoded.images:
                 pixels.append(encoded.pixel_values)
                 grids.append(encoded.image_grid_thw)
-                if masked_pixels is not None:
-                    masked.append(masked_pixels)
     if not rows:
         raise ValueError("no rollouts to build a batch from")
+    if masked_images:  # each sample's masked pixel values, in sample order
+        values = encoder.pixel_values(masked_images)
+        at = 0
+        for grid, n in masked_at:
+            count = int(grid.prod(-1).sum())
+            masked += [values[at:at + count]] * n
+            at += count
     width = max(len(r) for r in rows)
     width = -(-width // pad_multiple) * pad_multiple
     n = len(rows)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention = torch.zeros(n, width, dtype=torch.long)
-    response_mask = torch.zeros(n, width, dtype=torch.long)
-    rollout_logp = torch.zeros(n, width, dtype=torch.float32)
-    for i, (row, start, lp) in enumerate(zip(rows, prompt_lens, logps)):
-        input_ids[i, :len(row)] = torch.tensor(row)
-        attention[i, :len(row)] = 1
-        response_mask[i, start:len(row)] = 1
-        rollout_logp[i, start:len(row)] = torch.tensor(lp, dtype=torch.float32)
+    input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
+    columns = torch.arange(width)
+    lengths = torch.tensor([len(r) for r in rows])[:, None]
+    starts = torch.tensor(prompt_lens)[:, None]
+    attention = (columns < lengths).long()
+    response_mask = ((columns >= starts) & (columns < lengths)).long()
+    rollout_logp = torch.tensor([[0.0] * start + lp + [0.0] * (width - start - len(lp))
+                                 for start, lp in zip(prompt_lens, logps)], dtype=torch.float32)
+    position_ids = torch.zeros(3, n, width, dtype=torch.long)
+    first = 0
+    for rollout, before in zip(rollouts, prompt_positions):
+        start, last = before.shape[1], first + len(rollout.responses)
+        after = int(before.max()) + 1 if start else 0
+        position_ids[:, first:last, :start] = before[:, None]
+        position_ids[:, first:last, start:] = torch.arange(after, after + width - start)
+        first = last
+    position_ids *= attention  # padding: position 0
     image_grid_thw = torch.cat(grids) if grids else None
-    position_ids = get_rope_index(input_ids, image_grid_thw, encoder.image_token_id, merge,
-                                  attention_mask=attention)
     return RolloutBatch(
         input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
         response_mask=response_mask,

@@ -72,6 +72,7 @@ class PromptEncoder:
         self.max_images_per_prompt = max_images_per_prompt
         self.tokenizer = self.processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.merge_units = image_processor.merge_size ** 2  # patches per image token
 
     # the kwargs both the engine's and our processor calls get
     @property
@@ -133,12 +134,31 @@ class PromptEncoder:
         images = self.images(messages, index)
         text = self.processor.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=True)
-        encoded = self.processor(text=[text], images=images or None, return_tensors="pt",
-                                 **(self.processor_kwargs if images else {}))
-        return EncodedPrompt(
-            text=text, images=images, input_ids=encoded["input_ids"][0].long(),
-            pixel_values=encoded.get("pixel_values") if images else None,
-            image_grid_thw=encoded.get("image_grid_thw") if images else None)
+        if not images:
+            return EncodedPrompt(text=text, images=[], input_ids=self._token_ids(text))
+        # what the processor's __call__ does, without its per-call overhead (~1.5 ms of its ~2 ms
+        # on a small image): the image processor, then each image placeholder expanded to the
+        # image's token count and the text tokenized (tests: equal to the processor's output)
+        encoded = self.processor.image_processor(images=images, return_tensors="pt",
+                                                 **self.processor_kwargs)
+        grid = encoded["image_grid_thw"]
+        return EncodedPrompt(text=text, images=images,
+                             input_ids=self._token_ids(self._expanded(text, grid, index)),
+                             pixel_values=encoded["pixel_values"], image_grid_thw=grid)
+
+    def _expanded(self, text: str, grid: torch.Tensor, index: int) -> str:
+        """``text`` with its i-th image placeholder repeated once per token of image i."""
+        placeholder = self.processor.image_token
+        parts = text.split(placeholder)
+        if len(parts) - 1 != len(grid):
+            raise RolloutInputError(
+                f"prompt {index}: the chat template wrote {len(parts) - 1} image placeholders "
+                f"for {len(grid)} images; each image item needs its place in the template")
+        counts = (grid.prod(-1) // self.merge_units).tolist()
+        return parts[0] + "".join(placeholder * n + rest for n, rest in zip(counts, parts[1:]))
+
+    def _token_ids(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
 
     def pixel_values(self, images: list) -> torch.Tensor:
         """Pixel values of already validated images (e.g. their masked copies)."""

@@ -86,9 +86,20 @@ def consecutive_duplicates(pixel_values: torch.Tensor, grid_thw: torch.Tensor, m
     ((distinct pixel_values, distinct grid_thw), index) where ``features_of_distinct[index]``
     are the features of every image in the original order. Same features, same gradients (the
     repeated uses sum into the one encoding), a fraction of the work."""
-    patches = grid_thw.prod(-1).tolist()
-    if len(patches) < 2:
+    if len(grid_thw) < 2:
         return None
+    if bool((grid_thw == grid_thw[0]).all()):  # one grid (the usual batch): one comparison
+        count, size = len(grid_thw), int(grid_thw[0].prod())
+        images = pixel_values.reshape(count, size, -1)
+        repeated = (images[1:] == images[:-1]).flatten(1).all(-1)
+        if not bool(repeated.any()):
+            return None
+        new = torch.cat([torch.ones(1, dtype=torch.bool), ~repeated])
+        owner = new.cumsum(0) - 1
+        features = size // merge_units
+        index = (owner[:, None] * features + torch.arange(features)).flatten()
+        return (images[new].reshape(-1, pixel_values.shape[-1]), grid_thw[new]), index
+    patches = grid_thw.prod(-1).tolist()
     starts = [0]
     for p in patches:
         starts.append(starts[-1] + p)
