@@ -207,24 +207,29 @@ def _shared_image_encoding():
     with torch.no_grad():
         once = vision(batch["pixel_values"], batch["image_grid_thw"])
         each = vision._encode(batch["pixel_values"], batch["image_grid_thw"])
-    return once, each, seen, batch["image_grid_thw"]
+        keyed = vision(batch["pixel_values"], batch["image_grid_thw"],
+                       torch.tensor([3, 3, 3, 0, 9, 9]))
+    return once, each, keyed, seen, batch["image_grid_thw"]
 
 
 def test_images_repeated_across_samples_are_encoded_once():
     """The n samples of a prompt carry the same image: the tower encodes each run of equal
-    images once and hands every sample the same features as encoding it separately."""
-    (once, each, seen, grids), = run_distributed(_shared_image_encoding, 1)
+    images once (found by comparing pixels, or told by image keys) and hands every sample the
+    same features as encoding it separately."""
+    (once, each, keyed, seen, grids), = run_distributed(_shared_image_encoding, 1)
     patches = grids.prod(-1).tolist()  # 6 images, runs: [0, 1, 2], [3], [4, 5]
-    assert seen == [patches[0] + patches[3] + patches[4], sum(patches)]
+    distinct = patches[0] + patches[3] + patches[4]
+    assert seen == [distinct, sum(patches), distinct]  # compared pixels, each, by keys
     torch.testing.assert_close(once, each, rtol=0, atol=1e-6)
+    assert torch.equal(keyed, once)
 
 
 @pytest.mark.parametrize("one_grid", [True, False], ids=["one-grid", "mixed-grids"])
 def test_runs_of_equal_images_are_found(one_grid):
     """consecutive_duplicates: the distinct images of each run of equal images, in order, and the
     index handing every original image its run's features (one grid: one vectorised
-    comparison; mixed grids: image by image). A batch without repeats gives None."""
-    from megatron_papo.models.qwen2_5_vl.vision import consecutive_duplicates
+    comparison; mixed grids: image by image), or from keys. A batch without repeats: None."""
+    from megatron_papo.models.qwen2_5_vl.vision import consecutive_duplicates, keyed_duplicates
 
     g = torch.Generator().manual_seed(0)
 
@@ -243,6 +248,14 @@ def test_runs_of_equal_images_are_found(one_grid):
     assert index.tolist() == [i for o in owners for i in range(offsets[o], offsets[o] + features[o])]
     assert consecutive_duplicates(torch.cat([a[0], b[0], c[0]]),
                                   torch.cat([a[1], b[1], c[1]]), 4) is None
+    # the same runs told by keys (the rollout batch's image_keys): the same result, no comparison
+    (keyed_pixels, keyed_grid), keyed_index = keyed_duplicates(
+        torch.cat([x[0] for x in order]), torch.cat([x[1] for x in order]),
+        torch.tensor([5, 5, 2, 2, 2, 7, 5]), 4)
+    assert torch.equal(keyed_pixels, pixels) and torch.equal(keyed_grid, grid)
+    assert torch.equal(keyed_index, index)
+    assert keyed_duplicates(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]),
+                            torch.tensor([0, 1]), 4) is None
 
 
 def test_flat_and_nested_hf_configs_translate_the_same():

@@ -611,7 +611,13 @@ def test_rollout_batch_layout_and_masked_images(folders):
     assert torch.equal(batch.masked_pixel_values[3 * p0 + 2 * p2:3 * (p0 + p2)], masked[1])
     assert torch.equal(batch.masked_pixel_values[-p3:], masked[2])
     assert not torch.equal(batch.masked_pixel_values, batch.pixel_values)
+    # image keys: one per image, shared by a prompt's samples, distinct between images
+    assert batch.image_keys.tolist() == [0, 0, 0, 1, 1, 1, 2, 3, 2, 3, 2, 3]
+    pair = batch.paired()  # the masked copies are other images: other keys
+    assert pair.image_keys.tolist() == batch.image_keys.tolist() + [
+        k + 4 for k in batch.image_keys.tolist()]
     part = batch.select(5, 8)  # text sample, then two samples of the third prompt
+    assert part.image_keys.tolist() == [1, 1]
     assert part.images_per_sample.tolist() == [0, 1, 1]
     assert torch.equal(part.pixel_values, torch.cat([third.pixel_values] * 2))
     assert torch.equal(part.masked_pixel_values, torch.cat([masked[1]] * 2))

@@ -53,6 +53,10 @@ class RolloutBatch:
     image_grid_thw: torch.Tensor | None = None        # [images, 3]
     images_per_sample: torch.Tensor | None = None     # [N]
     masked_pixel_values: torch.Tensor | None = None   # like pixel_values, masked images
+    # [images] one key per image: equal keys in a row = equal pixels (a prompt's image in its n
+    # samples), so the vision tower encodes such a run once without comparing pixels (None:
+    # it compares them); the masked copies share their originals' keys
+    image_keys: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None    # [N, L]; None: the current weights' (on-policy)
     ref_logp: torch.Tensor | None = None    # [N, L]
     masked_logp: torch.Tensor | None = None  # [N, L] (frozen branch)
@@ -70,7 +74,7 @@ class RolloutBatch:
                 out[f.name] = None
             elif f.name == "position_ids":
                 out[f.name] = value[:, start:end]
-            elif f.name in ("pixel_values", "masked_pixel_values", "image_grid_thw"):
+            elif f.name in ("pixel_values", "masked_pixel_values", "image_grid_thw", "image_keys"):
                 continue
             else:
                 out[f.name] = value[start:end]
@@ -80,11 +84,14 @@ class RolloutBatch:
             patches = self.image_grid_thw.prod(-1).tolist()
             p0, p1 = sum(patches[:first]), sum(patches[:last])
             out["image_grid_thw"] = self.image_grid_thw[first:last]
+            if self.image_keys is not None:
+                out["image_keys"] = self.image_keys[first:last]
             out["pixel_values"] = self.pixel_values[p0:p1]
             if self.masked_pixel_values is not None:
                 out["masked_pixel_values"] = self.masked_pixel_values[p0:p1]
             if last == first:  # no image in this slice
                 out["image_grid_thw"] = out["pixel_values"] = out["masked_pixel_values"] = None
+                out["image_keys"] = None
         return RolloutBatch(**out)
 
     def take(self, indices: list[int]) -> "RolloutBatch":
@@ -95,7 +102,7 @@ class RolloutBatch:
 
     @staticmethod
     def concat(parts: list["RolloutBatch"]) -> "RolloutBatch":
-        """Batches of one width, one after the other."""
+        """Parts of ONE rollout batch (its image keys), of one width, one after the other."""
         out = {}
         for f in fields(RolloutBatch):
             values = [getattr(p, f.name) for p in parts]
@@ -105,10 +112,12 @@ class RolloutBatch:
             elif f.name == "images_per_sample":
                 out[f.name] = torch.cat([v if v is not None else torch.zeros(len(p), dtype=torch.long)
                                          for v, p in zip(values, parts)])
-            elif f.name in ("pixel_values", "masked_pixel_values", "image_grid_thw"):
+            elif f.name in ("pixel_values", "masked_pixel_values", "image_grid_thw", "image_keys"):
                 out[f.name] = torch.cat(present)
             else:
                 out[f.name] = torch.cat(present, dim=1 if f.name == "position_ids" else 0)
+        if any(p.image_grid_thw is not None and p.image_keys is None for p in parts):
+            out["image_keys"] = None  # keys for some images only: none (the pixels are compared)
         return RolloutBatch(**out)
 
     def with_masked_images(self) -> "RolloutBatch":
@@ -129,6 +138,8 @@ class RolloutBatch:
             a, b = getattr(self, f.name), getattr(masked, f.name)
             if a is None:
                 cat[f.name] = None
+            elif f.name == "image_keys":  # the masked images are other images than the originals
+                cat[f.name] = torch.cat([a, b + int(a.max()) + 1])
             elif f.name == "position_ids":
                 cat[f.name] = torch.cat([a, b], dim=1)
             else:
@@ -144,7 +155,7 @@ def shift_to_tokens(per_position: torch.Tensor) -> torch.Tensor:
 
 def model_forward(model, mb: RolloutBatch) -> torch.Tensor:
     return model(mb.input_ids, mb.position_ids, mb.attention_mask, mb.pixel_values,
-                 mb.image_grid_thw)
+                 mb.image_grid_thw, image_keys=mb.image_keys)
 
 
 class _Layout:
@@ -167,7 +178,8 @@ class _Layout:
         if self.row is None:
             return model_forward(model, self.run)
         return model(self.row.input_ids, self.row.position_ids, None, self.run.pixel_values,
-                     self.run.image_grid_thw, packed_seq_params=self.row.params)
+                     self.run.image_grid_thw, packed_seq_params=self.row.params,
+                     image_keys=self.run.image_keys)
 
     def per_token(self, per_position: torch.Tensor) -> torch.Tensor:
         if self.row is None:

@@ -31,8 +31,9 @@ def build_rollout_batch(prompts: list, rollouts: list[PromptRollout], encoder: P
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     merge = encoder.processor.image_processor.merge_size
     rows, prompt_lens, logps = [], [], []
-    pixels, masked, grids, per_sample, prompt_positions = [], [], [], [], []
+    pixels, masked, grids, per_sample, prompt_positions, keys = [], [], [], [], [], []
     masked_images, masked_at = [], []  # every prompt's masked copies: one processor call
+    distinct = 0  # the key of the prompt's first image (its samples share its images' keys)
     for rollout in rollouts:
         encoded = rollout.encoded or encoder.encode_one(prompts[rollout.index], rollout.index)
         if encoded.input_ids.tolist() != rollout.prompt_ids:
@@ -58,6 +59,8 @@ def build_rollout_batch(prompts: list, rollouts: list[PromptRollout], encoder: P
             if encoded.images:
                 pixels.append(encoded.pixel_values)
                 grids.append(encoded.image_grid_thw)
+                keys.append(torch.arange(len(encoded.images)) + distinct)
+        distinct += len(encoded.images)
     if not rows:
         raise ValueError("no rollouts to build a batch from")
     if masked_images:  # each sample's masked pixel values, in sample order
@@ -95,4 +98,5 @@ def build_rollout_batch(prompts: list, rollouts: list[PromptRollout], encoder: P
         pixel_values=torch.cat(pixels) if pixels else None, image_grid_thw=image_grid_thw,
         images_per_sample=torch.tensor(per_sample) if grids else None,
         masked_pixel_values=torch.cat(masked) if masked else None,
+        image_keys=torch.cat(keys) if keys else None,
         rollout_logp=rollout_logp)

@@ -80,14 +80,16 @@ class Qwen25VLModel(MegatronModule):
     def shared_embedding_or_output_weight(self):
         return self.language_model.shared_embedding_or_output_weight()
 
-    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None,
+              image_keys=None) -> torch.Tensor:
         """Token embeddings [s, b, h] with image features in place of image-pad tokens, scattered
-        to the sequence-parallel ranks only after the merge."""
+        to the sequence-parallel ranks only after the merge. ``image_keys``: see
+        :meth:`Qwen25VisionModel.forward`."""
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
         if pixel_values is not None:
             if self.vision_model is None:
                 raise ValueError("pixel_values were given but the model has no vision tower")
-            features = self.vision_model(pixel_values, image_grid_thw)  # [n_image_tokens, h]
+            features = self.vision_model(pixel_values, image_grid_thw, image_keys)  # [tokens, h]
             n_tokens = int((input_ids == self.spec.image_token_id).sum())
             if n_tokens != features.shape[0]:
                 raise ValueError(
@@ -110,7 +112,8 @@ class Qwen25VLModel(MegatronModule):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, pixel_values=None, image_grid_thw=None,
-                labels: torch.Tensor | None = None, packed_seq_params=None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, packed_seq_params=None,
+                image_keys: torch.Tensor | None = None) -> torch.Tensor:
         """``attention_mask``: None (causal, no padding), HF-style [b, s] (1 = token, 0 = padding)
         or megatron's boolean [b, 1, s, s] (True = masked).
 
@@ -127,7 +130,7 @@ class Qwen25VLModel(MegatronModule):
             attention_mask = causal_padding_mask(attention_mask)
         decoder_input = None
         if self.pre_process:
-            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw)
+            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, image_keys)
         return self.language_model(input_ids=None, position_ids=position_ids,
                                    attention_mask=attention_mask, decoder_input=decoder_input,
                                    labels=labels, packed_seq_params=packed_seq_params)

@@ -80,6 +80,38 @@ def vision_window_index(grid_thw: torch.Tensor, merge: int, window_size: int, pa
     return torch.cat(order), torch.tensor(bounds, dtype=torch.int32)
 
 
+def keyed_duplicates(pixel_values: torch.Tensor, grid_thw: torch.Tensor, keys: torch.Tensor,
+                     merge_units: int = 4):
+    """:func:`consecutive_duplicates` from keys [images] (equal keys in a row = equal images)
+    instead of comparing pixels."""
+    keys = keys.to("cpu")
+    if len(keys) != len(grid_thw):
+        raise ValueError(f"{len(keys)} image keys for {len(grid_thw)} images")
+    if len(keys) < 2:
+        return None
+    new = torch.cat([torch.ones(1, dtype=torch.bool), keys[1:] != keys[:-1]])
+    if bool(new.all()):
+        return None
+    patches = grid_thw.prod(-1)
+    features = patches // merge_units
+    owner = new.cumsum(0) - 1
+    kept_features = features[new]
+    offsets = kept_features.cumsum(0) - kept_features
+    index = torch.repeat_interleave(offsets[owner], kept_features[owner]) + _ranges(
+        kept_features[owner])
+    ends = patches.cumsum(0)
+    starts = ends - patches
+    rows = torch.repeat_interleave(starts[new], patches[new]) + _ranges(patches[new])
+    return (pixel_values[rows.to(pixel_values.device)], grid_thw[new]), index
+
+
+def _ranges(lengths: torch.Tensor) -> torch.Tensor:
+    """0..n-1 for each n in ``lengths``, concatenated."""
+    total = int(lengths.sum())
+    starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    return torch.arange(total) - starts
+
+
 def consecutive_duplicates(pixel_values: torch.Tensor, grid_thw: torch.Tensor, merge_units: int = 4):
     """Images equal to the image before them (same grid, equal pixels), as in a rollout batch
     where the n samples of a prompt carry its image. Returns None if there are none, else
@@ -297,9 +329,16 @@ class Qwen25VisionModel(MegatronModule):
         angles = (pos[..., None].float() * self.inv_freq).flatten(1)  # [n, head_dim / 2]
         return torch.cat([angles, angles], dim=-1)
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                image_keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Features [image tokens, out hidden] of the images in order. ``image_keys`` [images]:
+        equal keys in a row mark equal images (the caller knows: a prompt's image in its n
+        samples), encoded once; without keys the pixels are compared."""
         grid_thw = grid_thw.to("cpu", torch.long)
-        repeats = consecutive_duplicates(pixel_values, grid_thw, self.merge ** 2)
+        if image_keys is not None:
+            repeats = keyed_duplicates(pixel_values, grid_thw, image_keys, self.merge ** 2)
+        else:
+            repeats = consecutive_duplicates(pixel_values, grid_thw, self.merge ** 2)
         if repeats is not None:  # the n samples of a prompt share its image: encode it once
             keep, expand = repeats
             pixel_values, grid_thw = keep
