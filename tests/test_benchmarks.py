@@ -178,3 +178,22 @@ def test_gpu_check_compares_the_local_spec_with_transformers_anywhere(tmp_path):
     assert set(results) == {"local whole model", "local language model", "local vision tower"}
     for row in results.values():
         assert row["vs transformers"] < 0.05  # bf16 rounding of a tiny model
+
+
+def test_bench_default_step_compares_metrics_and_refuses_bad_input():
+    """tools/bench_default_step.py: the same-math check flags any differing reward, accuracy or
+    loss term (and says by how much); an unknown reference commit and too few steps are refused
+    in one line (the A/B run itself: docs/experiments.md, too long for CI)."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        from bench_default_step import compare_metrics
+    finally:
+        sys.path.pop(0)
+    a = [{"step": 1, "reward": 0.5, "accuracy": 0.25, "loss/pg": 0.1, "seconds": 1.0}]
+    assert compare_metrics(a, [dict(a[0], seconds=2.0)]) == (True, 0.0)
+    same, worst = compare_metrics(a, [dict(a[0], **{"loss/pg": 0.1001})])
+    assert not same and worst == pytest.approx(1e-3)
+    done = _tool("bench_default_step.py", "--ref", "no-such-commit")
+    assert done.returncode == 2 and "not a commit of this repository" in done.stderr
+    done = _tool("bench_default_step.py", "--ref", "HEAD", "--steps", "5")
+    assert done.returncode == 2 and "--steps must be >= 11" in done.stderr

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
                                 capture_output=True, text=True).stdout.strip()
     except subprocess.CalledProcessError:
         parser.error(f"--ref {args.ref}: not a commit of this repository")
-    out = args.out or tempfile.mkdtemp(prefix="bench_default_step_")
+    out = os.path.abspath(args.out or tempfile.mkdtemp(prefix="bench_default_step_"))
     os.makedirs(out, exist_ok=True)
     reference = tempfile.mkdtemp(prefix=f"bench_ref_{commit}_")
     subprocess.run(["git", "worktree", "add", "--detach", "--force", reference, commit],
