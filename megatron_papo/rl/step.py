@@ -139,7 +139,7 @@ class RolloutBatch:
             if a is None:
                 cat[f.name] = None
             elif f.name == "image_keys":  # the masked images are other images than the originals
-                cat[f.name] = torch.cat([a, b + int(a.max()) + 1])
+                cat[f.name] = torch.cat([a, b - int(b.min()) + int(a.max()) + 1])
             elif f.name == "position_ids":
                 cat[f.name] = torch.cat([a, b], dim=1)
             else:
