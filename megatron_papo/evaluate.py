@@ -94,14 +94,22 @@ def avg_at_k(engine, examples: list, sampling, reward=None, images_swapped: bool
                        config=reward,
                        names=[f"prompt {r.index} ({examples[r.index].source}), sample {j}"
                               for r in rollouts for j in range(len(r.responses))])
+    # per data.group_key value (the same sorted list on every rank: from the global examples)
+    groups = sorted({e.group for e in examples if e.group is not None})
+    of = [examples[r.index].group for r in rollouts for _ in r.responses]
+    per_group = [x for g in groups for x in (
+        sum(s.accuracy for s, o in zip(scored, of) if o == g), float(sum(o == g for o in of)))]
     totals = torch.tensor([sum(s.accuracy for s in scored), sum(s.format for s in scored),
-                           float(len(scored))], dtype=torch.float64)
+                           float(len(scored)), *per_group], dtype=torch.float64)
     if training_dp and dist.is_initialized() and dist.get_world_size() > 1:
         from megatron.core import parallel_state  # megatron-core: only inside the trainer
 
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    accuracy, fmt, n = totals.tolist()
-    return {"accuracy": accuracy / n, "format": fmt / n, "samples": int(n)}
+    accuracy, fmt, n, *sums = totals.tolist()
+    result = {"accuracy": accuracy / n, "format": fmt / n, "samples": int(n)}
+    for g, correct, count in zip(groups, sums[0::2], sums[1::2]):
+        result[f"accuracy@{g}"] = correct / max(count, 1.0)
+    return result
 
 
 # --------------------------------------------------------------------------- the CLI

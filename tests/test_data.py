@@ -48,6 +48,38 @@ def test_counting_images_show_the_answer():
     assert counting_rows(5, seed=3) == rows[:5]  # deterministic
 
 
+@pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
+def test_hint_task_hints_are_right_at_the_set_rate_and_answers_grade(tmp_path, p):
+    """data=counting_hint: the same images and answers as the plain task, each question prefixed
+    with a hint that is right with probability p (column "hint"; a wrong hint names another
+    count in range); the true answer grades 1 and the hinted count of a wrong hint 0; the loader
+    keeps the column as each example's group (data.group_key) for the per-group accuracy."""
+    from megatron_papo.reward import score_all
+
+    plain = counting_rows(400, seed=4)
+    rows = counting_rows(400, seed=4, hint=p)
+    assert [(r["image"], r["answer"]) for r in rows] == [(r["image"], r["answer"]) for r in plain]
+    said = [int(r["problem"].split()[4]) for r in rows]
+    right = [r["hint"] == "right" for r in rows]
+    assert all(r["problem"] == f"I think there are {h} shapes. {QUESTION}"
+               for r, h in zip(rows, said))
+    assert all((h == int(r["answer"])) == ok for r, h, ok in zip(rows, said, right))
+    assert set(said) <= {1, 2, 3, 4}
+    rate = sum(right) / len(rows)
+    assert abs(rate - p) <= 0.08  # 400 rows: 3.3 standard deviations at p = 0.5
+    wrong = [(r, h) for r, h, ok in zip(rows, said, right) if not ok]
+    responses = [f"\\boxed{{{r['answer']}}}" for r in rows] + [f"\\boxed{{{h}}}" for _, h in wrong]
+    scored = score_all(responses, [r["answer"] for r in rows] + [r["answer"] for r, _ in wrong])
+    assert [s.accuracy for s in scored] == [1.0] * len(rows) + [0.0] * len(wrong)
+    path = _write(tmp_path, rows[:20])
+    examples, _ = load_examples(path, DataConfig(group_key="hint", prompt_template="{problem}"))
+    assert [e.group for e in examples] == [r["hint"] for r in rows[:20]]
+    with pytest.raises(DataError, match="data.group_key='source'"):
+        load_examples(path, DataConfig(group_key="source"))
+    with pytest.raises(ValueError, match="synthetic_hint=1.5"):
+        counting_rows(2, hint=1.5)
+
+
 def _write(tmp_path, rows, name="train.parquet"):
     path = str(tmp_path / name)
     datasets.Dataset.from_list(rows).to_parquet(path)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import datasets
 import pytest
 
 from megatron_papo.train import ConfigError, build_config
@@ -59,6 +60,7 @@ def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
     ({"rollout": {"max_logprob_mismatch": -1.0}}, 1, "rollout.max_logprob_mismatch=-1.0 must be"),
     ({"trainer": {"stop_at_accuracy": 1.5}}, 1, "trainer.stop_at_accuracy=1.5 must be in (0, 1]"),
     ({"optim": {"vision_lr_mult": 0.0}}, 1, "optim.vision_lr_mult=0.0 must be > 0"),
+    ({"data": {"synthetic_hint": 1.5}}, 1, "data.synthetic_hint=1.5 must be in [0, 1]"),
     ({"rollout": {"max_images_per_prompt": 0}}, 1,
      "rollout.max_images_per_prompt=0 is invalid: must be >= 1 (null: from the data)"),
     ({"algorithm": {"masked_logprobs": "vllm"}}, 1,
@@ -309,7 +311,11 @@ def test_dapo_presets_are_configuration_on_the_authors_settings(preset):
 
 def test_papo_d_on_a_tied_head(tmp_path):
     """The tiny job with algorithm=papo_d on a model with TIED embeddings (Qwen2.5-VL-3B's
-    layout; one job for both: CI time).
+    layout) on the hint task (data=counting_hint); one job for the three: CI time.
+
+    The hint task: every held-out evaluation also reports the accuracy on the prompts whose
+    hint is right and on those whose hint is wrong, and their mean weighted by the prompts'
+    counts is the overall accuracy.
 
     Dynamic sampling: every trained group has differing rewards unless the cap forced uniform
     ones in (counted), the draws are logged, the overlong penalty enters the reward (a response
@@ -319,9 +325,22 @@ def test_papo_d_on_a_tied_head(tmp_path):
     its tied head after a push, step 1 measured 0.02-0.12 and the guard stopped the job there."""
     out = str(tmp_path / "papo_d")
     done = _main(SMALL + ["algorithm=papo_d", "trainer.export_hf=false", "trainer.save_every=0",
-                          "algorithm.max_sampling_rounds=4", "model.tiny_tied_embeddings=true"],
+                          "algorithm.max_sampling_rounds=4", "model.tiny_tied_embeddings=true",
+                          "data=counting_hint"],
                  out)
     assert done.returncode == 0, done.stderr[-3000:]
+    held_out = datasets.Dataset.from_parquet(os.path.join(out, "data", "test.parquet"))
+    hints = held_out["hint"][:8]  # trainer.eval_prompts=8
+    assert "right" in hints and "wrong" in hints and "I think there are" in held_out["problem"][0]
+    evaluations = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))
+                   if "val/accuracy" in x]
+    assert len(evaluations) >= 3  # before, after the warm start, at the end (+ images swapped)
+    for r in evaluations:
+        for prefix in ("val/",) + (("val_swapped/",) if "val_swapped/accuracy" in r else ()):
+            mean = sum(r[f"{prefix}accuracy@{h}"] for h in hints) / len(hints)
+            assert abs(r[f"{prefix}accuracy"] - mean) < 1e-9
+    assert "val_swapped/accuracy@wrong" in evaluations[-1]
+    assert "(right " in done.stdout and ", wrong " in done.stdout
     config = json.load(open(os.path.join(out, "initial_hf", "config.json")))
     assert config["tie_word_embeddings"] is True
     records = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]

@@ -33,6 +33,9 @@ class DataConfig:
     image_key: str = "image"
     problem_key: str = "problem"
     answer_key: str = "answer"
+    # a column whose values split the held-out accuracy (val/accuracy@<value>), e.g. the hint
+    # task's "hint" (right / wrong) or a source column; null: no split
+    group_key: str | None = None
     prompt_template: str = PROMPT_TEMPLATE
     max_bad_fraction: float = 0.05
 
@@ -48,6 +51,7 @@ class Example:
     messages: list            # chat messages, images as PIL
     answer: str
     source: str               # "file:row"
+    group: str | None = None  # the row's data.group_key value (held-out accuracy per group)
 
     @property
     def image_count(self) -> int:
@@ -167,9 +171,9 @@ def prompt_content(text: str, images: list, where: str) -> list[dict]:
 def load_examples(path: str, config: DataConfig) -> tuple[list[Example], LoadSummary]:
     table = _read(path)
     columns = table.column_names
-    for key in ("image_key", "problem_key", "answer_key"):
+    for key in ("image_key", "problem_key", "answer_key", "group_key"):
         name = getattr(config, key)
-        if name not in columns:
+        if name is not None and name not in columns:
             raise DataError(f"data.{key}='{name}' is not a column of '{path}' (columns: "
                             f"{columns})")
     table = undecoded(table, config.image_key)
@@ -190,8 +194,9 @@ def load_examples(path: str, config: DataConfig) -> tuple[list[Example], LoadSum
             continue
         text = config.prompt_template.format(problem=problem.strip())
         content = prompt_content(text, images, f"'{path}' row {i}")
+        group = None if config.group_key is None else str(row[config.group_key])
         examples.append(Example([{"role": "user", "content": content}], str(answer).strip(),
-                                f"{path}:{i}"))
+                                f"{path}:{i}", group))
     summary.kept = len(examples)
     bad = summary.rows - summary.kept
     if summary.rows and bad / summary.rows > config.max_bad_fraction:

@@ -1,7 +1,13 @@
 """The embedded default dataset: count the shapes drawn on an image (generated in code, nothing
 to download). The answer depends on the image only (the question text is the same for every
 row), so a model that learns it really looks: swapping images between samples drops accuracy to
-chance."""
+chance.
+
+The hint variant (``hint`` = p, ``data=counting_hint``) prefixes each question with "I think
+there are H shapes.": H is the true count with probability p, else another count. The text then
+answers part of the rows, so how much a policy reads the image can be measured: on the rows
+whose hint is wrong, a policy that follows the hint is wrong, one that counts is right (column
+``hint``: "right" / "wrong")."""
 
 from __future__ import annotations
 
@@ -36,28 +42,43 @@ def draw_shapes(count: int, size: int, rng: random.Random):
 
 
 def counting_rows(n: int, seed: int = 0, size: int = 56, min_count: int = 1,
-                  max_count: int = 4) -> list[dict]:
-    """Rows {"image": PNG bytes, "problem", "answer"} with counts uniform in [min, max]."""
+                  max_count: int = 4, hint: float | None = None) -> list[dict]:
+    """Rows {"image": PNG bytes, "problem", "answer"} with counts uniform in [min, max];
+    ``hint`` = p: the problem starts with a hint that is right with probability p (its own
+    generator: the images and answers are those of ``hint=None``), and a "hint" column says
+    "right" or "wrong"."""
+    if hint is not None and not 0.0 <= hint <= 1.0:
+        raise ValueError(f"data.synthetic_hint={hint} must be in [0, 1] (null: no hint)")
     rng = random.Random(seed)
+    hints = random.Random(seed + 7_777)
     rows = []
     for _ in range(n):
         count = rng.randint(min_count, max_count)
         buffer = io.BytesIO()
         draw_shapes(count, size, rng).save(buffer, format="PNG")
-        rows.append({"image": buffer.getvalue(), "problem": QUESTION, "answer": str(count)})
+        row = {"image": buffer.getvalue(), "problem": QUESTION, "answer": str(count)}
+        if hint is not None:
+            right = hints.random() < hint
+            said = count if right else hints.choice(
+                [c for c in range(min_count, max_count + 1) if c != count])
+            row.update(problem=f"I think there are {said} shapes. {QUESTION}",
+                       hint="right" if right else "wrong")
+        rows.append(row)
     return rows
 
 
 def write_counting_dataset(folder: str, train: int = 2048, test: int = 256, seed: int = 0,
-                           size: int = 56, max_count: int = 4) -> dict[str, str]:
-    """Parquet files ``train.parquet`` and ``test.parquet`` (disjoint seeds); returns the paths."""
+                           size: int = 56, max_count: int = 4,
+                           hint: float | None = None) -> dict[str, str]:
+    """Parquet files ``train.parquet`` and ``test.parquet`` (disjoint seeds); returns the paths.
+    ``hint``: the hint variant (:func:`counting_rows`)."""
     import datasets  # imports torch (seconds): only writing the files needs it
 
     os.makedirs(folder, exist_ok=True)
     paths = {}
     for split, count, split_seed in (("train", train, seed), ("test", test, seed + 10_000)):
         path = os.path.join(folder, f"{split}.parquet")
-        datasets.Dataset.from_list(counting_rows(count, split_seed, size, 1, max_count)
+        datasets.Dataset.from_list(counting_rows(count, split_seed, size, 1, max_count, hint)
                                    ).to_parquet(path)
         paths[split] = path
     return paths

@@ -188,6 +188,9 @@ class DataSection(DataConfig):
     prompt_template: str = "{problem}"
     synthetic_train: int = 4096
     synthetic_val: int = 256
+    # the synthetic task's hint variant: the probability that a row's hint is right (null: no
+    # hint; data=counting_hint)
+    synthetic_hint: float | None = None
 
 
 @dataclass
@@ -413,6 +416,10 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
                           f"{config.trainer.collective_timeout_minutes} must be > 0")
     if not config.optim.vision_lr_mult > 0:
         raise ConfigError(f"optim.vision_lr_mult={config.optim.vision_lr_mult} must be > 0")
+    hint = config.data.synthetic_hint
+    if hint is not None and not 0 <= hint <= 1:
+        raise ConfigError(f"data.synthetic_hint={hint} must be in [0, 1] (the probability that "
+                          "a row's hint is right; null: no hint)")
     target = config.trainer.stop_at_accuracy
     if target is not None:
         if not 0 < target <= 1:

@@ -152,6 +152,14 @@ def build_optimizer(chunks: list, o, dtype: torch.dtype):
     return optimizer
 
 
+def _by_group(result: dict, prefix: str) -> str:
+    """" (hint right 0.95, hint wrong 0.40)": the accuracy per data.group_key value, if any."""
+    marker = prefix + "accuracy@"
+    parts = [f"{k[len(marker):]} {v:.3f}" for k, v in sorted(result.items())
+             if k.startswith(marker)]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _jsonable(value):
     return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
 
@@ -277,7 +285,7 @@ class Trainer:
             folder = os.path.join(self.out, SYNTHETIC_DIR)
             if dist.get_rank() == 0:
                 write_counting_dataset(folder, d.synthetic_train, d.synthetic_val,
-                                       seed=c.trainer.seed)
+                                       seed=c.trainer.seed, hint=d.synthetic_hint)
             dist.barrier()
             paths = {s: os.path.join(folder, f"{s}.parquet") for s in ("train", "test")}
             train_files, val_files = [paths["train"]], val_files or [paths["test"]]
@@ -644,7 +652,8 @@ class Trainer:
                 evaluation = self.evaluate()
                 self.metrics.write({"step": s["step"], **evaluation})
                 _log(f"[train] held-out at step {s['step']}: accuracy "
-                     f"{evaluation.get('val/accuracy', 0):.3f} ({evaluation['val/seconds']:.1f}s)")
+                     f"{evaluation.get('val/accuracy', 0):.3f}{_by_group(evaluation, 'val/')} "
+                     f"({evaluation['val/seconds']:.1f}s)")
                 if c.trainer.stop_at_accuracy is not None:
                     self.reached = evaluation["val/accuracy"]
                     if self._target_reached():
@@ -672,10 +681,11 @@ class Trainer:
             after = self.evaluate()
         swapped = self.evaluate(images_swapped=True)
         self.metrics.write({"step": self.step_index, **after, **swapped})
-        _log(f"[train] held-out after training: accuracy {after.get('val/accuracy', 0):.3f} "
-             f"(before {before.get('val/accuracy', 0):.3f}, avg@{c.trainer.eval_k}), format "
-             f"{after.get('val/format', 0):.3f}; with the images swapped between prompts: "
-             f"accuracy {swapped.get('val_swapped/accuracy', 0):.3f} (a model that looks at the "
+        _log(f"[train] held-out after training: accuracy {after.get('val/accuracy', 0):.3f}"
+             f"{_by_group(after, 'val/')} (before {before.get('val/accuracy', 0):.3f}, "
+             f"avg@{c.trainer.eval_k}), format {after.get('val/format', 0):.3f}; with the images "
+             f"swapped between prompts: accuracy {swapped.get('val_swapped/accuracy', 0):.3f}"
+             f"{_by_group(swapped, 'val_swapped/')} (a model that looks at the "
              "image drops towards chance)")
         if c.trainer.export_hf:
             self.export_hf(os.path.join(self.out, EXPORT_DIR))

@@ -1,0 +1,79 @@
+"""tools/compare_algorithms.py --report: the tables are rebuilt from stored metrics alone (what
+--store writes: one metrics.jsonl per run and runs.json), with each setting's mean and spread and
+the paired comparison against the first setting (an exact sign-flip test)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "compare_algorithms.py")
+
+
+def _metrics(final: float, wrong: float, reach: int | None) -> list[dict]:
+    """A run's metrics.jsonl: 30 training steps, held-out every 10, the final evaluation."""
+    records = [{"step": 0, "val/accuracy": 0.0}]
+    for step in range(1, 31):
+        records.append({"step": step, "reward": 0.5, "accuracy": 0.9 if step >= 25 else 0.3,
+                        "seconds": 1.5, "loss/kl_prcp": 0.1})
+        if step % 10 == 0 and step < 30:
+            records.append({"step": step, "val/accuracy": 0.85 if reach and step >= reach
+                            else 0.3, "val/seconds": 2.0})
+    records.append({"step": 30, "val/accuracy": final, "val/accuracy@right": 1.0,
+                    "val/accuracy@wrong": wrong, "val_swapped/accuracy": 0.25})
+    return records
+
+
+def _store(folder, runs: dict) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for (name, seed), records in runs.items():
+        with open(os.path.join(folder, f"{name}_seed{seed}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    manifest = {"commit": "0123456789abcdef", "uncommitted_changes": False,
+                "date": "2026-12-03T12:00:00", "machine": "x86_64, 2 cores, Python 3.11",
+                "settings": {"grpo": ["algorithm=grpo"], "papo": ["algorithm=papo"]},
+                "seeds": [0, 1, 2], "overrides": ["data=counting_hint"]}
+    with open(os.path.join(folder, "runs.json"), "w") as f:
+        json.dump(manifest, f)
+
+
+def _report(folder):
+    return subprocess.run([sys.executable, TOOL, "--report", str(folder)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+
+
+def test_report_rebuilds_the_tables_from_stored_metrics(tmp_path):
+    folder = tmp_path / "runs"
+    _store(folder, {("grpo", 0): _metrics(0.5, 0.2, None), ("grpo", 1): _metrics(0.6, 0.3, 20),
+                    ("grpo", 2): _metrics(0.7, 0.4, 20),
+                    ("papo", 0): _metrics(0.6, 0.5, 10), ("papo", 1): _metrics(0.8, 0.5, 10),
+                    ("papo", 2): _metrics(0.9, 0.6, 20)})
+    done = _report(folder)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "commit 0123456789, 2026-12-03T12:00:00, x86_64, 2 cores" in out
+    assert "papo: algorithm=papo" in out and "overrides data=counting_hint" in out
+    # per run: held-out, swapped, wrong-hint, first held-out >= 0.8, first train acc >= 0.8
+    assert "| grpo | 0 | 0.500 | 0.250 | 0.200 | - | 25 | 1.50 |" in out
+    assert "| papo | 1 | 0.800 | 0.250 | 0.500 | 10 | 25 | 1.50 |" in out
+    # per setting: mean, sd, range, how many runs reached a step measure
+    assert "| grpo | held-out accuracy | 0.600 | 0.100 | 0.500-0.700 | 3/3 |" in out
+    assert "| grpo | first held-out >= 0.8 (step) | 20.000 | 0.000 | 20.000-20.000 | 2/3 |" in out
+    # paired: differences 0.1, 0.2, 0.2: only the all-plus and all-minus flips are as extreme
+    assert "| papo | held-out accuracy | 3 | +0.167 | 0.058 | 0.250 |" in out
+    assert "| papo | wrong-hint accuracy | 3 | +0.233 | 0.058 | 0.250 |" in out
+    # seeds 1-2 (grpo seed 0 never reached it): -10 and 0, every flip as far from 0
+    assert "| papo | first held-out >= 0.8 (step) | 2 | -5.000 | 7.071 | 1.000 |" in out
+
+
+def test_report_of_an_incomplete_store_is_one_line(tmp_path):
+    done = _report(tmp_path)
+    assert done.returncode == 1 and "no runs.json there" in done.stderr
+    _store(tmp_path / "runs", {("grpo", 0): _metrics(0.5, 0.2, None)})
+    done = _report(tmp_path / "runs")
+    assert done.returncode == 1 and "grpo_seed1.jsonl is missing" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, TOOL, "--setting", "a/b=algorithm=grpo"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and "write NAME=OVERRIDES" in done.stderr
