@@ -439,6 +439,36 @@ def test_hacking_monitor_needs_all_symptoms(caplog):
     assert not tiny.check({**hacked, "loss/kl_prcp": 0.008})
 
 
+def _record_of_two_mini_batches():
+    from types import SimpleNamespace
+
+    from megatron_papo.train.metrics import step_record
+
+    initialize_model_parallel(1, 1)
+    scored = [SimpleNamespace(accuracy=a, format=1.0) for a in (1.0, 0.0, 0.0, 1.0)]
+    group = SimpleNamespace(scored=scored, rewards=torch.tensor([1.0, 0.0, 0.0, 1.0]),
+                            has_signal=True)
+    batch = SimpleNamespace(response_mask=torch.ones(4, 3))
+    updates = [{"check/logprob_mismatch": 1e-7, "loss/kl_prcp": 0.2, "clip/high": 0.0,
+                "entropy/original": 1.0, "grad_norm": 2.0},
+               {"check/logprob_mismatch": 5.0, "loss/kl_prcp": 0.6, "clip/high": 0.1,
+                "entropy/original": 3.0, "grad_norm": 4.0}]
+    return step_record(1, [group], [group], batch, updates, {}, {"rollout": 1.0}, 2.0, 1)
+
+
+def test_step_metrics_are_the_mean_over_the_steps_mini_batches():
+    """A step's loss terms, clip fractions, entropies and gradient norm are the mean over its
+    mini-batches (its optimizer steps), what the KL_prcp-hacking monitor reads (issue #26: the
+    last mini-batch alone hid or invented jumps); the engine-vs-trainer gap is the first
+    mini-batch's (taken before any weight changed)."""
+    (record,) = run_distributed(_record_of_two_mini_batches, 1)
+    assert record["loss/kl_prcp"] == pytest.approx(0.4)
+    assert record["clip/high"] == pytest.approx(0.05)
+    assert record["entropy/original"] == pytest.approx(2.0)
+    assert record["grad_norm"] == pytest.approx(3.0)
+    assert record["logprob_mismatch"] == 1e-7 and record["accuracy"] == 0.5
+
+
 def test_rollout_batch_select_keeps_images_with_their_samples():
     batch = rollout_batch()
     part = batch.select(1, 3)  # sample 1 (no image), sample 2 (one 4x8 image)

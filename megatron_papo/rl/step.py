@@ -482,7 +482,9 @@ class PerceptionHackingMonitor:
     both entropies above ``rise`` x theirs, and - when the run clips at all (several optimizer
     steps per rollout; with one step the ratio is 1 and nothing clips) - the high-side clip
     fraction above ``rise`` x its recent mean. A jump of less than ``min_jump`` nats is noise
-    (a collapsed policy's KL of 0.003 doubling is no hacking)."""
+    (a collapsed policy's KL of 0.003 doubling is no hacking). The trainer passes each step's
+    metrics as the mean over its mini-batches. The rule is frozen for the gamma sweep of
+    docs/experiments.md (its definitions of a hacked run and of true/false positives)."""
 
     def __init__(self, window: int = 5, spike: float = 2.0, rise: float = 1.2,
                  min_jump: float = 0.1):

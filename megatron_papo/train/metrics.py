@@ -31,8 +31,10 @@ class EngineMismatchError(RuntimeError):
 def step_record(step: int, first_round: list, everything: list, batch, updates: list[dict],
                 sampling_stats: dict, phases: dict, seconds: float, dp_size: int) -> dict:
     """One step's metrics, the same on every rank: what the policy did (every group drawn,
-    averaged over data parallelism), what the update measured (its last mini-batch's loss terms,
-    the first's engine-vs-trainer gap, taken before any weight changed) and the phase times."""
+    averaged over data parallelism), what the update measured (its loss terms, clip fractions,
+    entropies and gradient norm as the mean over the step's mini-batches, i.e. its optimizer
+    steps; the first mini-batch's engine-vs-trainer gap, taken before any weight changed) and
+    the phase times."""
     scored = [s for g in everything for s in g.scored]
     mask = batch.response_mask.bool()
     local = {
@@ -48,8 +50,10 @@ def step_record(step: int, first_round: list, everything: list, batch, updates: 
     record = mean_over_data_parallel(local)
     record["logprob_mismatch"] = updates[0]["check/logprob_mismatch"]
     record["tokens"] *= dp_size
-    record.update({k: v for k, v in updates[-1].items()  # shared by every rank
-                   if k.startswith(("loss/", "clip/", "entropy/")) or k == "grad_norm"})
+    measured = [k for k in updates[0]  # shared by every rank
+                if (k.startswith(("loss/", "clip/", "entropy/")) or k == "grad_norm")
+                and all(k in u for u in updates)]
+    record.update({k: sum(float(u[k]) for u in updates) / len(updates) for k in measured})
     record.update({f"time/{k}": v for k, v in phases.items()})
     record.update(step=step, seconds=seconds, tokens_per_s=record["tokens"] / seconds)
     return record
