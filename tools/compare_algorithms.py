@@ -200,16 +200,24 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
+def code_state() -> dict:
+    """The commit the runs start from and whether the tree differs from it (taken before the
+    first run: a commit made while they run does not relabel them)."""
+    return {"commit": _git("rev-parse", "HEAD"),
+            "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
 def store_runs(folder: str, runs: dict, settings: dict, seeds: list[int],
-               overrides: list[str]) -> None:
-    """Each run's metrics.jsonl as FOLDER/<setting>_seed<S>.jsonl, and FOLDER/runs.json."""
+               overrides: list[str], state: dict) -> None:
+    """Each run's metrics.jsonl as FOLDER/<setting>_seed<S>.jsonl, and FOLDER/runs.json with
+    ``state`` (this invocation's code state: runs it reused from an earlier invocation ran at
+    that one's; say so in the write-up when the two differ)."""
     os.makedirs(folder, exist_ok=True)
     for (name, seed), run_folder in runs.items():
         shutil.copyfile(os.path.join(run_folder, "metrics.jsonl"),
                         os.path.join(folder, f"{name}_seed{seed}.jsonl"))
-    manifest = {"commit": _git("rev-parse", "HEAD"),
-                "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
-                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    manifest = {**state,
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
                            f"{platform.python_version()}",
                 "settings": settings, "seeds": seeds, "overrides": overrides}
@@ -284,6 +292,7 @@ def main(argv=None) -> None:
         print("\n".join(report(results, list(manifest["settings"]), manifest["seeds"])))
         return
     settings = _settings(p, args)
+    state = code_state()
     launcher = [sys.executable]
     if args.nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
@@ -308,7 +317,7 @@ def main(argv=None) -> None:
         json.dump({f"{a}_seed{s}": v for (a, s), v in results.items()}, f, indent=1)
     print(f"[compare] curves: {png}; numbers: {os.path.join(args.out, 'compare.json')}")
     if args.store:
-        store_runs(args.store, folders, settings, args.seeds, args.overrides)
+        store_runs(args.store, folders, settings, args.seeds, args.overrides, state)
         print(f"[compare] metrics stored in {args.store} (rebuild the tables: "
               f"tools/compare_algorithms.py --report {args.store})")
 
