@@ -287,6 +287,8 @@ def main(argv=None) -> None:
               + (" (with uncommitted changes)" if manifest.get("uncommitted_changes") else "")
               + f", {manifest['date']}, {manifest['machine']}; seeds {manifest['seeds']}; "
               f"overrides {' '.join(manifest['overrides']) or 'none'}")
+        if manifest.get("note"):
+            print(f"[compare]   note: {manifest['note']}")
         for name, overrides in manifest["settings"].items():
             print(f"[compare]   {name}: {' '.join(overrides)}")
         print("\n".join(report(results, list(manifest["settings"]), manifest["seeds"])))
