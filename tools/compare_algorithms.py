@@ -47,10 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _records(folder: str) -> list[dict]:
     path = os.path.join(folder, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return _records_file(path) if os.path.exists(path) else []
 
 
 def _finished(records: list[dict]) -> dict | None:

@@ -139,8 +139,7 @@ class PromptEncoder:
         # what the processor's __call__ does, without its per-call overhead (~1.5 ms of its ~2 ms
         # on a small image): the image processor, then each image placeholder expanded to the
         # image's token count and the text tokenized (tests: equal to the processor's output)
-        encoded = self.processor.image_processor(images=images, return_tensors="pt",
-                                                 **self.processor_kwargs)
+        encoded = self._processed(images)
         grid = encoded["image_grid_thw"]
         return EncodedPrompt(text=text, images=images,
                              input_ids=self._token_ids(self._expanded(text, grid, index)),
@@ -162,5 +161,9 @@ class PromptEncoder:
 
     def pixel_values(self, images: list) -> torch.Tensor:
         """Pixel values of already validated images (e.g. their masked copies)."""
+        return self._processed(images)["pixel_values"]
+
+    def _processed(self, images: list):
+        """The image processor's output (pixel values, grids) at the run's min/max pixels."""
         return self.processor.image_processor(images=images, return_tensors="pt",
-                                              **self.processor_kwargs)["pixel_values"]
+                                              **self.processor_kwargs)

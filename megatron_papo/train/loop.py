@@ -153,7 +153,7 @@ def build_optimizer(chunks: list, o, dtype: torch.dtype):
 
 
 def _by_group(result: dict, prefix: str) -> str:
-    """" (hint right 0.95, hint wrong 0.40)": the accuracy per data.group_key value, if any."""
+    """" (right 0.950, wrong 0.400)": the accuracy per data.group_key value, if any."""
     marker = prefix + "accuracy@"
     parts = [f"{k[len(marker):]} {v:.3f}" for k, v in sorted(result.items())
              if k.startswith(marker)]

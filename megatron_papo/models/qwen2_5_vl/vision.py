@@ -80,38 +80,6 @@ def vision_window_index(grid_thw: torch.Tensor, merge: int, window_size: int, pa
     return torch.cat(order), torch.tensor(bounds, dtype=torch.int32)
 
 
-def keyed_duplicates(pixel_values: torch.Tensor, grid_thw: torch.Tensor, keys: torch.Tensor,
-                     merge_units: int = 4):
-    """:func:`consecutive_duplicates` from keys [images] (equal keys in a row = equal images)
-    instead of comparing pixels."""
-    keys = keys.to("cpu")
-    if len(keys) != len(grid_thw):
-        raise ValueError(f"{len(keys)} image keys for {len(grid_thw)} images")
-    if len(keys) < 2:
-        return None
-    new = torch.cat([torch.ones(1, dtype=torch.bool), keys[1:] != keys[:-1]])
-    if bool(new.all()):
-        return None
-    patches = grid_thw.prod(-1)
-    features = patches // merge_units
-    owner = new.cumsum(0) - 1
-    kept_features = features[new]
-    offsets = kept_features.cumsum(0) - kept_features
-    index = torch.repeat_interleave(offsets[owner], kept_features[owner]) + _ranges(
-        kept_features[owner])
-    ends = patches.cumsum(0)
-    starts = ends - patches
-    rows = torch.repeat_interleave(starts[new], patches[new]) + _ranges(patches[new])
-    return (pixel_values[rows.to(pixel_values.device)], grid_thw[new]), index
-
-
-def _ranges(lengths: torch.Tensor) -> torch.Tensor:
-    """0..n-1 for each n in ``lengths``, concatenated."""
-    total = int(lengths.sum())
-    starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-    return torch.arange(total) - starts
-
-
 def consecutive_duplicates(pixel_values: torch.Tensor, grid_thw: torch.Tensor, merge_units: int = 4):
     """Images equal to the image before them (same grid, equal pixels), as in a rollout batch
     where the n samples of a prompt carry its image. Returns None if there are none, else
@@ -121,38 +89,53 @@ def consecutive_duplicates(pixel_values: torch.Tensor, grid_thw: torch.Tensor, m
     if len(grid_thw) < 2:
         return None
     if bool((grid_thw == grid_thw[0]).all()):  # one grid (the usual batch): one comparison
-        count, size = len(grid_thw), int(grid_thw[0].prod())
-        images = pixel_values.reshape(count, size, -1)
+        images = pixel_values.reshape(len(grid_thw), int(grid_thw[0].prod()), -1)
         repeated = (images[1:] == images[:-1]).flatten(1).all(-1)
-        if not bool(repeated.any()):
-            return None
-        new = torch.cat([torch.ones(1, dtype=torch.bool), ~repeated])
-        owner = new.cumsum(0) - 1
-        features = size // merge_units
-        index = (owner[:, None] * features + torch.arange(features)).flatten()
-        return (images[new].reshape(-1, pixel_values.shape[-1]), grid_thw[new]), index
-    patches = grid_thw.prod(-1).tolist()
-    starts = [0]
-    for p in patches:
-        starts.append(starts[-1] + p)
-    keep, owner = [0], [0]
-    for i in range(1, len(patches)):
-        j = keep[-1]
-        if patches[i] == patches[j] and torch.equal(grid_thw[i], grid_thw[j]) and torch.equal(
-                pixel_values[starts[i]:starts[i + 1]], pixel_values[starts[j]:starts[j + 1]]):
-            owner.append(len(keep) - 1)
-        else:
-            keep.append(i)
-            owner.append(len(keep) - 1)
-    if len(keep) == len(patches):
+    else:
+        ends = grid_thw.prod(-1).cumsum(0).tolist()
+        starts = [0] + ends[:-1]
+        repeated = torch.tensor([
+            torch.equal(grid_thw[i], grid_thw[i - 1]) and torch.equal(
+                pixel_values[starts[i]:ends[i]], pixel_values[starts[i - 1]:ends[i - 1]])
+            for i in range(1, len(grid_thw))])
+    return _runs(pixel_values, grid_thw, torch.cat([torch.ones(1, dtype=torch.bool), ~repeated]),
+                 merge_units)
+
+
+def keyed_duplicates(pixel_values: torch.Tensor, grid_thw: torch.Tensor, keys: torch.Tensor,
+                     merge_units: int = 4):
+    """:func:`consecutive_duplicates` from keys [images] (equal keys in a row = equal images)
+    instead of comparing pixels."""
+    keys = keys.to("cpu")
+    if len(keys) != len(grid_thw):
+        raise ValueError(f"{len(keys)} image keys for {len(grid_thw)} images")
+    if len(keys) < 2:
         return None
-    features = [patches[i] // merge_units for i in keep]
-    offsets = [0]
-    for f in features:
-        offsets.append(offsets[-1] + f)
-    index = torch.cat([torch.arange(offsets[o], offsets[o] + features[o]) for o in owner])
-    pixels = torch.cat([pixel_values[starts[i]:starts[i + 1]] for i in keep])
-    return (pixels, grid_thw[keep]), index
+    return _runs(pixel_values, grid_thw,
+                 torch.cat([torch.ones(1, dtype=torch.bool), keys[1:] != keys[:-1]]), merge_units)
+
+
+def _runs(pixel_values: torch.Tensor, grid_thw: torch.Tensor, new: torch.Tensor,
+          merge_units: int):
+    """The result of :func:`consecutive_duplicates` given ``new`` [images] (True: the image
+    starts a run of equal images); None when every image starts one."""
+    if bool(new.all()):
+        return None
+    patches = grid_thw.prod(-1)
+    owner = new.cumsum(0) - 1
+    kept_features = patches[new] // merge_units
+    offsets = kept_features.cumsum(0) - kept_features
+    index = torch.repeat_interleave(offsets[owner], kept_features[owner]) + _ranges(
+        kept_features[owner])
+    starts = patches.cumsum(0) - patches
+    rows = torch.repeat_interleave(starts[new], patches[new]) + _ranges(patches[new])
+    return (pixel_values[rows.to(pixel_values.device)], grid_thw[new]), index
+
+
+def _ranges(lengths: torch.Tensor) -> torch.Tensor:
+    """0..n-1 for each n in ``lengths``, concatenated."""
+    starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    return torch.arange(int(lengths.sum())) - starts
 
 
 # --------------------------------------------------------------------------- attention
