@@ -137,6 +137,8 @@ def check_pipeline_communication(config) -> None:
 HEARTBEAT_KEY = "megatron_papo/heartbeat/"
 _COLLECTIVE_FAILURE = ("timed out", "connection closed", "connection reset", "broken pipe",
                        "connection refused", "nccl error", "watchdog")
+_PEER_CLOSED = ("reset by peer", "closed by peer", "broken pipe")  # the peer ended or is ending
+_EXIT_GRACE_S = 5.0
 
 
 def _store():
@@ -187,6 +189,29 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def describe_peer(rank: int, beat: dict, error: str) -> str:
+    """What became of peer ``rank`` given its last heartbeat ``beat`` and the failed collective's
+    ``error`` text: died (process gone), hangs (process there), or, on another host, its last
+    report."""
+    age = time.time() - beat["time"]
+    where = f"'{beat['phase']}'" + (f" of step {beat['step']}" if beat["step"] is not None else "")
+    here = beat["host"] == socket.gethostname()
+    if here and any(k in error.lower() for k in _PEER_CLOSED):
+        # A killed peer's sockets close while the kernel is still tearing the process down (its
+        # /proc entry shows it running for a moment): give it a few seconds to become a zombie.
+        deadline = time.monotonic() + _EXIT_GRACE_S
+        while process_alive(beat["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if here and not process_alive(beat["pid"]):
+        what = f"rank {rank} died (its process {beat['pid']} is gone) in {where}"
+    elif here:
+        what = (f"rank {rank} hangs: in {where} for {age:.0f} s, its process {beat['pid']} "
+                "still there")
+    else:
+        what = f"rank {rank} on {beat['host']} last reported {where}, {age:.0f} s ago"
+    return what
+
+
 def diagnose_collective_failure(err: BaseException) -> str:
     """One line for a collective that failed: which peer stopped (the rank whose heartbeat is
     oldest: the others moved on to the collective it never reached), in which phase and step,
@@ -211,14 +236,6 @@ def diagnose_collective_failure(err: BaseException) -> str:
         return line + "; a peer rank hung or died (see its own output)"
     culprit = min(peers, key=lambda p: peers[p]["time"])
     beat = peers[culprit]
-    age = time.time() - beat["time"]
-    where = f"'{beat['phase']}'" + (f" of step {beat['step']}" if beat["step"] is not None else "")
-    if beat["host"] == socket.gethostname() and not process_alive(beat["pid"]):
-        what = f"rank {culprit} died (its process {beat['pid']} is gone) in {where}"
-    elif beat["host"] == socket.gethostname():
-        what = (f"rank {culprit} hangs: in {where} for {age:.0f} s, its process {beat['pid']} "
-                "still there")
-    else:
-        what = f"rank {culprit} on {beat['host']} last reported {where}, {age:.0f} s ago"
+    what = describe_peer(culprit, beat, first)
     return (f"{line}: {what}; the job stops (a phase that legitimately takes longer needs a "
             "larger trainer.collective_timeout_minutes)")

@@ -260,3 +260,31 @@ def test_a_rank_that_dies_or_hangs_ends_the_job_naming_it(tmp_path, failure):
     from megatron_papo.conversion.locate import find_resumable
 
     assert find_resumable(os.path.join(out, "checkpoints")).endswith("step_00000001")
+
+
+def test_a_peer_still_exiting_when_its_socket_closes_is_called_dead():
+    """A SIGKILLed rank's sockets close while the kernel is still tearing it down, so its process
+    can look alive for a moment (CI once named such a rank "hangs"): after a connection reset the
+    diagnosis waits for the process to end; a timed-out collective with a live peer says hangs at
+    once."""
+    import socket
+
+    from megatron_papo.parallel import describe_peer
+
+    exiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        def beat(proc):
+            return {"time": time.time(), "host": socket.gethostname(), "pid": proc.pid,
+                    "phase": "rollout", "step": 2}
+
+        assert describe_peer(1, beat(exiting), "Read error: Connection reset by peer").startswith(
+            f"rank 1 died (its process {exiting.pid} is gone) in 'rollout' of step 2")
+        start = time.monotonic()
+        said = describe_peer(1, beat(running), "Timed out waiting 20000ms for recv")
+        assert said.startswith("rank 1 hangs: in 'rollout' of step 2"), said
+        assert time.monotonic() - start < 1.0
+    finally:
+        for proc in (exiting, running):
+            proc.kill()
+            proc.wait()
