@@ -117,8 +117,11 @@ def _buckets(units, dtype, bucket_bytes: int, stats: PushStats):
         for _, tensor in unit:
             stats.largest_tensor_bytes = max(stats.largest_tensor_bytes,
                                              tensor.numel() * tensor.element_size())
-        if need > bucket_bytes:  # alone, sent as it is
-            yield [(name, tensor.to(dtype) if dtype else tensor) for name, tensor in unit], None
+        if need > bucket_bytes:  # alone, sent as it is (converted: the original let go first)
+            lone = [(name, tensor.to(dtype) if dtype else tensor) for name, tensor in unit]
+            unit.clear()
+            yield lone, None
+            lone = None
             continue
         if buffer is None:
             buffer = pool.get(bucket_bytes)
@@ -190,7 +193,8 @@ def iter_hf_weights(chunks: list, spec, dtype: torch.dtype | None = None,
         if source == stage:
             # TP-gather pieces: all ranks' pieces together a quarter of a bucket
             tensors = export_hf_weights(chunks, spec, skip=skip,
-                                        gather_chunk_bytes=max(4096, bucket_bytes // (4 * tp)))
+                                        gather_chunk_bytes=max(4096, bucket_bytes // (4 * tp)),
+                                        dtype=dtype)
             local = _buckets(_units(tensors), dtype, bucket_bytes, stats)
         while True:
             item = next(local, None) if local is not None else None

@@ -78,6 +78,7 @@ def export_megatron_to_hf(model: torch.nn.Module, table: MappingTable, dims: dic
                           value: Callable[[torch.nn.Parameter], torch.Tensor] | None = None,
                           skip: Callable[[str], bool] | None = None,
                           gather_chunk_bytes: int = DEFAULT_GATHER_CHUNK_BYTES,
+                          dtype: torch.dtype | None = None,
                           ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full tensor)`` for every parameter of this rank's pipeline stage.
 
@@ -86,7 +87,9 @@ def export_megatron_to_hf(model: torch.nn.Module, table: MappingTable, dims: dic
     embedding) are skipped. ``value`` picks what is exported per parameter (default: the weight;
     ``lambda p: p.grad`` exports gradients under HF names). ``skip(canonical HF name)`` leaves a
     parameter out (before its TP gather) when it is true for all the row's HF names. TP gathers run
-    in pieces of ``gather_chunk_bytes`` per rank.
+    in pieces of ``gather_chunk_bytes`` per rank; ``dtype`` given, a gathered tensor is built in
+    that dtype piece by piece (a push to a bf16 engine never holds an fp32 full tensor; tensors
+    that need no gather are yielded as they are, the caller converts them).
     """
     rank, size = _tp_info(tp_group)
     for local_name, param in model.named_parameters():
@@ -96,7 +99,7 @@ def export_megatron_to_hf(model: torch.nn.Module, table: MappingTable, dims: dic
             continue
         tensor = param.detach() if value is None else value(param)
         if row.tp_dim is not None and size > 1:
-            full = _gather_tp(row, tensor, size, tp_group, gather_chunk_bytes)
+            full = _gather_tp(row, tensor, size, tp_group, gather_chunk_bytes, dtype)
         else:
             full = tensor
         parts = [part.contiguous() for part in row.split(full, dims)]
@@ -107,16 +110,18 @@ def export_megatron_to_hf(model: torch.nn.Module, table: MappingTable, dims: dic
 
 
 def _gather_tp(row, tensor: torch.Tensor, size: int, tp_group,
-               chunk_bytes: int = DEFAULT_GATHER_CHUNK_BYTES) -> torch.Tensor:
+               chunk_bytes: int = DEFAULT_GATHER_CHUNK_BYTES,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
     """The full tensor of a TP-sharded row, gathered in pieces of at most ``chunk_bytes`` per rank
     (the collective's own buffers stay small). One full-size allocation where the row is a plain
     concatenation along dim 0 (embeddings, output layer, QKV: the largest tensors), two otherwise
-    (the row's own ``unshard`` reorders the gathered shards)."""
+    (the row's own ``unshard`` reorders the gathered shards). ``dtype``: the result's dtype (each
+    piece converted as it is copied in)."""
     tensor = tensor.contiguous()
     local = tensor.shape[0]
     plain = row.tp_dim == 0 and type(row).unshard is Row.unshard
     out = torch.empty((size * local, *tensor.shape[1:]) if plain else (size, *tensor.shape),
-                      dtype=tensor.dtype, device=tensor.device)
+                      dtype=dtype or tensor.dtype, device=tensor.device)
     stacked = out.view(size, local, *tensor.shape[1:])
     row_bytes = max(1, tensor[:1].numel() * tensor.element_size())
     step = max(1, chunk_bytes // row_bytes)
