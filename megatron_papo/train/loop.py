@@ -74,7 +74,7 @@ from megatron_papo.runlock import acquire_on_rank0, folder_lock, release_all  # 
 
 from . import checkpoint  # noqa: E402
 from .config import ConfigError, TrainConfig  # noqa: E402
-from .metrics import Metrics, step_record, stop_on_mismatch, watch  # noqa: E402
+from .metrics import Metrics, return_free_memory, step_record, stop_on_mismatch, watch  # noqa: E402
 from .metrics import log as _log  # noqa: E402
 
 SYNTHETIC_DIR = "data"
@@ -357,7 +357,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def step(self) -> dict:
         c, m = self.config, self.metrics
-        m.phases = {}
+        m.phases, m.memory = {}, {}
         m.step = self.step_index + 1
         start = time.perf_counter()
         first_round = self._draw_groups(0)
@@ -397,10 +397,12 @@ class Trainer:
                     first_round, train_groups, rollouts, batch, mask_seed)
         with m.phase("update"):
             updates = self.updater.update(batch)
+            return_free_memory()  # (CPU) the activations' pages, before the push allocates
         with m.phase("sync"):
             self.push_weights()
         record = step_record(self.step_index + 1, first_round, everything, batch, updates,
                              sampling_stats, m.phases, time.perf_counter() - start, self.dp_size)
+        record.update({f"mem/{k}": v for k, v in m.memory.items()})
         watch(record, c.rollout, self.monitor)
         self.step_index += 1
         m.write(record)
@@ -551,6 +553,7 @@ class Trainer:
         """A training checkpoint of the current step (every rank)."""
         heartbeat("checkpoint save", self.step_index)
         self._sync_params()
+        return_free_memory()  # (CPU) what the push freed, before the state dict's copies
         state = {"step": self.step_index, "warmed_up": self.warmed_up,
                  "sampler": _jsonable(self.rng.getstate()), "monitor": self.monitor.history,
                  "reached": self.reached}
