@@ -59,6 +59,12 @@ def test_sleep_mode_keeps_the_engine_out_of_the_training_peak():
     assert awake.train_peak == pytest.approx(asleep.train_peak + engine)
     assert asleep.rollout_peak == awake.rollout_peak
     assert asleep.peak == max(asleep.train_peak, asleep.rollout_peak)
+    # the weight push: the whole embedding (152,064 x 3,584, bf16) gathered on the trainer side
+    # plus the engine's TP shard of it being materialised (the rehearsal's measured transient)
+    persistent = sum(asleep.parts[k] for k in ("weights", "gradients", "optimizer", "reference",
+                                               "overhead"))
+    assert asleep.parts["weight push"] == pytest.approx(2 * 152064 * 3584 * 1.5 / GIB)
+    assert asleep.rollout_peak == pytest.approx(persistent + engine + asleep.parts["weight push"])
 
 
 def test_suggestions_fit_can_be_split_and_come_fastest_first():

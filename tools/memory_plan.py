@@ -35,7 +35,7 @@ from megatron_papo.models.qwen2_5_vl.memory import (  # noqa: E402
 from pp_stages import _model_config  # noqa: E402  (tools/: --model accepts the same names)
 
 PARTS = ("weights", "gradients", "optimizer", "reference", "activations", "engine weights",
-         "KV cache", "overhead")
+         "KV cache", "weight push", "overhead")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -28,6 +28,12 @@ The model is stated here so that a reader can check it (docs/benchmarks.md print
   sequences it runs at once (2 x layers x KV heads x head_dim x 2 B per token; KV heads divided
   by rollout TP); with sleep mode (``rollout.sleep_while_training``) both are released while the
   trainer's activations exist, so the peak is the larger of the two phases, else their sum;
+* the weight push after each update, while the engine's weights are awake and the trainer's
+  state is on the GPU: the largest HF tensor (the embedding / output head, vocabulary x hidden)
+  whole in the engine's dtype on the trainer side (vLLM's loader takes full tensors) plus the
+  engine's shard of it (vLLM's layer-wise reload materialises a layer before copying it in);
+  measured on CPU at 3B widths (``tools/rehearse.py``: +1.74 GiB with a bf16 engine, this term
+  and the CPU engine's re-packing of the tied head);
 * a fixed 3 GiB per GPU for the CUDA context, NCCL buffers and allocator slack.
 
 The speed order of :func:`suggest` is a model too: the training step's time is the slowest
@@ -154,6 +160,7 @@ def plan(hf: dict, layout: Layout, job: Job, gpu: str = "h100") -> Plan:
     kv_heads = max(1, s["kv"] // rollout_tp)
     kv_per_token = 2 * s["layers"] * kv_heads * s["d"] * 2
     kv_cache = kv_per_token * seq * job.engine_sequences / GIB
+    push = 2 * s["vocab"] * s["h"] * (1 + 1 / rollout_tp) / GIB
 
     best = None
     for stage, cost in enumerate(costs):
@@ -181,12 +188,12 @@ def plan(hf: dict, layout: Layout, job: Job, gpu: str = "h100") -> Plan:
         persistent = weights + grads + optimizer + reference + OVERHEAD_GIB
         engine = engine_weights + kv_cache
         train_peak = persistent + activations + (0.0 if layout.sleep else engine)
-        rollout_peak = persistent + engine
+        rollout_peak = persistent + engine + push
         peak = max(train_peak, rollout_peak)
         parts = {"weights": weights, "gradients": grads, "optimizer": optimizer,
                  "reference": reference, "activations": activations,
                  "engine weights": engine_weights, "KV cache": kv_cache,
-                 "overhead": OVERHEAD_GIB}
+                 "weight push": push, "overhead": OVERHEAD_GIB}
         candidate = Plan(layout, gpu, stage, parts, train_peak, rollout_peak, peak, GPUS[gpu],
                          micro_batches=micro_batches)
         if best is None or peak > best.peak:
