@@ -32,7 +32,8 @@ def single_run(tmp_path_factory):
 
 # The files that take longest (minutes: main jobs, the fitted counting model), longest first: the
 # two workers (pyproject's addopts) start with them instead of ending on one of them alone.
-LONGEST_FIRST = ("test_train.py", "test_checkpoint.py", "test_perception.py", "test_rollout.py",
+LONGEST_FIRST = ("test_train.py", "test_checkpoint.py", "test_perception.py", "test_rehearse.py",
+                 "test_rollout.py",
                  "test_evaluate.py", "test_conversion.py")
 
 

@@ -1,0 +1,74 @@
+"""The real-width rehearsal's code path at toy widths (the 3B run takes ~15 minutes: README's
+numbers): a checkpoint with the real vocabulary (151,936 rows, 151,665 tokens, the released
+special-token ids, tied head), converted at TP 2 and PP 2 and verified against transformers, the
+main job at TP 2 through the vLLM bridge with a checkpoint, a resume, the export, and vLLM on the
+export vs transformers; every stage timed with memory per rank."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_rehearsal_passes_every_stage_at_toy_widths(tmp_path):
+    out, report = str(tmp_path / "r"), str(tmp_path / "report.json")
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "rehearse.py"), "--widths", "toy",
+         "--vit-layers", "4", "--image-side", "112", "--response-len", "16", "--steps", "2",
+         "--out", out, "--json", report],
+        capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    info = json.load(open(report))
+    stages = {r["name"]: r for r in info["results"]}
+    assert list(stages) == ["build", "to_mcore_tp2", "to_mcore_pp2", "verify_tp2", "verify_pp2",
+                            "train", "resume", "to_hf", "vllm_load"]
+    assert all(r["ok"] for r in stages.values())
+    for name in ("verify_tp2", "verify_pp2"):  # the parsed difference, not only the exit code
+        diff = float(stages[name]["check"].split("difference ")[1].split()[0])
+        assert diff < 1e-4, stages[name]["check"]
+    # the real vocabulary and ids reached the model: 151,936 rows (tied) in the 20M parameters
+    assert info["parameters"] > 151_936 * 128 and info["image_tokens"] == 16
+    assert [r["step"] for r in info["train_steps"]] == [1, 2]
+    assert all(r["logprob_mismatch"] < 1e-4 for r in info["train_steps"])
+    # each phase's peak memory (rank 0) is recorded and printed with the stage
+    assert all(r["mem/update"] > 0.1 and r["mem/sync"] > 0.1 for r in info["train_steps"])
+    assert "peak per phase (GiB): rollout" in stages["train"]["check"]
+    assert "at step 2" in stages["resume"]["check"]
+    # memory of both ranks of the two-process stages, of rank 0 alone for one-process ones
+    assert set(stages["train"]["peak_gib"]) == {"0", "1", "all"}
+    assert set(stages["vllm_load"]["peak_gib"]) == {"0", "all"}
+    assert all(0.1 < stages["train"]["peak_gib"][r] < 8 for r in ("0", "1"))
+    # a passed rehearsal removes its checkpoints (the logs and the report stay)
+    assert sorted(os.listdir(out)) == ["data", "logs", "rehearsal.json", "run"]
+    assert "PASSED" in done.stdout
+
+
+def test_phase_peak_memory_restarts_at_each_phase():
+    """The job's mem/<phase> metrics: a phase that allocates 256 MiB reports a peak that many
+    bytes above its start; the next phase, which allocates nothing, does not inherit it (the
+    high-water mark is reset per phase, not the process's lifetime peak)."""
+    import torch
+
+    from megatron_papo.train.metrics import Metrics
+
+    class Config:
+        jsonl = tensorboard = False
+        wandb_project = None
+
+    metrics = Metrics("/nonexistent", Config())
+    with metrics.phase("big"):
+        before = _rss()
+        block = torch.ones(256 * 2**20 // 4)  # touched: resident
+        del block
+    with metrics.phase("small"):
+        pass
+    assert metrics.memory["big"] - before > 0.2, (metrics.memory, before)
+    assert metrics.memory["small"] < metrics.memory["big"] - 0.2, metrics.memory
+
+
+def _rss() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
