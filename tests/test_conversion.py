@@ -116,15 +116,15 @@ def _cli(*args, nproc=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
-def test_cli_torchrun_convert_then_verify_and_help(tmp_path):
+def test_cli_converts_with_progress_refuses_an_existing_output_and_has_help(tmp_path):
+    """The CLI in one process: progress and peak RSS printed; a second conversion to the same
+    --out is one line naming --force. (Under torchrun at TP 2 and PP 2, then `verify` against
+    transformers: tests/test_rehearse.py runs those commands.)"""
     hf_dir, mc = str(tmp_path / "hf"), str(tmp_path / "mc")
     write_hf(hf_dir)
-    done = _cli("hf-to-mcore", "--hf", hf_dir, "--out", mc, "--tp", "2", nproc=2)
+    done = _cli("hf-to-mcore", "--hf", hf_dir, "--out", mc)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "done in" in done.stdout and "peak RSS" in done.stdout
-    verify = _cli("verify", "--hf", hf_dir, "--ckpt", mc, "--tolerance", "1e-4")
-    assert verify.returncode == 0, verify.stderr[-3000:]
-    assert "max abs logit difference" in verify.stdout and "OK" in verify.stdout
     again = _cli("hf-to-mcore", "--hf", hf_dir, "--out", mc)
     assert again.returncode == 2 and "already exists" in again.stderr and "--force" in again.stderr
     assert "Traceback" not in again.stderr
@@ -210,46 +210,8 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
         HFCheckpointReader(str(tmp_path))
 
 
-VLLM_SCRIPT = r"""
-import json, os, sys
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-from megatron_papo.compat import apply_cpu_patches
-apply_cpu_patches()
-import numpy as np
-from PIL import Image
-from vllm import LLM, SamplingParams
-image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (84, 112, 3), dtype=np.uint8))
-prompt = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is the area"
-          "<|im_end|>\n<|im_start|>assistant\n")
-llm = LLM(model=sys.argv[1], dtype="float32", kv_cache_memory_bytes=64 * 2**20,
-          max_model_len=512, enforce_eager=True, limit_mm_per_prompt={"image": 1})
-out = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": image}}],
-                   SamplingParams(max_tokens=8, temperature=0.0))
-print("TOKENS", json.dumps(list(out[0].outputs[0].token_ids)))
-"""
-
-
-def _vllm_tokens(folder):
-    done = subprocess.run([sys.executable, "-c", VLLM_SCRIPT, folder], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("TOKENS ")]
-    assert lines, done.stderr[-4000:]
-    return json.loads(lines[0][len("TOKENS "):])
-
-
-def _to_mcore_and_back(hf_dir, mc, out):
-    ck.hf_to_mcore(hf_dir, mc, dtype="fp32")
-    parallel_state.destroy_model_parallel()
-    ck.mcore_to_hf(mc, out)
-
-
-def test_converted_folder_loads_in_vllm_with_the_same_greedy_output(tmp_path):
-    hf_dir, mc, out = (str(tmp_path / n) for n in ("hf", "mc", "out"))
-    write_hf(hf_dir, dtype=torch.float32)
-    run_distributed(_to_mcore_and_back, 1, hf_dir, mc, out)
-    original, converted = _vllm_tokens(hf_dir), _vllm_tokens(out)
-    assert len(converted) == 8 and converted == original
+# vLLM loading an HF folder this package wrote (a training checkpoint's export), its log-probs
+# equal to transformers' (1e-4, fp32): tests/test_rehearse.py.
 
 
 def _training_checkpoint(hf_dir, ckpt, out):

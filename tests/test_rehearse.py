@@ -36,6 +36,10 @@ def test_rehearsal_passes_every_stage_at_toy_widths(tmp_path):
     assert all(r["mem/update"] > 0.1 and r["mem/sync"] > 0.1 for r in info["train_steps"])
     assert "peak per phase (GiB): rollout" in stages["train"]["check"]
     assert "at step 2" in stages["resume"]["check"]
+    # vLLM on the export = transformers (fp32; 2e-3 before the check passed transformers the
+    # image positions, mm_token_type_ids)
+    diff = float(stages["vllm_load"]["check"].split("<= ")[1].split()[0])
+    assert diff < 1e-4, stages["vllm_load"]["check"]
     # memory of both ranks of the two-process stages, of rank 0 alone for one-process ones
     assert set(stages["train"]["peak_gib"]) == {"0", "1", "all"}
     assert set(stages["vllm_load"]["peak_gib"]) == {"0", "all"}

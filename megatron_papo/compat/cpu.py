@@ -444,7 +444,9 @@ def patch_fresh_optimizer_state_for_loading() -> None:
     Last, ``DistributedOptimizer.load_state_dict`` (torch fallback branch) assigns ONE ``step``
     tensor to every parameter; AdamW increments it in place per parameter, so after resuming the
     k-th parameter sees step 1+k: silently wrong bias correction. Fix: each parameter gets its own
-    copy after loading.
+    copy after loading. (The state the loader hands over may carry non-tensor entries, the
+    ``dp_reshardable`` format's padding flags and ranges: they are skipped, and the copies run
+    under ``no_grad`` because that format's loader calls this outside it.)
     """
     # patched here: imported after the import hook is installed (patch_megatron_core)
     from megatron.core.optimizer import distrib_optimizer
@@ -478,8 +480,11 @@ def patch_fresh_optimizer_state_for_loading() -> None:
         group_index, group_order = self.model_param_group_index_map[model_param]
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
         destination = {"param": main_param, **self.optimizer.state[main_param]}
-        for key, value in tensors.items():
-            destination[key].copy_(value)
+        with torch.no_grad():  # (dp_reshardable's loader calls this outside no_grad)
+            for key, value in tensors.items():
+                if not isinstance(value, torch.Tensor):  # dp_reshardable's padding, ranges
+                    continue
+                destination[key].copy_(value)
         return None
 
     original_load = cls.load_state_dict

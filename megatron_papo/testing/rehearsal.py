@@ -257,11 +257,17 @@ def vllm_logprob_check(hf_dir: str, image_side: int, tokens: int = 16) -> dict:
     del llm
     inputs = processor(text=[prompt], images=[image], return_tensors="pt")
     ids = torch.cat([inputs["input_ids"], torch.tensor([generated])], dim=1)
+    extra = {}
+    if "mm_token_type_ids" in inputs:  # where the images are: the MRoPE positions need it
+        extra["mm_token_type_ids"] = torch.cat(
+            [inputs["mm_token_type_ids"], torch.zeros((1, len(generated)),
+                                                      dtype=inputs["mm_token_type_ids"].dtype)],
+            dim=1)
     model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
                        pixel_values=inputs["pixel_values"],
-                       image_grid_thw=inputs["image_grid_thw"]).logits[0].float()
+                       image_grid_thw=inputs["image_grid_thw"], **extra).logits[0].float()
     start = inputs["input_ids"].shape[1] - 1
     logprobs = torch.log_softmax(logits[start:start + len(generated)], dim=-1)
     reference = logprobs[torch.arange(len(generated)), torch.tensor(generated)]

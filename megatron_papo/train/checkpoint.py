@@ -32,11 +32,18 @@ from megatron.core.utils import unwrap_model
 
 from megatron_papo.compat import save_sharded
 from megatron_papo.conversion.atomic import atomic_output_dir
-from megatron_papo.conversion.checkpoint import FORMAT, HF_DIR, META_FILE, WEIGHTS_DIR
+from megatron_papo.conversion.checkpoint import (
+    FORMAT,
+    HF_DIR,
+    META_FILE,
+    WEIGHTS_DIR,
+    ConversionError,
+)
 from megatron_papo.conversion.hf_io import copy_sidecar_files
 from megatron_papo.conversion.locate import PREFIX, RNG_DIR, STATE_FILE, step_dirs
 
-CKPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}
+def _meta(optimizer_format: str) -> dict:
+    return {"distrib_optim_sharding_type": optimizer_format}
 CONFIG_FILE = "config.json"
 LATEST = "latest"
 
@@ -45,13 +52,14 @@ def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"{PREFIX}{step:08d}")
 
 
-def _sharded(chunks: list, optimizer, is_loading: bool) -> dict:
+def _sharded(chunks: list, optimizer, is_loading: bool,
+             optimizer_format: str = "fully_reshardable") -> dict:
     # the model inside DDP / Float16Module: the keys of converted checkpoints, so training and
     # converted checkpoints load the same way
     model_sd = unwrap_model(chunks[0]).sharded_state_dict()
     return {"model": model_sd,
             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                      metadata=CKPT_META)}
+                                                      metadata=_meta(optimizer_format))}
 
 
 def _rng_state() -> dict:
@@ -73,8 +81,12 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save(root: str, step: int, chunks: list, optimizer, state: dict, config: dict, hf_dir: str,
-         dtype: str, layout: dict, keep_last: int = 2) -> str:
-    """Write checkpoint ``step`` (every rank calls it); returns its folder."""
+         dtype: str, layout: dict, keep_last: int = 2,
+         optimizer_format: str = "fully_reshardable") -> str:
+    """Write checkpoint ``step`` (every rank calls it); returns its folder. ``optimizer_format``:
+    fully_reshardable (loads at any layout; megatron-core gathers a copy of the fp32 weights and
+    Adam moments on every rank while saving) or dp_reshardable (the buffers as they are: no
+    copy; loads at the same TP/PP)."""
     rank = dist.get_rank()
     path = step_dir(root, step)
     os.makedirs(root, exist_ok=True)
@@ -86,13 +98,15 @@ def save(root: str, step: int, chunks: list, optimizer, state: dict, config: dic
             short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
             with open(os.path.join(tmp, META_FILE), "w") as f:
                 json.dump({"format": FORMAT, "kind": "training", "dtype": short, "step": step,
-                           "written_at": layout}, f, indent=2)
+                           "written_at": layout, "optimizer_format": optimizer_format}, f,
+                          indent=2)
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(state, f)
             with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
                 json.dump(config, f, indent=1)
         dist.barrier()
-        save_sharded(_sharded(chunks, optimizer, is_loading=False),
+        save_sharded(_sharded(chunks, optimizer, is_loading=False,
+                              optimizer_format=optimizer_format),
                      os.path.join(tmp, WEIGHTS_DIR))
         torch.save(_rng_state(), os.path.join(tmp, RNG_DIR, f"rank_{rank:05d}.pt"))
     if rank == 0:
@@ -108,13 +122,26 @@ def save(root: str, step: int, chunks: list, optimizer, state: dict, config: dic
 
 
 def load(path: str, chunks: list, optimizer, layout: dict, log=print) -> dict:
-    """Load weights, optimizer and (same layout only) RNG states; returns the trainer state."""
-    state = dist_checkpointing.load(_sharded(chunks, optimizer, is_loading=True),
+    """Load weights, optimizer and (same layout only) RNG states; returns the trainer state. A
+    dp_reshardable checkpoint at another TP/PP is refused in one line before anything loads."""
+    with open(os.path.join(path, META_FILE)) as f:
+        meta = json.load(f)
+    written_at = meta["written_at"]
+    optimizer_format = meta.get("optimizer_format", "fully_reshardable")  # (before the key)
+    fixed = ("tp", "pp", "stage_layers")
+    if optimizer_format == "dp_reshardable" and any(written_at.get(k) != layout.get(k)
+                                                    for k in fixed):
+        raise ConversionError(
+            f"{path} was written with trainer.checkpoint_format=dp_reshardable at "
+            f"{ {k: written_at.get(k) for k in fixed if k in written_at} }; this run is "
+            f"{ {k: layout.get(k) for k in fixed if k in layout} }: resume at the same TP/PP "
+            "(any DP), or convert it with tools/convert_checkpoint.py mcore-to-hf and start "
+            "from the HF folder")
+    state = dist_checkpointing.load(_sharded(chunks, optimizer, is_loading=True,
+                                             optimizer_format=optimizer_format),
                                     os.path.join(path, WEIGHTS_DIR))
     unwrap_model(chunks[0]).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    with open(os.path.join(path, META_FILE)) as f:
-        written_at = json.load(f)["written_at"]
     rng_file = os.path.join(path, RNG_DIR, f"rank_{dist.get_rank():05d}.pt")
     if written_at == layout and os.path.exists(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -204,6 +204,9 @@ class OptimConfig:
     vision_lr_mult: float = 1.0
 
 
+CHECKPOINT_FORMATS = ("fully_reshardable", "dp_reshardable")
+
+
 @dataclass
 class TrainerConfig:
     steps: int = 200
@@ -237,6 +240,11 @@ class TrainerConfig:
     save_every: int = 50
     keep_last: int = 2
     checkpoint_dir: str | None = None     # default <output_dir>/checkpoints
+    # the distributed optimizer's state on disk (train/checkpoint.py): fully_reshardable resumes
+    # at any TP/PP/DP but gathers a copy of the fp32 weights and both Adam moments on every rank
+    # while it saves (+12 B per parameter of the rank's shard); dp_reshardable (Megatron-LM's own
+    # default) writes the buffers as they are, no copy, and resumes at the same TP/PP (any DP)
+    checkpoint_format: str = "fully_reshardable"
     resume: str = "auto"             # auto: the newest complete checkpoint, if any | none | a path
     # take the run folder's lock even from a job that seems alive (megatron_papo/runlock.py)
     force_unlock: bool = False
@@ -402,6 +410,9 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
         raise ConfigError(f"algorithm.mask_ratio={config.algorithm.mask_ratio} must be in [0, 1]")
     if config.trainer.warmup_steps < 0:
         raise ConfigError(f"trainer.warmup_steps={config.trainer.warmup_steps} must be >= 0")
+    if config.trainer.checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ConfigError(f"trainer.checkpoint_format={config.trainer.checkpoint_format!r}: "
+                          f"choose {' or '.join(CHECKPOINT_FORMATS)}")
     for key in ("save_every", "keep_last"):
         if getattr(config.trainer, key) < 0:
             raise ConfigError(f"trainer.{key}={getattr(config.trainer, key)} must be >= 0")

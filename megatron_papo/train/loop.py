@@ -561,7 +561,8 @@ class Trainer:
         path = checkpoint.save(self.checkpoint_dir, self.step_index, self.chunks, self.optimizer,
                                state, dataclasses.asdict(self.config), self.hf_dir,
                                self.config.model.params_dtype, self._layout(),
-                               self.config.trainer.keep_last)
+                               self.config.trainer.keep_last,
+                               self.config.trainer.checkpoint_format)
         _log(f"[train] checkpoint saved: {path} ({time.perf_counter() - start:.1f}s)")
         return path
 
