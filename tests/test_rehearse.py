@@ -76,3 +76,19 @@ def _rss() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**30
+
+
+def test_a_folder_that_is_not_a_rehearsals_is_never_replaced(tmp_path):
+    """--out pointing at someone's files: one line, exit non-zero, the files untouched; bad
+    depths are refused the same way."""
+    (tmp_path / "mine.txt").write_text("keep me")
+    tool = os.path.join(ROOT, "tools", "rehearse.py")
+    done = subprocess.run([sys.executable, tool, "--out", str(tmp_path)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert done.returncode != 0 and "not a rehearsal's" in done.stderr, done.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["mine.txt"]
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+    done = subprocess.run([sys.executable, tool, "--lm-layers", "1"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert done.returncode != 0 and "--lm-layers 1" in done.stderr
+    assert "Traceback" not in done.stderr

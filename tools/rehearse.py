@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--export-tolerance", type=float, default=1e-4,
                    help="vLLM vs transformers on the export, both fp32")
     p.add_argument("--out", default=None,
-                   help="work folder (default outputs/rehearse_<widths>_<date>); replaced")
+                   help="work folder (default outputs/rehearse_<widths>_<date>); a previous "
+                        "rehearsal's is replaced, any other non-empty folder refused")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints at the end")
     p.add_argument("--json", default=None, help="also write the results here")
     return p
@@ -105,6 +106,9 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.image_side % 28:
         raise SystemExit(f"rehearse.py: --image-side {args.image_side} must be a multiple of 28")
+    if args.lm_layers < 2 or args.vit_layers < 1:
+        raise SystemExit(f"rehearse.py: --lm-layers {args.lm_layers} / --vit-layers "
+                         f"{args.vit_layers}: at least 2 (one per PP 2 stage) / 1")
     from megatron_papo.testing.rehearsal import (
         StageResult,
         rehearsal_hf_config,
@@ -113,7 +117,10 @@ def main(argv=None) -> int:
 
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = os.path.abspath(args.out or os.path.join(ROOT, "outputs", f"rehearse_{args.widths}_{stamp}"))
-    shutil.rmtree(out, ignore_errors=True)
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, "logs")):
+        raise SystemExit(f"rehearse.py: --out {out} holds files that are not a rehearsal's: "
+                         "choose another folder (nothing was written)")
+    shutil.rmtree(out, ignore_errors=True)  # a previous rehearsal's folder only
     os.makedirs(os.path.join(out, "logs"))
     hf, data, run = (os.path.join(out, n) for n in ("hf", "data", "run"))
     config = rehearsal_hf_config(args.widths, args.lm_layers, args.vit_layers)

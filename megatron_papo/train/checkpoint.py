@@ -42,10 +42,13 @@ from megatron_papo.conversion.checkpoint import (
 from megatron_papo.conversion.hf_io import copy_sidecar_files
 from megatron_papo.conversion.locate import PREFIX, RNG_DIR, STATE_FILE, step_dirs
 
-def _meta(optimizer_format: str) -> dict:
-    return {"distrib_optim_sharding_type": optimizer_format}
 CONFIG_FILE = "config.json"
 LATEST = "latest"
+
+
+def _meta(optimizer_format: str) -> dict:
+    """megatron-core's sharded-state-dict metadata for ``trainer.checkpoint_format``."""
+    return {"distrib_optim_sharding_type": optimizer_format}
 
 
 def step_dir(root: str, step: int) -> str:
