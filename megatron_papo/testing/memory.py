@@ -6,6 +6,8 @@ import ctypes
 import gc
 import threading
 
+from megatron_papo.train.metrics import mallinfo2
+
 
 class PeakLive:
     """Peak of the bytes malloc has handed out and not taken back (glibc ``mallinfo2``: arena
@@ -15,16 +17,10 @@ class PeakLive:
     copies and collectives release the GIL, so transient peaks inside a step are seen too)."""
 
     def __init__(self):
-        class MallInfo2(ctypes.Structure):
-            _fields_ = [(n, ctypes.c_size_t) for n in (
-                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                "uordblks", "fordblks", "keepcost")]
-
         self._libc = ctypes.CDLL("libc.so.6")
-        self._libc.mallinfo2.restype = MallInfo2
 
     def live(self) -> int:
-        info = self._libc.mallinfo2()
+        info = mallinfo2(self._libc)
         return info.uordblks + info.hblkhd
 
     def sample(self) -> None:

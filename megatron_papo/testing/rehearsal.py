@@ -205,24 +205,21 @@ def run_stage(name: str, command: list[str], log_path: str, env: dict | None = N
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
+        code = None
         with RankMemory(proc.pid) as memory:
             try:
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                code = None
-            finally:
-                if proc.poll() is None or code is None:
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    proc.wait()
+                pass
+            finally:  # whatever the command left behind (or all of it: timeout, Ctrl-C)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
     seconds = time.perf_counter() - start
     check = "" if code == 0 else ("timed out" if code is None else f"exit code {code}")
     return StageResult(name, code == 0, seconds, memory.gib(), check, log_path)
-
-
-VLLM_CHECK_PROMPT = "How many shapes are in the image?"
 
 
 def vllm_logprob_check(hf_dir: str, image_side: int, tokens: int = 16) -> dict:
@@ -237,12 +234,12 @@ def vllm_logprob_check(hf_dir: str, image_side: int, tokens: int = 16) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from vllm import LLM, SamplingParams
 
-    from megatron_papo.data.synthetic import draw_shapes
+    from megatron_papo.data.synthetic import QUESTION, draw_shapes
 
     image = draw_shapes(3, image_side, random.Random(0))
     processor = AutoProcessor.from_pretrained(hf_dir)
     messages = [{"role": "user", "content": [{"type": "image"},
-                                             {"type": "text", "text": VLLM_CHECK_PROMPT}]}]
+                                             {"type": "text", "text": QUESTION}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     image_tokens = (image_side // 28) ** 2
     llm = LLM(model=hf_dir, dtype="float32", kv_cache_memory_bytes=256 * 2**20,

@@ -53,18 +53,37 @@ def peak_memory_gib() -> float | None:
     return None
 
 
-def return_free_memory() -> None:
+def mallinfo2(libc=None):
+    """glibc's ``mallinfo2()``: arena bytes in use (``uordblks``), free in the heap
+    (``fordblks``), mmapped (``hblkhd``)..."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+
+    libc = libc or ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    return libc.mallinfo2()
+
+
+def return_free_memory(threshold: int = 256 * 2**20) -> None:
     """CPU: hand the heap memory freed by a phase back to the operating system (glibc
     ``malloc_trim``). glibc keeps freed blocks below its mmap threshold (up to 32 MB each) in the
     process: after the update's activations are freed the resident set stays ~1.5 GiB higher at
     3B widths, and the weight push that follows allocates new pages on top (the rehearsal's
-    two-rank job was OOM-killed there). A no-op where CUDA runs or without glibc."""
+    two-rank job was OOM-killed there). Only when at least ``threshold`` bytes lie free in the
+    heap (the tiny default job frees little: trimming it every step costs page faults in the
+    next rollout). A no-op where CUDA runs or without glibc."""
     if torch.cuda.is_available():
         return
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL("libc.so.6")
+        if mallinfo2(libc).fordblks >= threshold:
+            libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
