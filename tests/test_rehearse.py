@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -92,3 +94,32 @@ def test_a_folder_that_is_not_a_rehearsals_is_never_replaced(tmp_path):
                           text=True, cwd=ROOT, timeout=120)
     assert done.returncode != 0 and "--lm-layers 1" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_memory_ledger_measures_what_each_builder_and_phase_adds():
+    """MemoryLedger (the job's memory.json): a builder that keeps 256 MiB is charged 256 MiB;
+    the optimizer state is what step 1 left behind, the activations step 2's update peak over
+    its start, the peak the highest phase peak."""
+    import torch
+
+    from megatron_papo.train.metrics import MemoryLedger
+
+    ledger = MemoryLedger()
+    assert ledger.setup["process"] > 0.1
+    kept = torch.ones(256 * 2**20 // 4)  # touched: resident
+    ledger.mark("policy")
+    ledger.mark("engine")  # nothing built in between
+    assert abs(ledger.setup["policy"] - 0.25) < 0.05, ledger.setup
+    assert abs(ledger.setup["engine"]) < 0.05, ledger.setup
+    assert ledger.parts() is None  # before step 2
+    ledger.phase(1, "rollout", 5.0, 5.5)
+    ledger.phase(1, "update", 5.0, 8.0)
+    ledger.phase(2, "rollout", 6.0, 6.2)
+    ledger.phase(2, "update", 6.0, 7.5)
+    ledger.phase(2, "sync", 6.0, 6.75)
+    ledger.phase(3, "update", 6.0, 20.0)  # after step 2: not recorded
+    parts = ledger.parts()
+    assert parts["optimizer state"] == 1.0 and parts["activations"] == 1.5
+    assert parts["weight push"] == 0.75 and parts["rollout"] == pytest.approx(0.2)
+    assert parts["peak"] == 8.0 and parts["log-prob pass"] == 0.0
+    del kept

@@ -38,6 +38,16 @@ def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
     assert steps[0]["logprob_mismatch"] < 1e-3  # engine and trainer score one distribution
     assert "val/accuracy" in records[0] and "val/accuracy" in records[-1]
     assert any(r.get("after_warm_start") for r in records)
+    # where the memory goes, measured after step 2 (tools/rehearse.py --memory reads it)
+    memory = json.load(open(os.path.join(out, "memory.json")))
+    assert memory["measure"] == "resident set" and memory["layout"] == {"tp": 1, "pp": 1, "dp": 1}
+    (rank,) = memory["ranks"]
+    assert set(rank) == {"process", "policy", "optimizer", "reference", "engine",
+                         "optimizer state", "activations", "log-prob pass", "weight push",
+                         "rollout", "peak"}
+    assert rank["process"] > 0.2 and rank["engine"] > 0.05  # python + torch + vLLM; the engine
+    assert rank["peak"] >= rank["process"] + rank["engine"]
+    assert "[train] memory of rank 0 (GiB, resident set): process" in done.stdout
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(out, "hf"))
@@ -155,6 +165,9 @@ def test_main_job_on_two_processes(tmp_path, single_run, layout):
     first = _first_step(out)
     assert first["loss/kl_prcp"] > 0 and first["entropy/original"] > 0
     assert any(f.endswith(".safetensors") for f in os.listdir(os.path.join(out, "hf")))
+    memory = json.load(open(os.path.join(out, "memory.json")))  # every rank's parts
+    assert memory["layout"]["pp"] == 2 and len(memory["ranks"]) == 2
+    assert all(r["peak"] > r["process"] > 0.2 for r in memory["ranks"])
     assert single_run[1].returncode == 0
     reference = _first_step(single_run[0])
     assert first["loss/kl_prcp"] == pytest.approx(reference["loss/kl_prcp"], abs=1e-3)

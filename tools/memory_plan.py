@@ -29,6 +29,7 @@ from megatron_papo.models.qwen2_5_vl.memory import (  # noqa: E402
     Job,
     Layout,
     advice,
+    device,
     plan,
     suggest,
 )
@@ -44,7 +45,16 @@ def _parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="a size (3b, 7b, 32b, 72b), a preset name containing one, or an HF folder")
-    p.add_argument("--gpu", default="h100", choices=sorted(GPUS))
+    p.add_argument("--gpu", default="h100", choices=sorted(GPUS) + ["cpu"],
+                   help="cpu: this project on a CPU machine (fp32 training, vLLM-CPU; all ranks "
+                        "share --cpu-memory), the mode tools/rehearse.py --memory checks")
+    p.add_argument("--cpu-memory", type=float, default=None,
+                   help="with --gpu cpu: the machine's GiB (default: this machine's)")
+    p.add_argument("--engine-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="rollout.dtype")
+    p.add_argument("--kv-cache-mb", type=int, default=None,
+                   help="rollout.kv_cache_mb per engine rank (CPU; default on GPU: the "
+                        "--engine-sequences' full length)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--dp", type=int, default=1)
@@ -81,7 +91,9 @@ def _job(args) -> Job:
                max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
                sequences_per_update=args.sequences_per_update,
                engine_sequences=args.engine_sequences, reference_model=not args.no_reference,
-               live_masked_branch=args.live)
+               live_masked_branch=args.live,
+               engine_bytes=2 if args.engine_dtype == "bfloat16" else 4,
+               kv_cache_gib=None if args.kv_cache_mb is None else args.kv_cache_mb / 1024)
 
 
 def _check(args) -> None:
@@ -100,14 +112,17 @@ def _check(args) -> None:
 
 def describe(p, title: str) -> str:
     lay = p.layout
+    asleep = lay.sleep and p.gpu != "cpu"  # vLLM's sleep mode is CUDA's
     lines = [f"{title}: TP {lay.tp} x PP {lay.pp} x DP {lay.dp} on {p.gpu.upper()} "
-             f"({p.capacity:.1f} GiB), recompute {lay.recompute}{', FP8' if lay.fp8 else ''}, "
-             f"engine sleeps while training: {'yes' if lay.sleep else 'no'}",
-             f"per GPU on pipeline stage {p.stage} (the fullest), GiB:"]
+             f"({p.capacity:.1f} GiB{' per rank' if p.gpu == 'cpu' else ''}), recompute "
+             f"{lay.recompute}{', FP8' if lay.fp8 else ''}, "
+             f"engine sleeps while training: {'yes' if asleep else 'no'}",
+             f"per {'rank' if p.gpu == 'cpu' else 'GPU'} on pipeline stage {p.stage} (the "
+             "fullest), GiB:"]
     for name in PARTS:
         lines.append(f"  {name:<15} {p.parts[name]:8.2f}")
     lines.append(f"  {'training peak':<15} {p.train_peak:8.2f}   (persistent + activations"
-                 f"{'' if lay.sleep else ' + engine'})")
+                 f"{'' if asleep else ' + engine'})")
     lines.append(f"  {'rollout peak':<15} {p.rollout_peak:8.2f}   (persistent + engine)")
     lines.append(f"{advice(p)}; {p.micro_batches} micro-batches per optimizer step per DP rank, "
                  f"modelled training step {p.step_time:.1f} s")
@@ -130,17 +145,21 @@ def main(argv=None) -> int:
         _check(args)
         title, hf = _model_config(args.model)
         job = _job(args)
+        if args.gpu == "cpu" and args.kv_cache_mb is None:
+            job.kv_cache_gib = 64 / 1024  # rollout.kv_cache_mb's default
         if args.suggest:
-            plans = suggest(hf, args.gpus, job, args.gpu, fp8=args.fp8, sleep=not args.no_sleep)
+            gpu = device(args.gpu, args.cpu_memory, args.gpus) if args.gpu == "cpu" else args.gpu
+            plans = suggest(hf, args.gpus, job, gpu, fp8=args.fp8, sleep=not args.no_sleep)
             print(f"{title} on {args.gpus} x {args.gpu.upper()}: sequences of {job.sequence_len} "
                   f"tokens, micro-batches of {job.max_tokens_per_micro_batch} tokens; "
                   f"{len(plans)} layouts fit, fastest first (modelled step time)")
             if plans:
                 print(suggestion_table(plans))
             else:
-                more = next(((n, found[0]) for n in (16, 32, 64, 128) if n > args.gpus
-                             for found in [suggest(hf, n, job, args.gpu, fp8=args.fp8,
-                                                   sleep=not args.no_sleep)] if found), None)
+                more = None if args.gpu == "cpu" else next(
+                    ((n, found[0]) for n in (16, 32, 64, 128) if n > args.gpus
+                     for found in [suggest(hf, n, job, args.gpu, fp8=args.fp8,
+                                           sleep=not args.no_sleep)] if found), None)
                 hint = (f"; the fewest GPUs that fit: {more[0]} (fastest: TP {more[1].layout.tp}"
                         f" x PP {more[1].layout.pp} x DP {more[1].layout.dp}, recompute "
                         f"{more[1].layout.recompute})" if more else "")
@@ -149,7 +168,9 @@ def main(argv=None) -> int:
             return 0
         layout = Layout(tp=args.tp, pp=args.pp, dp=args.dp, rollout_tp=args.rollout_tp,
                         recompute=args.recompute, fp8=args.fp8, sleep=not args.no_sleep)
-        print(describe(plan(hf, layout, job, args.gpu), title))
+        gpu = (device(args.gpu, args.cpu_memory, layout.gpus) if args.gpu == "cpu"
+               else args.gpu)
+        print(describe(plan(hf, layout, job, gpu), title))
         return 0
     except ModelConfigError as err:
         print(f"error: {err}", file=sys.stderr)

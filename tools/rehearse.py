@@ -42,6 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 STAGES = ("build", "to_mcore", "verify", "train", "resume", "to_hf", "vllm_load")
+KV_CACHE_MB = 256  # rollout.kv_cache_mb of every job here
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="work folder (default outputs/rehearse_<widths>_<date>); a previous "
                         "rehearsal's is replaced, any other non-empty folder refused")
+    p.add_argument("--memory", nargs="?", const="tp1,tp2,pp2,tp2_mb2", default=None,
+                   metavar="CONFIGS",
+                   help="instead of the stages after the build: the main job for 2 steps in "
+                        "each configuration (default all: tp1, tp2, pp2, tp2_mb2 = TP 2 with two "
+                        "sequences per micro-batch); each rank's measured memory parts beside "
+                        "the planner's CPU prediction (tools/memory_plan.py --gpu cpu)")
+    p.add_argument("--report", default=None, metavar="REHEARSAL_JSON",
+                   help="with --memory: print the table of a stored rehearsal.json (runs nothing)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints at the end")
     p.add_argument("--json", default=None, help="also write the results here")
     return p
@@ -102,8 +111,105 @@ def _metrics(run: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _job(args, hf: str, data: str, run: str, image_tokens: int) -> list[str]:
+    """The main job's overrides for the rehearsal (TP 2; the memory configurations override)."""
+    sequence = image_tokens + 64 + args.response_len  # image, the question's text, the response
+    return ["model.hf_dir=" + hf, "model.params_dtype=float32", "parallel=tp2",
+            f"data.train_files=[{data}/train.parquet]", f"data.val_files=[{data}/test.parquet]",
+            f"rollout.n={args.n}", f"rollout.max_new_tokens={args.response_len}",
+            f"rollout.max_model_len={sequence}",
+            "rollout.min_pixels=3136", f"rollout.max_pixels={args.image_side ** 2}",
+            f"rollout.kv_cache_mb={KV_CACHE_MB}", f"rollout.tensor_parallel_size={args.rollout_tp}",
+            f"rollout.dtype={args.engine_dtype}",
+            f"rollout.old_logprobs_from_engine={str(args.engine_dtype == 'float32').lower()}",
+            # one sequence per micro-batch, one optimizer step per rollout: the least memory
+            f"trainer.max_tokens_per_micro_batch={sequence}",
+            "trainer.optimizer_steps_per_rollout=1", f"trainer.prompts_per_step={args.prompts}",
+            # no gathered copy of the optimizer state while saving (the resume keeps TP 2)
+            "trainer.checkpoint_format=dp_reshardable",
+            "trainer.warmup_steps=0", "trainer.eval_every=0", "trainer.eval_prompts=1",
+            "trainer.eval_k=1", "trainer.stop_at_accuracy=null", "trainer.export_hf=false",
+            f"trainer.save_every={args.steps}", f"trainer.output_dir={run}",
+            f"hydra.run.dir={run}"]
+
+
+def _memory_check(args, config: dict, hf: str, data: str, out: str, image_tokens: int,
+                  info: dict, results: list, ok: bool, finish, log) -> int:
+    """--memory: the main job for 2 steps at each of MEMORY_CONFIGS; each run's measured parts
+    (its memory.json) beside the planner's CPU prediction for the same configuration."""
+    from megatron_papo.testing.rehearsal import (
+        MEMORY_CONFIGS,
+        MEMORY_TOLERANCE,
+        memory_table,
+        run_stage,
+    )
+
+    info.update(memory={}, prompts=args.prompts, n=args.n, kv_cache_mb=KV_CACHE_MB,
+                machine_gib=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
+    sequence = image_tokens + 64 + args.response_len
+    chosen = args.memory.split(",")
+    for name, ranks, parallel, rollout_tp, per_micro in MEMORY_CONFIGS:
+        if not ok:
+            break
+        if name not in chosen:
+            continue
+        run = os.path.join(out, f"run_{name}")
+        job = _job(args, hf, data, run, image_tokens) + [
+            f"parallel={parallel}", f"rollout.tensor_parallel_size={rollout_tp}",
+            f"trainer.max_tokens_per_micro_batch={sequence * per_micro}",
+            "trainer.steps=2", "trainer.save_every=0"]
+        env = {"NPROC_PER_NODE": str(ranks), "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+        result = run_stage(f"memory_{name}", ["bash", os.path.join(ROOT, "scripts", "train.sh"),
+                                              *job], log(f"memory_{name}"), env=env, cwd=ROOT)
+        path = os.path.join(run, "memory.json")
+        result.ok = result.ok and os.path.exists(path)
+        if result.ok:
+            with open(path) as f:
+                measured = json.load(f)
+            info["memory"][name] = {"ranks": ranks, "parallel": parallel,
+                                    "rollout_tp": rollout_tp, "sequences_per_micro_batch":
+                                    per_micro, "measured": measured["ranks"],
+                                    "pss_peak_gib": result.peak_gib}
+            result.check = "peak (resident set) per rank: " + ", ".join(
+                f"{r['peak']:.2f}" for r in measured["ranks"])
+        ok = finish(result)
+    info["passed"] = ok
+    info["seconds"] = sum(r.seconds for r in results)
+    info["results"] = [vars(r) for r in results]
+    info["config"] = config
+    info["sequence"] = sequence
+    for path in filter(None, (os.path.join(out, "rehearsal.json"), args.json)):
+        with open(path, "w") as f:  # stored first: the table can be rebuilt with --report
+            json.dump(info, f, indent=1, default=str)
+    if ok:
+        table, worst = memory_table(info)
+        print(table, flush=True)
+        ok = worst <= MEMORY_TOLERANCE
+        print(f"[rehearse] memory: {'PASSED' if ok else 'FAILED'}: the planner's peak within "
+              f"{100 * worst:.1f} % of the measured one in every configuration (tolerance "
+              f"{100 * MEMORY_TOLERANCE:.0f} %)", flush=True)
+    if not args.keep:
+        shutil.rmtree(hf, ignore_errors=True)
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.memory is not None:
+        from megatron_papo.testing.rehearsal import MEMORY_CONFIGS
+
+        names = [c[0] for c in MEMORY_CONFIGS]
+        unknown = [n for n in args.memory.split(",") if n not in names]
+        if unknown:
+            raise SystemExit(f"rehearse.py: --memory {args.memory}: unknown configuration "
+                             f"{', '.join(unknown)}; choose from {','.join(names)}")
+    if args.report:
+        from megatron_papo.testing.rehearsal import memory_table
+
+        with open(args.report) as f:
+            table, _ = memory_table(json.load(f))
+        print(table)
+        return 0
     if args.image_side % 28:
         raise SystemExit(f"rehearse.py: --image-side {args.image_side} must be a multiple of 28")
     if args.lm_layers < 2 or args.vit_layers < 1:
@@ -173,6 +279,9 @@ def main(argv=None) -> int:
                         f"({built['vision'] / 1e6:.0f}M vision)")
     ok = finish(result)
 
+    if args.memory:  # the memory configurations instead of the stages after the build
+        return _memory_check(args, config, hf, data, out, image_tokens, info, results, ok,
+                             finish, log)
     tool = os.path.join(ROOT, "tools", "convert_checkpoint.py")
     layouts = (("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"]))
     for name, layout in layouts:
@@ -193,22 +302,7 @@ def main(argv=None) -> int:
         result.check = said[len("[verify] "):] if said else result.check
         ok = finish(result)
 
-    job = ["model.hf_dir=" + hf, "model.params_dtype=float32", "parallel=tp2",
-           f"data.train_files=[{data}/train.parquet]", f"data.val_files=[{data}/test.parquet]",
-           f"rollout.n={args.n}", f"rollout.max_new_tokens={args.response_len}",
-           f"rollout.max_model_len={image_tokens + 64 + args.response_len}",
-           "rollout.min_pixels=3136", f"rollout.max_pixels={args.image_side ** 2}",
-           "rollout.kv_cache_mb=256", f"rollout.tensor_parallel_size={args.rollout_tp}",
-           f"rollout.dtype={args.engine_dtype}",
-           f"rollout.old_logprobs_from_engine={str(args.engine_dtype == 'float32').lower()}",
-           # one sequence per micro-batch, one optimizer step per rollout: the least memory
-           f"trainer.max_tokens_per_micro_batch={image_tokens + 64 + args.response_len}",
-           "trainer.optimizer_steps_per_rollout=1", f"trainer.prompts_per_step={args.prompts}",
-           # no gathered copy of the optimizer state while saving (the resume keeps TP 2)
-           "trainer.checkpoint_format=dp_reshardable",
-           "trainer.warmup_steps=0", "trainer.eval_every=0", "trainer.eval_prompts=1",
-           "trainer.eval_k=1", "trainer.stop_at_accuracy=null", "trainer.export_hf=false",
-           f"trainer.save_every={args.steps}", f"trainer.output_dir={run}", f"hydra.run.dir={run}"]
+    job = _job(args, hf, data, run, image_tokens)
     env = {"NPROC_PER_NODE": "2", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
     if ok:
         result = run_stage("train", ["bash", os.path.join(ROOT, "scripts", "train.sh"), *job,

@@ -222,6 +222,61 @@ def run_stage(name: str, command: list[str], log_path: str, env: dict | None = N
     return StageResult(name, code == 0, seconds, memory.gib(), check, log_path)
 
 
+# tools/rehearse.py --memory: (name, ranks, parallel config, rollout TP, sequences per
+# micro-batch); TP 1/2, PP 1/2 and twice the micro-batch tokens
+MEMORY_CONFIGS = (("tp1", 1, "single", 1, 1), ("tp2", 2, "tp2", 2, 1), ("pp2", 2, "pp2", 2, 1),
+                  ("tp2_mb2", 2, "tp2", 2, 2))
+MEMORY_TOLERANCE = 0.15  # the planner's peak vs the measured one, relative
+
+
+# measured part (MemoryLedger.parts) <- the planner's parts it is compared with
+MEMORY_PARTS = (("process", ("overhead",)), ("policy", ("weights", "gradients")),
+                ("optimizer state", ("optimizer",)), ("engine", ("engine weights", "KV cache")),
+                ("activations", ("activations",)), ("weight push", ("weight push",)))
+
+
+def planned_memory(info: dict, name: str) -> list:
+    """The planner's CPU plan of each pipeline stage for the --memory configuration ``name`` of a
+    rehearsal (``info``: its rehearsal.json)."""
+    from megatron_papo.models.qwen2_5_vl.memory import Job, Layout, device, plan
+
+    run = info["memory"][name]
+    tp = 1 if run["parallel"] in ("single", "pp2") else 2
+    pp = 2 if run["parallel"] == "pp2" else 1
+    sequence = info["sequence"]
+    job = Job(response_len=info["response_len"], image_tokens=info["image_tokens"],
+              prompt_text_tokens=sequence - info["image_tokens"] - info["response_len"],
+              max_tokens_per_micro_batch=sequence * run["sequences_per_micro_batch"],
+              sequences_per_update=info.get("prompts", 1) * info.get("n", 2),
+              engine_bytes=2 if info["engine_dtype"] == "bfloat16" else 4,
+              kv_cache_gib=info.get("kv_cache_mb", 256) / 1024, reference_model=False)
+    layout = Layout(tp=tp, pp=pp, dp=run["ranks"] // (tp * pp), rollout_tp=run["rollout_tp"])
+    return plan(info["config"], layout, job, device("cpu", info.get("machine_gib"),
+                                                    run["ranks"])).stages
+
+
+def memory_table(info: dict) -> tuple[str, float]:
+    """Each --memory configuration's measured parts per rank (resident set, GiB) beside the
+    planner's CPU prediction for that rank's pipeline stage ("measured/planned"); returns the
+    table and the largest relative error of the peak."""
+    head = f"{'config':<8} {'rank':>4} " + " ".join(f"{m:>15}" for m, _ in MEMORY_PARTS)
+    lines = [head + f" {'peak':>15} {'error':>6}"]
+    worst = 0.0
+    for name, run in info["memory"].items():
+        stages = planned_memory(info, name)
+        for rank, measured in enumerate(run["measured"]):
+            planned = stages[rank * len(stages) // len(run["measured"])]  # TP ranks first
+            cells = []
+            for part, planner_parts in MEMORY_PARTS:
+                value = sum(planned.parts[k] for k in planner_parts)
+                cells.append(f"{measured.get(part, 0.0):7.2f}/{value:<7.2f}")
+            error = abs(planned.peak - measured["peak"]) / measured["peak"]
+            worst = max(worst, error)
+            lines.append(f"{name:<8} {rank:>4} " + " ".join(f"{c:>15}" for c in cells)
+                         + f" {measured['peak']:7.2f}/{planned.peak:<7.2f} {100 * error:5.1f}%")
+    return "\n".join(lines), worst
+
+
 def vllm_logprob_check(hf_dir: str, image_side: int, tokens: int = 16) -> dict:
     """vLLM loads ``hf_dir`` (fp32, greedy, ``tokens`` new tokens on an ``image_side`` square
     image); transformers recomputes the log-probability of each generated token on the same

@@ -74,7 +74,7 @@ from megatron_papo.runlock import acquire_on_rank0, folder_lock, release_all  # 
 
 from . import checkpoint  # noqa: E402
 from .config import ConfigError, TrainConfig  # noqa: E402
-from .metrics import Metrics, return_free_memory, step_record, stop_on_mismatch, watch  # noqa: E402
+from .metrics import MemoryLedger, Metrics, return_free_memory, step_record, stop_on_mismatch, watch  # noqa: E402
 from .metrics import log as _log  # noqa: E402
 
 SYNTHETIC_DIR = "data"
@@ -262,15 +262,22 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.spec = text_spec_from_hf(load_hf_config(self.hf_dir))
         self.loss = c.algorithm.loss
+        self.ledger = ledger = MemoryLedger()  # what each builder below adds, measured
         self.chunks = self._policy_chunks(trained=True)
+        ledger.mark("policy")  # weights + gradient buffers
         self.optimizer = build_optimizer(self.chunks, c.optim, getattr(torch, c.model.params_dtype))
+        ledger.mark("optimizer")
         # the reference model exists only when it is used
         self.reference = self._policy_chunks(trained=False) if self.loss.kl_beta > 0 else None
+        ledger.mark("reference")
         self.engine = RolloutEngine(c.rollout.engine(self.hf_dir, seed=c.trainer.seed,
                                                      max_images_per_prompt=self.max_images))
+        return_free_memory()  # (CPU) the engine's loading and profiling run
+        ledger.mark("engine")
         self.updater = PolicyUpdater(self.chunks, self.optimizer, self._update_config())
         self.rng = random.Random(c.trainer.seed)
         self.metrics = Metrics(self.out, c.logging, dataclasses.asdict(c))
+        self.metrics.ledger = ledger
         self.monitor = PerceptionHackingMonitor()
         self.step_index = 0
         self.warmed_up = False
@@ -324,6 +331,7 @@ class Trainer:
             build.update(ddp=False)
         chunks = build_model_chunks(self.spec, **build)
         ck.load_hf_folder(chunks, self.spec, self.hf_dir)
+        return_free_memory()  # (CPU) the loaded files' tensors, copied into the model
         return chunks
 
     def _update_config(self) -> UpdateConfig:
@@ -400,14 +408,33 @@ class Trainer:
             return_free_memory()  # (CPU) the activations' pages, before the push allocates
         with m.phase("sync"):
             self.push_weights()
+            return_free_memory()  # (CPU) the push's whole tensors, before the next rollout
         record = step_record(self.step_index + 1, first_round, everything, batch, updates,
                              sampling_stats, m.phases, time.perf_counter() - start, self.dp_size)
         record.update({f"mem/{k}": v for k, v in m.memory.items()})
         watch(record, c.rollout, self.monitor)
         self.step_index += 1
         m.write(record)
+        if self.step_index == MemoryLedger.STEPS:
+            self._report_memory()
         stop_on_mismatch(record, c.rollout)
         return record
+
+    def _report_memory(self) -> None:
+        """After step 2: every rank's memory parts (:meth:`MemoryLedger.parts`) in
+        ``<output_dir>/memory.json``, rank 0's in one line (``tools/rehearse.py --memory``
+        sets them beside the planner's)."""
+        parts = self.ledger.parts()
+        ranks = all_gather_objects(parts)
+        if dist.get_rank() != 0 or parts is None:
+            return
+        measure = "GPU memory allocated by torch" if torch.cuda.is_available() else "resident set"
+        with open(os.path.join(self.out, "memory.json"), "w") as f:
+            json.dump({"unit": "GiB", "measure": measure, "layout": self._layout(),
+                       "ranks": ranks}, f, indent=1)
+        _log("[train] memory of rank 0 (GiB, " + measure + "): "
+             + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+             + " (every rank's: memory.json)")
 
     def _engine_masked_logprobs(self, slots: list[_Group], groups: list[_Group], rollouts: list,
                                 batch, mask_seed: int) -> torch.Tensor:

