@@ -261,6 +261,8 @@ def plan(hf: dict, layout: Layout, job: Job, gpu: str | Device = "h100") -> Plan
             # the output layer's weight gradient, whole before it is added into the gradient
             # buffer (model.gradient_accumulation_fusion off), while the activations still live
             extra_once += dev.weight_bytes * s["vocab"] * s["h"] / tp
+        elif stage == 0:  # the embedding's, at the end of each micro-batch's backward pass
+            extra_once += dev.weight_bytes * s["vocab"] * s["h"] / tp
         in_flight = min(layout.pp - stage, micro_batches)
         activations = (in_flight * per_micro_bytes + extra_once) / GIB
         persistent = weights + grads + optimizer + reference + dev.overhead
