@@ -123,3 +123,43 @@ def test_memory_ledger_measures_what_each_builder_and_phase_adds():
     assert parts["weight push"] == 0.75 and parts["rollout"] == pytest.approx(0.2)
     assert parts["peak"] == 8.0 and parts["log-prob pass"] == 0.0
     del kept
+
+
+def test_memory_mode_sets_measured_parts_beside_the_plan_at_toy_widths(tmp_path):
+    """tools/rehearse.py --memory tp2 (the 3B run: docs/benchmarks.md): the main job at TP 2 for
+    2 steps, both ranks' measured parts beside the planner's CPU prediction, the table rebuilt
+    from the stored report; an unknown configuration is one line before any work."""
+    out, report = str(tmp_path / "m"), str(tmp_path / "memory.json")
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "rehearse.py"), "--widths", "toy",
+         "--vit-layers", "1", "--image-side", "112", "--response-len", "16", "--memory", "tp2",
+         "--out", out, "--json", report], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    info = json.load(open(report))
+    assert list(info["memory"]) == ["tp2"] and info["passed"]
+    ranks = info["memory"]["tp2"]["measured"]
+    assert len(ranks) == 2 and all(r["policy"] > 0.03 and r["engine"] > 0.3 for r in ranks)
+    assert "tp2         0 " in done.stdout and "memory: PASSED" in done.stdout
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "rehearse.py"),
+                            "--report", report], capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0 and "tp2         1 " in again.stdout, again.stderr[-2000:]
+    wrong = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "rehearse.py"),
+                            "--memory", "tp4", "--out", str(tmp_path / "x")],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert wrong.returncode != 0 and not os.path.exists(tmp_path / "x")
+    assert wrong.stderr.strip().splitlines() == [
+        "rehearse.py: --memory tp4: unknown configuration tp4; choose from "
+        "tp1,tp2,tp2_mb2,pp2"]
+
+
+def test_the_cpu_planner_stays_within_15_percent_of_the_stored_3b_measurements():
+    """docs/runs/rehearsal_memory_3b.json: the 3B-width --memory run of docs/benchmarks.md (four
+    configurations, each rank's measured parts). The planner's CPU peak must stay within 15 % of
+    every rank's measured peak; a change to the planner that breaks that fails here."""
+    from megatron_papo.testing.rehearsal import MEMORY_TOLERANCE, memory_table
+
+    info = json.load(open(os.path.join(ROOT, "docs", "runs", "rehearsal_memory_3b.json")))
+    assert set(info["memory"]) == {"tp1", "tp2", "tp2_mb2", "pp2"}
+    table, worst = memory_table(info)
+    assert worst <= MEMORY_TOLERANCE, table
+    assert len(table.splitlines()) == 1 + 1 + 2 + 2 + 2  # header + the ranks of each

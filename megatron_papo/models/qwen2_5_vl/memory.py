@@ -76,8 +76,10 @@ class Device:
     unfused: bool = False      # the local spec's per-layer activations (see _layer_elements)
     overhead: float = OVERHEAD_GIB  # GiB per rank: CUDA context + NCCL + slack / the process
     engine_runtime: float = 0.0     # GiB the engine adds beyond its weights and KV cache
-    packed_head: bool = False  # the engine keeps its output head twice (weights + packed copy)
+    packed_head: int = 0       # bytes per element of a second, packed copy of the engine's head
     sleeps: bool = True        # the engine can release its memory while the trainer works
+    optimizer_temporaries: int = 0  # fp32 copies of a parameter shard the optimizer step makes
+    #                                 at once (0: a fused Adam, Transformer Engine's or Apex's)
 
 
 # Measured on this project's 2-core CPU machine (tools/rehearse.py --memory at toy widths, where
@@ -101,11 +103,17 @@ def device(name: str, memory_gib: float | None = None, ranks: int = 1) -> Device
     # copy); fp32 activations; the last stage's fp32 logits: the logits, the sampling
     # distribution's copy (suppressed ids), the cross entropy's softmax, the exact entropy's
     # shifted logits and exponentials (20 B); megatron-core's local core attention keeps the
-    # scores, the softmax and its dropout output (3 x 4 B per head and token pair)
+    # scores, the softmax and its dropout output (3 x 4 B per head and token pair); vLLM-CPU
+    # keeps the head's weights for the lookup and a oneDNN-packed copy for the logits, which
+    # measured fp32-sized in a bf16 engine (3B widths, one process: 2.98 GiB for 0.97 GiB of
+    # bf16 weights; 0.58 GiB beyond weights + a bf16 packed copy + buffers + KV cache); torch's
+    # Adam (no fused kernel without TE/Apex) computes exp_avg_sq.sqrt() / bias_correction: two
+    # temporaries of a parameter shard at once (measured: 2 x the head's fp32 size above the
+    # persistent state on both PP 2 stages and at TP 1 / TP 2, rehearse --memory)
     return Device("cpu", memory_gib / ranks, weight_bytes=4, optimizer_bytes=8,
                   activation_bytes=4, logit_bytes=20, score_bytes=12, unfused=True,
                   overhead=CPU_PROCESS_GIB, engine_runtime=CPU_ENGINE_RUNTIME_GIB,
-                  packed_head=True, sleeps=False)
+                  packed_head=4, sleeps=False, optimizer_temporaries=2)
 
 
 @dataclass
@@ -222,9 +230,11 @@ def plan(hf: dict, layout: Layout, job: Job, gpu: str | Device = "h100") -> Plan
     total_params = sum(c.params for c in costs)
 
     # the engine's parameters (a tied head counted once; vLLM-CPU keeps the head's weights and
-    # a oneDNN-packed copy, the other linears only packed)
-    engine_params = total_params + (s["vocab"] * s["h"] if dev.packed_head else 0)
-    engine_weights = job.engine_bytes * engine_params / rollout_tp / GIB + dev.engine_runtime
+    # a packed copy, the other linears only packed)
+    # (stage_costs gives a tied head's last stage its own copy; the engine has one)
+    model_params = total_params - (s["vocab"] * s["h"] if s["tied"] and layout.pp > 1 else 0)
+    engine_weights = ((job.engine_bytes * model_params + dev.packed_head * s["vocab"] * s["h"])
+                      / rollout_tp / GIB + dev.engine_runtime)
     kv_heads = max(1, s["kv"] // rollout_tp)
     kv_per_token = 2 * s["layers"] * kv_heads * s["d"] * job.engine_bytes
     kv_cache = (job.kv_cache_gib if job.kv_cache_gib is not None
@@ -256,15 +266,24 @@ def plan(hf: dict, layout: Layout, job: Job, gpu: str | Device = "h100") -> Plan
             per_micro_bytes += vs["depth"] * _layer_activation_bytes(
                 vs["h"], vs["f"], vs["heads"], vs["kv"], vs["d"], patches, tp, False, False,
                 vision)
+        # the output layer's / the embedding's weight gradient exists whole before it is added
+        # into the gradient buffer (model.gradient_accumulation_fusion off)
+        wgrad = dev.weight_bytes * s["vocab"] * s["h"] / tp
         if stage == len(costs) - 1:
             per_micro_bytes += tokens * s["vocab"] / tp * dev.logit_bytes
-            # the output layer's weight gradient, whole before it is added into the gradient
-            # buffer (model.gradient_accumulation_fusion off), while the activations still live
-            extra_once += dev.weight_bytes * s["vocab"] * s["h"] / tp
+            extra_once += wgrad  # at the start of the backward pass: everything still lives
         elif stage == 0:  # the embedding's, at the end of each micro-batch's backward pass
-            extra_once += dev.weight_bytes * s["vocab"] * s["h"] / tp
+            extra_once += wgrad
         in_flight = min(layout.pp - stage, micro_batches)
-        activations = (in_flight * per_micro_bytes + extra_once) / GIB
+        activations = in_flight * per_micro_bytes + extra_once
+        if dev.optimizer_temporaries:
+            # after the backward pass, the optimizer step: torch's unfused Adam makes
+            # temporaries the size of each parameter shard in turn; the largest is the
+            # embedding / output layer on the first / last stage, else fc1
+            largest = (s["vocab"] * s["h"] if stage in (0, len(costs) - 1)
+                       else 2 * s["f"] * s["h"]) / tp / layout.dp
+            activations = max(activations, dev.optimizer_temporaries * 4 * largest)
+        activations /= GIB
         persistent = weights + grads + optimizer + reference + dev.overhead
         engine = engine_weights + kv_cache
         asleep = layout.sleep and dev.sleeps
