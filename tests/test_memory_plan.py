@@ -143,6 +143,14 @@ def test_cpu_device_counts_what_this_project_holds_on_a_cpu(capsys):
     # the tied head's fp32 weight gradient (vocabulary x hidden / TP) is held until the
     # embedding's arrives: twice that at the end of the backward pass
     assert p.parts["activations"] >= 2 * 4 * vocab_h / 2 / GIB
+    # PP 2: the engine holds the tied head once (the trainer's last stage has its own copy);
+    # torch's Adam makes two fp32 temporaries of the largest shard (the head copy) on stage 1
+    pp = plan(three, Layout(tp=1, pp=2, rollout_tp=2), job, cpu)
+    assert pp.stages[0].parts["engine weights"] == pytest.approx(p.parts["engine weights"])
+    assert pp.stages[1].parts["activations"] >= 2 * 4 * vocab_h / GIB
+    assert plan(three, Layout(tp=1, pp=2, rollout_tp=2), job, "h100").stages[0].parts[
+        "engine weights"] == pytest.approx(plan(three, Layout(tp=2), job, "h100").parts[
+            "engine weights"])
     gpu = plan(three, Layout(tp=2), job, "h100")  # the same job in bf16 on a GPU
     assert gpu.parts["weights"] == pytest.approx(p.parts["weights"] / 2)
     assert gpu.parts["activations"] < p.parts["activations"]
