@@ -153,9 +153,10 @@ def test_memory_mode_sets_measured_parts_beside_the_plan_at_toy_widths(tmp_path)
 
 
 def test_the_cpu_planner_stays_within_15_percent_of_the_stored_3b_measurements():
-    """docs/runs/rehearsal_memory_3b*.json: the 3B-width --memory runs of docs/benchmarks.md (four
-    configurations, each rank's measured parts; three more predicted before their run). The planner's CPU peak must stay within 15 % of
-    every rank's measured peak; a change to the planner that breaks that fails here."""
+    """docs/runs/rehearsal_memory_3b*.json: the 3B-width --memory runs of docs/benchmarks.md
+    (four configurations, each rank's measured parts; three more predicted before their run).
+    The planner's CPU peak must stay within 15 % of every rank's measured peak; a change to the
+    planner that breaks that fails here."""
     from megatron_papo.testing.rehearsal import MEMORY_TOLERANCE, memory_table
 
     info = json.load(open(os.path.join(ROOT, "docs", "runs", "rehearsal_memory_3b.json")))

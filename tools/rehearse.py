@@ -24,6 +24,10 @@ Stages (a failed stage stops the rehearsal; its log is named):
   to_hf       mcore-to-hf of the training checkpoint (TP 2 under torchrun)
   vllm_load   vLLM loads the export; its greedy tokens' log-probs vs transformers' (both fp32;
               tolerance --export-tolerance)
+--memory [CONFIGS] replaces the stages after the build: the main job for 2 steps at TP 1, TP 2,
+TP 2 with two sequences per micro-batch and PP 2, each rank's measured memory parts (the job's
+memory.json) beside the planner's prediction (tools/memory_plan.py --gpu cpu); --report FILE
+prints that table from a stored rehearsal.json.
 Writes <out>/rehearsal.json (per stage: ok, seconds, peak GiB per rank, check) and the logs.
 Peak memory: per rank, the sum of its processes' proportional set sizes (PSS: shared pages split
 between the processes sharing them), sampled every 0.2 s; "sum" is the peak of all ranks together.

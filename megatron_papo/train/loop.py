@@ -74,7 +74,14 @@ from megatron_papo.runlock import acquire_on_rank0, folder_lock, release_all  # 
 
 from . import checkpoint  # noqa: E402
 from .config import ConfigError, TrainConfig  # noqa: E402
-from .metrics import MemoryLedger, Metrics, return_free_memory, step_record, stop_on_mismatch, watch  # noqa: E402
+from .metrics import (  # noqa: E402
+    MemoryLedger,
+    Metrics,
+    return_free_memory,
+    step_record,
+    stop_on_mismatch,
+    watch,
+)
 from .metrics import log as _log  # noqa: E402
 
 SYNTHETIC_DIR = "data"
@@ -421,9 +428,9 @@ class Trainer:
         return record
 
     def _report_memory(self) -> None:
-        """After step 2: every rank's memory parts (:meth:`MemoryLedger.parts`) in
-        ``<output_dir>/memory.json``, rank 0's in one line (``tools/rehearse.py --memory``
-        sets them beside the planner's)."""
+        """After step 2 of a run that started at step 0: every rank's memory parts
+        (:meth:`MemoryLedger.parts`) in ``<output_dir>/memory.json``, rank 0's in one line
+        (``tools/rehearse.py --memory`` sets them beside the planner's)."""
         parts = self.ledger.parts()
         ranks = all_gather_objects(parts)
         if dist.get_rank() != 0 or parts is None:

