@@ -38,19 +38,24 @@ def reset_peak_memory() -> None:
         pass
 
 
+def _status_gib(field: str) -> float | None:
+    """A kB field of ``/proc/self/status`` in GiB (None where it cannot be read)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
+
+
 def peak_memory_gib() -> float | None:
     """The peak since :func:`reset_peak_memory`: GPU memory allocated by torch, or this
     process's resident set (VmHWM); None where neither can be read."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        return None
-    return None
+    return _status_gib("VmHWM")
 
 
 def memory_in_use_gib() -> float | None:
@@ -58,14 +63,7 @@ def memory_in_use_gib() -> float | None:
     (``VmRSS``: the colocated engine lives in this process); None where neither can be read."""
     if torch.cuda.is_available():
         return torch.cuda.memory_allocated() / 2**30
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        return None
-    return None
+    return _status_gib("VmRSS")
 
 
 class MemoryLedger:
