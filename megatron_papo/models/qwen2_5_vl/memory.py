@@ -21,10 +21,13 @@ The model is stated here so that a reader can check it (docs/benchmarks.md print
 * stage 0 also holds the vision tower's activations for the micro-batch's images (4 patches per
   image token, the same per-layer count at the ViT's widths, not sequence parallel), the last
   stage the logits: tokens x vocabulary / TP x 14 B (bf16 logits, their fp32 log-softmax and its
-  gradient, the exact entropy's probabilities);
+  gradient, the exact entropy's probabilities); the output layer's weight gradient (and on a
+  first stage of its own the embedding's) exists whole before it joins the gradient buffer
+  (``model.gradient_accumulation_fusion`` off, as in every preset): vocabulary x hidden / TP once;
 * the 1F1B pipeline schedule keeps ``min(PP - stage, micro-batches)`` micro-batches in flight on
   each stage (stage 0 the most);
-* the colocated engine: its weights (2 B per parameter / rollout TP) and the KV cache of the
+* the colocated engine: its weights (2 B per parameter / rollout TP; a tied head once, although
+  the trainer's last pipeline stage holds a copy) and the KV cache of the
   sequences it runs at once (2 x layers x KV heads x head_dim x 2 B per token; KV heads divided
   by rollout TP); with sleep mode (``rollout.sleep_while_training``) both are released while the
   trainer's activations exist, so the peak is the larger of the two phases, else their sum;
@@ -35,6 +38,11 @@ The model is stated here so that a reader can check it (docs/benchmarks.md print
   measured on CPU at 3B widths (``tools/rehearse.py``: +1.74 GiB with a bf16 engine, this term
   and the CPU engine's re-packing of the tied head);
 * a fixed 3 GiB per GPU for the CUDA context, NCCL buffers and allocator slack.
+
+``device("cpu")`` states what this project holds on a CPU instead (:func:`device` lists it: fp32
+storage, unfused activations with the attention scores, vLLM-CPU's packed head, torch's unfused
+Adam temporaries, the engine never asleep, the process instead of the CUDA overhead); that
+variant is checked against measured runs (``tools/rehearse.py --memory``; docs/benchmarks.md).
 
 The speed order of :func:`suggest` is a model too: the training step's time is the slowest
 stage's FLOPs for one optimizer step's sequences (3 x forward, 4 x with full recompute) / TP /
