@@ -17,6 +17,7 @@ long run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -146,7 +147,10 @@ def main(argv=None) -> int:
         title, hf = _model_config(args.model)
         job = _job(args)
         if args.gpu == "cpu" and args.kv_cache_mb is None:
-            job.kv_cache_gib = 64 / 1024  # rollout.kv_cache_mb's default
+            from megatron_papo.rollout.settings import EngineSettings  # (no vLLM: arithmetic)
+
+            default_mb = {f.name: f.default for f in dataclasses.fields(EngineSettings)}
+            job.kv_cache_gib = default_mb["kv_cache_mb"] / 1024  # rollout.kv_cache_mb's
         if args.suggest:
             gpu = device(args.gpu, args.cpu_memory, args.gpus) if args.gpu == "cpu" else args.gpu
             plans = suggest(hf, args.gpus, job, gpu, fp8=args.fp8, sleep=not args.no_sleep)
