@@ -3,6 +3,7 @@ layout as the stated model says (TP and DP split what they split, recompute/FP8/
 what they lower), --suggest returns only layouts that fit and that the model can be split into,
 fastest first, and bad input is one line. Arithmetic only: no model is built."""
 
+import dataclasses
 import os
 import sys
 
@@ -126,7 +127,7 @@ def test_cpu_device_counts_what_this_project_holds_on_a_cpu(capsys):
     job = Job(response_len=128, image_tokens=256, prompt_text_tokens=64,
               max_tokens_per_micro_batch=448, sequences_per_update=2, engine_bytes=2,
               kv_cache_gib=0.25, reference_model=False)
-    cpu = device("cpu", 24.0, ranks=2)
+    cpu = device("cpu", 24.0, ranks=2, packs_bf16=True)  # an AVX-512 CPU
     assert cpu.capacity == 12.0
     p = plan(three, Layout(tp=2), job, cpu)
     params = sum(c.params for c in stage_costs(three, 1, seq_len=job.sequence_len))
@@ -137,6 +138,16 @@ def test_cpu_device_counts_what_this_project_holds_on_a_cpu(capsys):
         (2 * params + 4 * vocab_h) / 2 / GIB + CPU_ENGINE_RUNTIME_GIB)
     assert p.parts["KV cache"] == 0.25 and p.parts["overhead"] == CPU_PROCESS_GIB
     assert p.parts["weight push"] == pytest.approx(2 * vocab_h * (1 + 2 / 2) / GIB)
+    # an AVX2 CPU: vLLM cannot build oneDNN's bf16 matmul, keeps the weights unpacked (no copy
+    # of the head, none in the push); an fp32 engine is packed on either
+    avx2 = device("cpu", 24.0, ranks=2, packs_bf16=False)
+    unpacked = plan(three, Layout(tp=2), job, avx2)
+    assert unpacked.parts["engine weights"] == pytest.approx(
+        2 * params / 2 / GIB + CPU_ENGINE_RUNTIME_GIB)
+    assert unpacked.parts["weight push"] == pytest.approx(2 * vocab_h * (1 + 1 / 2) / GIB)
+    fp32 = dataclasses.replace(job, engine_bytes=4)
+    assert plan(three, Layout(tp=2), fp32, avx2).parts["engine weights"] == pytest.approx(
+        plan(three, Layout(tp=2), fp32, cpu).parts["engine weights"])
     persistent = sum(p.parts[k] for k in ("weights", "gradients", "optimizer", "overhead"))
     engine = p.parts["engine weights"] + p.parts["KV cache"]
     assert p.train_peak == pytest.approx(persistent + p.parts["activations"] + engine)
@@ -155,7 +166,7 @@ def test_cpu_device_counts_what_this_project_holds_on_a_cpu(capsys):
     assert gpu.parts["weights"] == pytest.approx(p.parts["weights"] / 2)
     assert gpu.parts["activations"] < p.parts["activations"]
     assert memory_plan.main(["--model", "3b", "--tp", "2", "--gpu", "cpu", "--cpu-memory", "24",
-                             "--kv-cache-mb", "256"]) == 0
+                             "--kv-cache-mb", "256", "--cpu-avx512", "yes"]) == 0
     out = capsys.readouterr().out
     assert "on CPU (12.0 GiB per rank)" in out and "engine sleeps while training: no" in out
     assert "per rank on pipeline stage 0" in out

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                         "share --cpu-memory), the mode tools/rehearse.py --memory checks")
     p.add_argument("--cpu-memory", type=float, default=None,
                    help="with --gpu cpu: the machine's GiB (default: this machine's)")
+    p.add_argument("--cpu-avx512", default=None, choices=["yes", "no"],
+                   help="with --gpu cpu: whether the CPU has AVX-512 (vLLM then keeps a packed "
+                        "copy of a bf16 engine's head; default: this machine's)")
     p.add_argument("--engine-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="rollout.dtype")
     p.add_argument("--kv-cache-mb", type=int, default=None,
@@ -151,8 +154,10 @@ def main(argv=None) -> int:
 
             default_mb = {f.name: f.default for f in dataclasses.fields(EngineSettings)}
             job.kv_cache_gib = default_mb["kv_cache_mb"] / 1024  # rollout.kv_cache_mb's
+        packs = None if args.cpu_avx512 is None else args.cpu_avx512 == "yes"
         if args.suggest:
-            gpu = device(args.gpu, args.cpu_memory, args.gpus) if args.gpu == "cpu" else args.gpu
+            gpu = (device(args.gpu, args.cpu_memory, args.gpus, packs) if args.gpu == "cpu"
+                   else args.gpu)
             plans = suggest(hf, args.gpus, job, gpu, fp8=args.fp8, sleep=not args.no_sleep)
             print(f"{title} on {args.gpus} x {args.gpu.upper()}: sequences of {job.sequence_len} "
                   f"tokens, micro-batches of {job.max_tokens_per_micro_batch} tokens; "
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
             return 0
         layout = Layout(tp=args.tp, pp=args.pp, dp=args.dp, rollout_tp=args.rollout_tp,
                         recompute=args.recompute, fp8=args.fp8, sleep=not args.no_sleep)
-        gpu = (device(args.gpu, args.cpu_memory, layout.gpus) if args.gpu == "cpu"
+        gpu = (device(args.gpu, args.cpu_memory, layout.gpus, packs) if args.gpu == "cpu"
                else args.gpu)
         print(describe(plan(hf, layout, job, gpu), title))
         return 0

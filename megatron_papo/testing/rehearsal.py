@@ -251,8 +251,11 @@ def planned_memory(info: dict, name: str) -> list:
               engine_bytes=2 if info["engine_dtype"] == "bfloat16" else 4,
               kv_cache_gib=info.get("kv_cache_mb", 256) / 1024, reference_model=False)
     layout = Layout(tp=tp, pp=pp, dp=run["ranks"] // (tp * pp), rollout_tp=run["rollout_tp"])
+    # the CPU the run measured on: whether vLLM packed a bf16 engine's head there (older
+    # rehearsal.json files lack the record: this machine's)
+    packs = info.get("cpu", {}).get("packs_bf16")
     return plan(info["config"], layout, job, device("cpu", info.get("machine_gib"),
-                                                    run["ranks"])).stages
+                                                    run["ranks"], packs)).stages
 
 
 def memory_table(info: dict) -> tuple[str, float]:

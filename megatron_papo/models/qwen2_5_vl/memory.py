@@ -85,6 +85,8 @@ class Device:
     overhead: float = OVERHEAD_GIB  # GiB per rank: CUDA context + NCCL + slack / the process
     engine_runtime: float = 0.0     # GiB the engine adds beyond its weights and KV cache
     packed_head: int = 0       # bytes per element of a second, packed copy of the engine's head
+    packs_bf16: bool = True    # the packed copy exists in a bf16 engine too (CPU: oneDNN's bf16
+    #                            matmul needs AVX-512; without it vLLM falls back to torch.linear)
     sleeps: bool = True        # the engine can release its memory while the trainer works
     optimizer_temporaries: int = 0  # fp32 copies of a parameter shard the optimizer step makes
     #                                 at once (0: a fused Adam, Transformer Engine's or Apex's)
@@ -98,30 +100,45 @@ CPU_PROCESS_GIB = 0.47
 CPU_ENGINE_RUNTIME_GIB = 0.92
 
 
-def device(name: str, memory_gib: float | None = None, ranks: int = 1) -> Device:
+def cpu_packs_bf16() -> bool:
+    """Whether vLLM-CPU packs a bf16 engine's linear weights on this machine: it builds a oneDNN
+    bf16 matmul, which oneDNN offers only with AVX-512 (torch's check of the same); on an AVX2
+    CPU vLLM logs "Failed to create oneDNN linear, fallback to torch linear" and keeps the
+    weights as they are (seen on this project's AMD EPYC machine, 2026-12-03)."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def device(name: str, memory_gib: float | None = None, ranks: int = 1,
+           packs_bf16: bool | None = None) -> Device:
     """``h100`` / ``h200``, or ``cpu`` (``memory_gib``: the machine's memory, shared by its
-    ``ranks``)."""
+    ``ranks``; ``packs_bf16``: whether vLLM packs a bf16 engine's head on that CPU, default
+    this machine's :func:`cpu_packs_bf16`)."""
     if name in GPUS:
         return Device(name, GPUS[name])
     if name != "cpu":
         raise ModelConfigError(f"--gpu {name!r}: choose one of {sorted(GPUS) + ['cpu']}")
     if memory_gib is None:
         memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    if packs_bf16 is None:
+        packs_bf16 = cpu_packs_bf16()
     # fp32 weights and gradients, Adam's two fp32 moments (fp32 parameters need no master
     # copy); fp32 activations; the last stage's fp32 logits: the logits, the sampling
     # distribution's copy (suppressed ids), the cross entropy's softmax, the exact entropy's
     # shifted logits and exponentials (20 B); megatron-core's local core attention keeps the
     # scores, the softmax and its dropout output (3 x 4 B per head and token pair); vLLM-CPU
     # keeps the head's weights for the lookup and a oneDNN-packed copy for the logits, which
-    # measured fp32-sized in a bf16 engine (3B widths, one process: 2.98 GiB for 0.97 GiB of
-    # bf16 weights; 0.58 GiB beyond weights + a bf16 packed copy + buffers + KV cache); torch's
+    # measured fp32-sized in a bf16 engine on an AVX-512 CPU (3B widths, one process: 2.98 GiB
+    # for 0.97 GiB of bf16 weights; 0.58 GiB beyond weights + a bf16 packed copy + buffers + KV
+    # cache) and absent on an AVX2 CPU (1.91 GiB: weights + runtime + KV cache); torch's
     # Adam (no fused kernel without TE/Apex) computes exp_avg_sq.sqrt() / bias_correction: two
     # temporaries of a parameter shard at once (measured: 2 x the head's fp32 size above the
     # persistent state on both PP 2 stages and at TP 1 / TP 2, rehearse --memory)
     return Device("cpu", memory_gib / ranks, weight_bytes=4, optimizer_bytes=8,
                   activation_bytes=4, logit_bytes=20, score_bytes=12, unfused=True,
                   overhead=CPU_PROCESS_GIB, engine_runtime=CPU_ENGINE_RUNTIME_GIB,
-                  packed_head=4, sleeps=False, optimizer_temporaries=2)
+                  packed_head=4, packs_bf16=packs_bf16, sleeps=False, optimizer_temporaries=2)
 
 
 @dataclass
@@ -241,7 +258,8 @@ def plan(hf: dict, layout: Layout, job: Job, gpu: str | Device = "h100") -> Plan
     # own copy; the engine has one); vLLM-CPU keeps the head's weights and a packed copy, the
     # other linears only packed
     model_params = total_params - (s["vocab"] * s["h"] if s["tied"] and layout.pp > 1 else 0)
-    engine_weights = ((job.engine_bytes * model_params + dev.packed_head * s["vocab"] * s["h"])
+    packed_head = dev.packed_head if dev.packs_bf16 or job.engine_bytes == 4 else 0
+    engine_weights = ((job.engine_bytes * model_params + packed_head * s["vocab"] * s["h"])
                       / rollout_tp / GIB + dev.engine_runtime)
     kv_heads = max(1, s["kv"] // rollout_tp)
     kv_per_token = 2 * s["layers"] * kv_heads * s["d"] * job.engine_bytes
@@ -250,7 +268,7 @@ def plan(hf: dict, layout: Layout, job: Job, gpu: str | Device = "h100") -> Plan
     # the push: the largest tensor (the head) whole on the trainer side + vLLM's reloaded shard
     # of it; vLLM-CPU then packs the pushed head again beside the old packed copy
     push = job.engine_bytes * s["vocab"] * s["h"] * (
-        1 + (2 if dev.packed_head else 1) / rollout_tp) / GIB
+        1 + (2 if packed_head else 1) / rollout_tp) / GIB
 
     best, stages = None, []
     for stage, cost in enumerate(costs):
