@@ -225,3 +225,23 @@ def test_readme_evaluation_commands_run_on_the_default_jobs_outputs(single_run, 
     assert "[eval] model: training checkpoint" in done.stdout
     assert "[eval] a.parquet: accuracy" in done.stdout
     assert "[eval] b.parquet: accuracy" in done.stdout
+
+
+def test_every_stored_run_the_docs_name_is_in_the_repository():
+    """README.md and docs/*.md cite stored measurements as ``docs/runs/...``: each one must exist
+    and must not be git-ignored (an ignore rule once kept every stored run out of the commits:
+    the docs pointed at files that only one machine had)."""
+    texts = [README] + [os.path.join(ROOT, "docs", f) for f in sorted(os.listdir(
+        os.path.join(ROOT, "docs"))) if f.endswith(".md")]
+    cited = set()
+    for path in texts:
+        for ref in re.findall(r"docs/runs/[\w./-]*[\w/]", open(path).read()):
+            if not re.search(r"/[A-Z]+$", ref):      # docs/runs/NAME: a placeholder
+                cited.add(ref.rstrip("/"))
+    assert cited, "no docs/runs/ reference found: the pattern no longer matches the docs"
+    missing = sorted(ref for ref in cited if not os.path.exists(os.path.join(ROOT, ref)))
+    assert not missing, f"cited in the docs but not in the repository: {missing}"
+    if os.path.isdir(os.path.join(ROOT, ".git")):
+        ignored = subprocess.run(["git", "check-ignore", *sorted(cited)], cwd=ROOT,
+                                 capture_output=True, text=True).stdout.split()
+        assert not ignored, f"cited in the docs but git-ignored (never committed): {ignored}"
