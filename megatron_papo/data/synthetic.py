@@ -67,6 +67,9 @@ def counting_rows(n: int, seed: int = 0, size: int = 56, min_count: int = 1,
     return rows
 
 
+TEST_SEED_OFFSET = 10_000  # the held-out split's seed: the training seed + this (disjoint rows)
+
+
 def write_counting_dataset(folder: str, train: int = 2048, test: int = 256, seed: int = 0,
                            size: int = 56, max_count: int = 4,
                            hint: float | None = None) -> dict[str, str]:
@@ -76,7 +79,7 @@ def write_counting_dataset(folder: str, train: int = 2048, test: int = 256, seed
 
     os.makedirs(folder, exist_ok=True)
     paths = {}
-    for split, count, split_seed in (("train", train, seed), ("test", test, seed + 10_000)):
+    for split, count, split_seed in (("train", train, seed), ("test", test, seed + TEST_SEED_OFFSET)):
         path = os.path.join(folder, f"{split}.parquet")
         datasets.Dataset.from_list(counting_rows(count, split_seed, size, 1, max_count, hint)
                                    ).to_parquet(path)
