@@ -77,3 +77,23 @@ def test_report_of_an_incomplete_store_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, TOOL, "--setting", "a/b=algorithm=grpo"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 2 and "write NAME=OVERRIDES" in done.stderr
+
+
+def test_store_records_the_cpu_model(tmp_path):
+    """Catches: a stored comparison that does not say which CPU it ran on (the same seed trains
+    other policies on another CPU: docs/experiments.md)."""
+    import importlib.util
+
+    from megatron_papo.machine import cpu_model
+
+    spec = importlib.util.spec_from_file_location("compare_algorithms", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0}) + "\n")
+    tool.store_runs(str(tmp_path / "store"), {("grpo", 0): str(run)}, {"grpo": ["algorithm=grpo"]},
+                    [0], [], {"commit": "abc", "uncommitted_changes": False, "date": "today"})
+    manifest = json.loads((tmp_path / "store" / "runs.json").read_text())
+    assert manifest["machine"].startswith(cpu_model() + ", ") and "cores" in manifest["machine"]
+    assert (tmp_path / "store" / "grpo_seed0.jsonl").read_text() == json.dumps({"step": 0}) + "\n"

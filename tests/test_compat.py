@@ -145,3 +145,49 @@ def test_two_jobs_tp_engines_get_their_own_cpu_shared_memory(monkeypatch):
     assert names["29511"] != names["29512"]
     assert all(n.startswith(p + "-") and "/" not in n and n.count(p) == 1
                for p, n in names.items()), names
+
+
+def test_packed_rope_in_one_pass_is_bit_identical_to_megatrons_loop():
+    """Catches: the one-pass rotary embedding of packed micro-batches changing any value or
+    gradient, or taking the one-pass route where megatron-core's per-sequence slicing differs
+    (angles per position of the longest sequence, not per token)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    compat.apply_cpu_patches()
+    patched = rope_utils._apply_rotary_pos_emb_thd
+    original = patched.original
+    assert original is not patched
+
+    class OneRank:
+        def size(self):
+            return 1
+
+        def rank(self):
+            return 0
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 9, 3]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    for rows in (sum(lengths), max(lengths)):   # per token (one pass) | per position (original)
+        freqs = torch.randn(rows, 1, 1, 8, generator=gen)
+        t = torch.randn(sum(lengths), 2, 8, generator=gen)
+        outputs, grads = [], []
+        for fn in (patched, original):
+            x = t.clone().requires_grad_(True)
+            y = fn(x, cu, freqs, cp_group=OneRank())
+            (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
+            outputs.append(y.detach())
+            grads.append(x.grad)
+        assert torch.equal(outputs[0], outputs[1]) and torch.equal(grads[0], grads[1])
+    # through megatron-core's entry point (what attention calls): the patched function is used
+    seen = []
+    rope_utils._apply_rotary_pos_emb_thd = lambda *a, **k: seen.append(1) or patched(*a, **k)
+    try:
+        from megatron.core.transformer import TransformerConfig
+        config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1)
+        freqs = torch.randn(sum(lengths), 1, 1, 8, generator=gen)
+        t = torch.randn(sum(lengths), 2, 8, generator=gen)
+        out = rope_utils.apply_rotary_pos_emb(t, freqs, config, cu_seqlens=cu, cp_group=OneRank())
+        assert seen and torch.equal(out, original(t, cu, freqs, cp_group=OneRank()))
+    finally:
+        rope_utils._apply_rotary_pos_emb_thd = patched

@@ -35,7 +35,6 @@ import datetime
 import itertools
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -43,6 +42,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from megatron_papo.machine import describe as describe_machine  # noqa: E402  (light: no torch)
 
 
 def _records(folder: str) -> list[dict]:
@@ -215,8 +216,7 @@ def store_runs(folder: str, runs: dict, settings: dict, seeds: list[int],
         shutil.copyfile(os.path.join(run_folder, "metrics.jsonl"),
                         os.path.join(folder, f"{name}_seed{seed}.jsonl"))
     manifest = {**state,
-                "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
-                           f"{platform.python_version()}",
+                "machine": describe_machine(),
                 "settings": settings, "seeds": seeds, "overrides": overrides}
     with open(os.path.join(folder, "runs.json"), "w") as f:
         json.dump(manifest, f, indent=1)

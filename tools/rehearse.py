@@ -140,16 +140,11 @@ def _job(args, hf: str, data: str, run: str, image_tokens: int) -> list[str]:
             f"hydra.run.dir={run}"]
 
 
-def _cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f
-                     if line.startswith("model name")), "unknown")
-
-
 def _memory_check(args, config: dict, hf: str, data: str, out: str, image_tokens: int,
                   info: dict, results: list, ok: bool, finish, log) -> int:
     """--memory: the main job for 2 steps at each of MEMORY_CONFIGS; each run's measured parts
     (its memory.json) beside the planner's CPU prediction for the same configuration."""
+    from megatron_papo.machine import cpu_model
     from megatron_papo.models.qwen2_5_vl.memory import cpu_packs_bf16
     from megatron_papo.testing.rehearsal import (
         MEMORY_CONFIGS,
@@ -160,7 +155,7 @@ def _memory_check(args, config: dict, hf: str, data: str, out: str, image_tokens
 
     info.update(memory={}, prompts=args.prompts, n=args.n, kv_cache_mb=args.kv_cache_mb,
                 machine_gib=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
-                cpu=dict(model=_cpu_model(), packs_bf16=cpu_packs_bf16()))
+                cpu=dict(model=cpu_model(), packs_bf16=cpu_packs_bf16()))
     sequence = image_tokens + 64 + args.response_len
     chosen = args.memory.split(",")
     built, ok = ok, ok and bool(chosen)
