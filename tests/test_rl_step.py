@@ -391,12 +391,21 @@ def _logprobs_and_entropy(tp):
     rank = parallel_state.get_tensor_model_parallel_rank()
     shard = full.chunk(tp, dim=-1)[rank].clone().requires_grad_(True)
     logp, entropy = token_logprobs(shard, targets), token_entropy(shard)
+    # a packed row (batch 1): its transpose is contiguous, megatron-core's cross-entropy would
+    # overwrite the caller's logits in place (the exact entropy after it read exp() values)
+    row = shard.detach()[:1].clone()
+    kept = row.clone()
+    assert torch.equal(token_logprobs(row, targets[:1]), logp.detach()[:1])
+    assert torch.equal(row, kept)
+    assert torch.equal(token_entropy(row), entropy.detach()[:1])
     (logp.sum() + 0.5 * entropy.sum()).backward()
     return logp.detach(), entropy.detach(), shard.grad, full, targets, rank
 
 
 def test_vocab_parallel_logprobs_and_entropy_match_full_vocab():
-    """TP=2 shards give the full-vocabulary log-probs, exact entropy and their gradients."""
+    """TP=2 shards give the full-vocabulary log-probs, exact entropy and their gradients; the
+    logits of a packed row (batch 1) are left as they were (the exact entropy computed after
+    the log-probs, as the update does, reads them)."""
     results = run_distributed(_logprobs_and_entropy, 2, 2)
     full, targets = results[0][3].clone().requires_grad_(True), results[0][4]
     logsm = torch.log_softmax(full, -1)
@@ -512,3 +521,108 @@ def test_vision_tower_learning_rate_multiplier():
     assert moved["language"] == pytest.approx(1e-3, rel=1e-3)
     (moved,) = run_distributed(_adam_first_step, 1, 1e-3, 1.0)
     assert moved["vision"] == pytest.approx(1e-3, rel=1e-3)
+
+
+def grouped_batch(multiple: int = 2) -> RolloutBatch:
+    """Eight samples in three runs of one prompt each, as GRPO's n samples per prompt arrive:
+    an image prompt with two responses (6 and 3 tokens), a text-only prompt with two (5 and 1)
+    and an image prompt with four (4, 5, 2, 3: its segment, the row's last, is one token shorter
+    than the first one's, so the attention pads it within their group); the image samples of
+    a run share their image key."""
+    base = rollout_batch()
+    g = torch.Generator().manual_seed(8)
+    prompts, images = [], []
+    for i in (0, 1, 2):
+        n = int(base.attention_mask[i].sum()) - 6
+        prompts.append(base.input_ids[i, :n])
+    grids = base.image_grid_thw
+    patches = grids.prod(-1).tolist()
+    pixels = torch.split(base.pixel_values, patches)
+    masked = torch.split(base.masked_pixel_values, patches)
+    images = [(pixels[0], masked[0], grids[0]), None, (pixels[1], masked[1], grids[1])]
+    plan = [(0, 6), (0, 3), (1, 5), (1, 1), (2, 4), (2, 5), (2, 2), (2, 3)]
+    rows = [torch.cat([prompts[p], torch.randint(2, Q.VISION_START, (r,), generator=g)])
+            for p, r in plan]
+    width = -(-max(len(r) for r in rows) // multiple) * multiple
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask, response = torch.zeros_like(ids), torch.zeros_like(ids)
+    for k, ((p, r), row) in enumerate(zip(plan, rows)):
+        ids[k, :len(row)] = row
+        mask[k, :len(row)] = 1
+        response[k, len(prompts[p]):len(row)] = 1
+    used = [images[p] for p, _ in plan if images[p] is not None]
+    grid = torch.stack([x[2] for x in used])
+    return RolloutBatch(
+        input_ids=ids, attention_mask=mask, response_mask=response,
+        position_ids=get_rope_index(ids, grid, Q.IMAGE_TOKEN, attention_mask=mask),
+        advantages=torch.randn(len(rows), generator=g),
+        pixel_values=torch.cat([x[0] for x in used]), image_grid_thw=grid,
+        images_per_sample=torch.tensor([int(images[p] is not None) for p, _ in plan]),
+        masked_pixel_values=torch.cat([x[1] for x in used]),
+        image_keys=torch.tensor([p for p, _ in plan if images[p] is not None]))
+
+
+def _grouped_update(tp, pp, mode, share, sp=False, micro=8):
+    spec, chunks, updater = _policy(tp, pp, mode, sp=sp, micro=micro, mini=8, packing=True)
+    updater.config.share_prompts = share
+    rows = []
+    for chunk in chunks:
+        for module in chunk.modules():
+            if type(module).__name__ == "PackedDotProductAttention":
+                module.register_forward_pre_hook(
+                    lambda m, a, k: rows.append(int(k["packed_seq_params"].cu_seqlens_q[-1])),
+                    with_kwargs=True)
+    batch = grouped_batch()
+    g = torch.Generator().manual_seed(5)
+    current = updater.compute_logprobs(batch)
+    batch.old_logp = current + 0.3 * torch.randn(current.shape, generator=g)
+    batch.ref_logp = current + 0.2 * torch.randn(current.shape, generator=g)
+    masked = updater.compute_logprobs(batch, masked=True)
+    if mode == "frozen":
+        batch.masked_logp = masked
+    grads, step = {}, updater.optimizer.step
+
+    def record_then_step():  # the gradients themselves (Adam's first step is sign(g) * lr)
+        for chunk in chunks:
+            grads.update({n: p.main_grad.clone() for n, p in chunk.named_parameters()})
+        return step()
+    updater.optimizer.step = record_then_step
+    (metrics,) = updater.update(batch)
+    return dict(metrics=metrics, grads=grads, current=current, masked=masked, rows=rows,
+                last=parallel_state.is_pipeline_last_stage(), tokens=batch.attention_mask.bool())
+
+
+@pytest.mark.parametrize("mode,layouts", [
+    ("frozen", [(1, 1, False, 8), (1, 1, False, 2), (2, 1, True, 8), (1, 2, False, 2)]),
+    ("live", [(1, 1, False, 8)])])
+def test_shared_prompts_keep_the_update(mode, layouts):
+    """Shared prompts (a micro-batch's samples with the same prompt run it once; responses of
+    6, 3 / 5, 1 / 4, 5, 2, 3 tokens after an image, a text-only and another image prompt) against
+    unshared packing on the same layout: log-probs of every token with the original and the
+    masked images within 1e-6, the loss terms, and every gradient within 2e-6 of the largest
+    (the prompt's hidden states sum their n responses' gradients in another order; compared
+    before the optimizer: Adam's first step is sign(g) * lr, so near-zero gradients flip it), at
+    TP 1 (one micro-batch, and four that cut the last run of prompts in two), TP 2 + SP, PP 2, and
+    the live branch (original and masked copies shared apart). The shared rows are shorter."""
+    for tp, pp, sp, micro in layouts:
+        plain = run_distributed(_grouped_update, tp * pp, tp, pp, mode, False, sp=sp, micro=micro)
+        shared = run_distributed(_grouped_update, tp * pp, tp, pp, mode, True, sp=sp, micro=micro)
+        for r, ref in zip(shared, plain):
+            assert sum(r["rows"]) < sum(ref["rows"]), (r["rows"], ref["rows"])
+            mask = r["tokens"].clone()
+            mask[:, 0] = False
+            for key in ("current", "masked"):
+                torch.testing.assert_close(r[key][mask], ref[key][mask], **PACK_TOL)
+                assert torch.equal(r[key][~mask], torch.zeros_like(r[key][~mask]))
+            if r["last"]:
+                for key in ("loss/total", "loss/policy", "loss/kl_prcp", "clip/high",
+                            "entropy/original", "entropy/masked"):
+                    assert r["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-6,
+                                                              abs=1e-7), key
+            assert r["metrics"]["grad_norm"] == pytest.approx(ref["metrics"]["grad_norm"],
+                                                              rel=1e-6)
+            scale = max(float(g.abs().max()) for g in ref["grads"].values())
+            assert r["grads"].keys() == ref["grads"].keys()
+            for name, grad in r["grads"].items():
+                torch.testing.assert_close(grad, ref["grads"][name], rtol=0, atol=2e-6 * scale,
+                                           msg=name)

@@ -77,6 +77,8 @@ def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
      "algorithm.masked_logprobs='vllm': choose engine or trainer"),
     ({"algorithm": {"name": "papo_h", "loss": {"entropy_estimator": "exact"}}}, 1,
      "entropy_estimator=exact with entropy_eta_masked > 0 needs algorithm.masked_branch=live"),
+    ({"model": {"layer_spec": "te"}}, 1, "trainer.share_prompts=true needs "
+                                          "model.layer_spec=local (with 'te', Transformer"),
     ({"trainer": {"packing": False, "max_tokens_per_micro_batch": 1024}}, 1,
      "trainer.max_tokens_per_micro_batch needs trainer.packing=true"),
     ({"trainer": {"packing": True, "max_tokens_per_micro_batch": 600},
@@ -175,7 +177,8 @@ def test_main_job_on_two_processes(tmp_path, single_run, layout):
 
 def test_performance_knobs_keep_the_math(tmp_path, single_run):
     """Three knobs in one job (CI time): padded micro-batches of 4 samples (trainer.packing=false,
-    the warm start too; the default run packs the 32 samples of a step into one row), the
+    the warm start too; the default run packs the 32 samples of a step into one row with each
+    prompt once for its n samples, trainer.share_prompts), the
     trainer's recomputation as the old log-probs (the default run: the fp32 engine's) and the
     frozen masked branch's log-probs scored by the rollout engine (algorithm.masked_logprobs=
     engine; the default run: the trainer): steps 1 and 2 (step 2 samples from the weights step 1

@@ -166,7 +166,8 @@ def _memory_check(args, config: dict, hf: str, data: str, out: str, image_tokens
         job = _job(args, hf, data, run, image_tokens) + [
             f"parallel={parallel}", f"rollout.tensor_parallel_size={rollout_tp}",
             f"trainer.max_tokens_per_micro_batch={sequence * per_micro}",
-            "trainer.steps=2", "trainer.save_every=0"]
+            # the planner plans every sequence whole (the GPU presets share no prompt)
+            "trainer.share_prompts=false", "trainer.steps=2", "trainer.save_every=0"]
         env = {"NPROC_PER_NODE": str(ranks), "MASTER_PORT": str(29500 + os.getpid() % 1000)}
         result = run_stage(f"memory_{name}", ["bash", os.path.join(ROOT, "scripts", "train.sh"),
                                               *job], log(f"memory_{name}"), env=env, cwd=ROOT)

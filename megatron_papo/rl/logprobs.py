@@ -55,9 +55,13 @@ def sampling_logits(logits: torch.Tensor, temperature: float = 1.0,
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) per position. logits [b, s, v/TP] (this rank's vocab shard), targets [b, s]
-    -> [b, s] (fp32)."""
-    loss = vocab_parallel_cross_entropy(logits.transpose(0, 1).float().contiguous(),
-                                        targets.transpose(0, 1).contiguous())
+    -> [b, s] (fp32). ``logits`` is left as it was: megatron-core's cross-entropy overwrites the
+    tensor it is given (minus the max, then exp in place), and for b = 1 (a packed row) the
+    transposed tensor is contiguous, i.e. the caller's own storage: it gets a copy then."""
+    shaped = logits.transpose(0, 1).float().contiguous()
+    if shaped.data_ptr() == logits.data_ptr():
+        shaped = shaped.clone()
+    loss = vocab_parallel_cross_entropy(shaped, targets.transpose(0, 1).contiguous())
     return -loss.transpose(0, 1)
 
 

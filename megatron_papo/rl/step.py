@@ -32,7 +32,16 @@ from .algorithms import (
     combined_loss,
 )
 from .logprobs import SampledDistribution, token_entropy, token_logprobs
-from .packing import pack, packed_length, plan_micro_batches, sample_lengths, split_to_count
+from .packing import (
+    pack,
+    pack_shared,
+    packed_length,
+    plan_micro_batches,
+    prompt_groups,
+    sample_lengths,
+    shared_length,
+    split_to_count,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,30 +167,64 @@ def model_forward(model, mb: RolloutBatch) -> torch.Tensor:
                  mb.image_grid_thw, image_keys=mb.image_keys)
 
 
+def image_ids(batch: "RolloutBatch") -> list[tuple | None]:
+    """Per sample: the keys of its images in order (``()`` without images; ``None`` when its
+    images have no keys: such a sample's prompt is never shared)."""
+    if batch.images_per_sample is None:
+        return [()] * len(batch)
+    counts = batch.images_per_sample.tolist()
+    keys = batch.image_keys.tolist() if batch.image_keys is not None else None
+    out, at = [], 0
+    for count in counts:
+        out.append(() if count == 0 else (tuple(keys[at:at + count]) if keys else None))
+        at += count
+    return out
+
+
 class _Layout:
     """How one micro-batch meets the model. ``mb``: the micro-batch (its padded [n, L] tensors
     are what the loss sees); ``run``: what the model runs (``mb`` or, for the live masked
     branch, its original + masked pair). Padded: ``run`` as it is. Packed: ``run``'s samples in
-    one row (rl/packing.py). ``targets``: the next token at each position of what the model
-    sees; :meth:`per_token` brings per-position values back to ``run``'s token-aligned layout."""
+    one row (rl/packing.py); with ``groups`` (shared prompts, :func:`~.packing.pack_shared`)
+    each group's prompt once. :meth:`token_logprobs` and :meth:`per_token` bring the model's
+    per-position values back to ``run``'s token-aligned [n, L] layout."""
 
-    def __init__(self, mb: "RolloutBatch", run: "RolloutBatch", packed_to: int | None = None):
+    def __init__(self, mb: "RolloutBatch", run: "RolloutBatch", packed_to: int | None = None,
+                 groups: list[list[int]] | None = None):
         self.mb, self.run = mb, run
-        self.row = None
-        if packed_to is not None:
+        self.row = self.shared = None
+        self.images = run
+        if groups is not None:
+            self.shared = pack_shared(run.input_ids, run.position_ids, run.attention_mask,
+                                      run.response_mask, groups, packed_to)
+            self.images = run.take(self.shared.leaders)   # each group's images once
+        elif packed_to is not None:
             self.row = pack(run.input_ids, run.position_ids, run.attention_mask, packed_to)
             self.targets = self.row.targets
         else:
             self.targets = torch.nn.functional.pad(run.input_ids[:, 1:], (0, 1))
 
     def forward(self, model) -> torch.Tensor:
-        if self.row is None:
+        row = self.shared or self.row
+        if row is None:
             return model_forward(model, self.run)
-        return model(self.row.input_ids, self.row.position_ids, None, self.run.pixel_values,
-                     self.run.image_grid_thw, packed_seq_params=self.row.params,
-                     image_keys=self.run.image_keys)
+        return model(row.input_ids, row.position_ids, None, self.images.pixel_values,
+                     self.images.image_grid_thw, packed_seq_params=row.params,
+                     image_keys=self.images.image_keys)
+
+    def token_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """[n, L] log p(token | the tokens before it), position 0 and padding 0."""
+        if self.shared is None:
+            return self.per_token(token_logprobs(logits, self.targets))
+
+        def at(positions, targets):
+            return token_logprobs(logits if positions is None else logits[:, positions], targets)
+        return self.shared.token_logprobs(at)
 
     def per_token(self, per_position: torch.Tensor) -> torch.Tensor:
+        """Values of each position that do not depend on the next token (entropies) -> [n, L]."""
+        if self.shared is not None:
+            return self.shared.per_token(per_position)
         if self.row is None:
             return shift_to_tokens(per_position)
         return self.row.per_token(per_position)
@@ -202,6 +245,9 @@ class UpdateConfig:
     pad_multiple: int = 1
     # > 0: micro-batches by tokens instead of samples (bin-packed under this budget; packing only)
     max_tokens_per_micro_batch: int = 0
+    # packing only: a micro-batch's samples with the same prompt run it once (rl/packing.py;
+    # the local spec's attention: Transformer Engine's cannot keep the responses apart)
+    share_prompts: bool = False
 
     def __post_init__(self):
         if self.max_tokens_per_micro_batch < 0:
@@ -209,6 +255,8 @@ class UpdateConfig:
                              f"{self.max_tokens_per_micro_batch} must be >= 0 (0: off)")
         if self.max_tokens_per_micro_batch and not self.packing:
             raise ValueError("trainer.max_tokens_per_micro_batch needs trainer.packing=true")
+        if self.share_prompts and not self.packing:
+            raise ValueError("trainer.share_prompts needs trainer.packing=true")
         if self.masked_branch not in MASKED_BRANCH_MODES:
             raise ValueError(f"rl.masked_branch={self.masked_branch!r}: choose one of "
                              f"{list(MASKED_BRANCH_MODES)}")
@@ -245,7 +293,7 @@ class PolicyUpdater:
 
             def keep(logits):
                 logits = self.sampling_logits(logits)
-                stored.append(layout.per_token(token_logprobs(logits, layout.targets)))
+                stored.append(layout.token_logprobs(logits))
                 return logits.sum() * 0.0, {}
             return output, keep
 
@@ -304,10 +352,17 @@ class PolicyUpdater:
             return ([_Layout(mb, run) for mb, run in zip(micro, runs)], width,
                     max(len(r) for r in runs))
         multiple = self.config.pad_multiple
-        lengths = [packed_length(sample_lengths(r.attention_mask), multiple) for r in runs]
+        if self.config.share_prompts:
+            groups = [prompt_groups(r.input_ids, r.attention_mask, r.response_mask, image_ids(r))
+                      for r in runs]
+            lengths = [shared_length(r.attention_mask, r.response_mask, g, multiple)
+                       for r, g in zip(runs, groups)]
+        else:
+            groups = [None] * len(runs)
+            lengths = [packed_length(sample_lengths(r.attention_mask), multiple) for r in runs]
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             lengths = [max(lengths)] * len(lengths)
-        return ([_Layout(mb, run, n) for mb, run, n in zip(micro, runs, lengths)],
+        return ([_Layout(mb, run, n, g) for mb, run, n, g in zip(micro, runs, lengths, groups)],
                 max(lengths), 1)
 
     # ------------------------------------------------------------------ the loss
@@ -322,7 +377,7 @@ class PolicyUpdater:
 
         def split(logits):
             logits = self.sampling_logits(logits)
-            logp = layout.per_token(token_logprobs(logits, layout.targets))
+            logp = layout.token_logprobs(logits)
             entropy = layout.per_token(token_entropy(logits)) if exact else None
             if live:
                 return (logp[:b], logp[b:], entropy[:b] if exact else None,

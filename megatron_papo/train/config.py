@@ -218,6 +218,9 @@ class TrainerConfig:
     # > 0 (needs packing): micro-batches by tokens, bin-packed under this budget, instead of
     # micro_batch_size samples; memory then depends on the budget, not on the longest response
     max_tokens_per_micro_batch: int = 0
+    # with packing: a micro-batch's samples of one prompt (GRPO's n) run the prompt once, each
+    # response attending to it and to itself only (rl/packing.py; local spec): the same update
+    share_prompts: bool = True
     mini_batch_size: int = 0         # samples per optimizer step and DP rank (0: from below)
     # when mini_batch_size is 0 (authors: 3); 4 halves the tiny default job's wait before it
     # learns (docs/experiments.md)
@@ -354,7 +357,12 @@ def _check_gpu_settings(config: TrainConfig) -> None:
     """The layer spec, FP8, recompute and GPU-only settings can run on this machine."""
     from megatron_papo.models.qwen2_5_vl import precision  # megatron-core: not at import (as above)
 
-    m, p = config.model, config.parallel
+    m, p, t = config.model, config.parallel, config.trainer
+    if t.packing and t.share_prompts and m.layer_spec != "local":
+        raise ConfigError(
+            f"trainer.share_prompts=true needs model.layer_spec=local (with {m.layer_spec!r}, "
+            "Transformer Engine's packed attention cannot keep a prompt's responses apart): set "
+            "trainer.share_prompts=false")
     if m.params_dtype not in DTYPES:
         raise ConfigError(f"model.params_dtype={m.params_dtype!r}: choose float32, bfloat16 or "
                           "float16")

@@ -357,6 +357,7 @@ class Trainer:
             masked_branch=c.algorithm.masked_branch, loss=self.loss,
             distribution=self.engine.distribution(c.rollout),
             packing=c.trainer.packing, pad_multiple=self._pad,
+            share_prompts=c.trainer.packing and c.trainer.share_prompts,
             max_tokens_per_micro_batch=c.trainer.max_tokens_per_micro_batch)
 
     def _images_per_prompt(self) -> int:

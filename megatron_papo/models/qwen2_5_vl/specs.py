@@ -39,6 +39,10 @@ class RMSNorm(torch.nn.Module):
         return self.weight * h.to(dtype)
 
 
+# a PackedSeqParams attribute: the branch of every token of a row with shared prompts
+# (rl.packing.pack_shared): 0 = a prompt, k = the k-th response after it
+BRANCHES = "_megatron_papo_branches"
+
 GROUP_LENGTH_RATIO = 0.75  # a segment joins a group if at least this share of its longest
 
 
@@ -61,7 +65,7 @@ class _GroupPlan:
     (True = not attended: the future and the padding slots); ``output``: for each token of the
     row, its row in the groups' concatenated outputs."""
 
-    def __init__(self, cu_seqlens: torch.Tensor, device):
+    def __init__(self, cu_seqlens: torch.Tensor, device, branches: torch.Tensor | None = None):
         bounds = cu_seqlens.tolist()
         starts, lengths = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])]
         self.groups = []
@@ -75,7 +79,14 @@ class _GroupPlan:
             output[tokens[valid]] = offset + torch.nonzero(valid.reshape(-1)).reshape(-1)
             offset += longest * size
             causal = torch.ones(longest, longest, dtype=torch.bool).tril()
-            masked = ~(causal[None] & valid.t()[:, None, :])[:, None]                  # [g, 1, L, L]
+            seen = causal[None] & valid.t()[:, None, :]                                # [g, L, L]
+            if branches is not None:
+                # shared prompts (rl.packing.pack_shared): a token sees the prompt (branch 0)
+                # and its own branch only, never another response of the segment
+                slots = torch.where(valid, tokens, torch.zeros_like(tokens))
+                branch = torch.where(valid, branches.cpu()[slots], -1).t()            # [g, L]
+                seen = seen & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None]))
+            masked = ~seen[:, None]                                                   # [g, 1, L, L]
             index = torch.where(valid, tokens, torch.zeros_like(tokens)).reshape(-1)
             self.groups.append((index.to(device), longest, size, masked.to(device)))
         self.output = output.to(device)
@@ -84,7 +95,7 @@ class _GroupPlan:
 def _group_plan(params, device) -> _GroupPlan:
     plan = getattr(params, "_megatron_papo_groups", None)
     if plan is None:
-        plan = _GroupPlan(params.cu_seqlens_q, device)
+        plan = _GroupPlan(params.cu_seqlens_q, device, getattr(params, BRANCHES, None))
         params._megatron_papo_groups = plan
     return plan
 
