@@ -122,6 +122,7 @@ def test_one_job_per_folder_and_a_run_that_stops_at_its_target(tmp_path):
             "trainer.steps=6", f"data.train_files=[{train}]", f"data.val_files=[{test}]",
             "optim.lr=5e-3", "trainer.eval_every=1", "trainer.stop_at_accuracy=0.05",
             "trainer.export_hf=false"]
+    launched = time.time()
     first = subprocess.Popen(args + [f"hydra.run.dir={tmp_path / 'h1'}"], cwd=ROOT, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -140,6 +141,7 @@ def test_one_job_per_folder_and_a_run_that_stops_at_its_target(tmp_path):
                                f"{first.pid} on "), line
         assert "Traceback" not in second.stderr
         stdout, err = first.communicate(timeout=600)
+        ran = time.time() - launched
         assert first.returncode == 0, err[-3000:]
     finally:
         if first.poll() is None:
@@ -155,4 +157,7 @@ def test_one_job_per_folder_and_a_run_that_stops_at_its_target(tmp_path):
     assert [r["step"] for r in records if "reward" in r] == [1]
     assert records[-1]["step"] == 1 and "val_swapped/accuracy" in records[-1]
     assert records[-1]["val/accuracy"] >= 0.05 and records[-1]["val/seconds"] > 0
+    # the evaluation's end since the command started (the time a user waits for an accuracy)
+    assert records[-1]["val/seconds"] < records[-1]["val/elapsed"] < ran
+    assert "s since the command started)" in stdout
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step_00000001"]

@@ -77,6 +77,7 @@ from .config import ConfigError, TrainConfig  # noqa: E402
 from .metrics import (  # noqa: E402
     MemoryLedger,
     Metrics,
+    process_seconds,
     return_free_memory,
     step_record,
     stop_on_mismatch,
@@ -637,6 +638,7 @@ class Trainer:
                           c.rollout.sampling(seed=EVAL_SEED, n=c.trainer.eval_k),
                           images_swapped=images_swapped, progress=c.logging.progress_bars)
         result["seconds"] = time.perf_counter() - start
+        result["elapsed"] = process_seconds()   # the evaluation's end, since the command started
         prefix = "val_swapped/" if images_swapped else "val/"
         return {prefix + k: v for k, v in result.items() if k != "samples"}
 
@@ -692,7 +694,8 @@ class Trainer:
                 self.metrics.write({"step": s["step"], **evaluation})
                 _log(f"[train] held-out at step {s['step']}: accuracy "
                      f"{evaluation.get('val/accuracy', 0):.3f}{_by_group(evaluation, 'val/')} "
-                     f"({evaluation['val/seconds']:.1f}s)")
+                     f"({evaluation['val/seconds']:.1f}s; {evaluation['val/elapsed']:.0f}s since "
+                     "the command started)")
                 if c.trainer.stop_at_accuracy is not None:
                     self.reached = evaluation["val/accuracy"]
                     if self._target_reached():

@@ -25,6 +25,14 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
+def process_seconds() -> float:
+    """Seconds since this process started (the main job's command, or its torchrun worker):
+    what a user waits for, imports and start-up included."""
+    import psutil  # (a dependency of the package; imported here: metrics is imported early)
+
+    return time.time() - psutil.Process().create_time()
+
+
 def reset_peak_memory() -> None:
     """Start a new peak: the GPU allocator's (CUDA) or the process's resident-set high-water
     mark (Linux: ``/proc/self/clear_refs``; the colocated engine lives in this process)."""
