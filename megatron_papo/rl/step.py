@@ -205,7 +205,7 @@ class _Layout:
             self.targets = torch.nn.functional.pad(run.input_ids[:, 1:], (0, 1))
 
     def forward(self, model) -> torch.Tensor:
-        row = self.shared or self.row
+        row = self.shared if self.shared is not None else self.row
         if row is None:
             return model_forward(model, self.run)
         return model(row.input_ids, row.position_ids, None, self.images.pixel_values,
