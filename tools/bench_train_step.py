@@ -24,6 +24,7 @@ the first precision (FP8 must track bf16).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -273,13 +274,16 @@ def main(argv=None) -> int:
           f"median of {args.steps} steps after {args.warmup}")
     rows, tracks = [], []
     header = (f"{'spec':5} {'precision':12} {'model':9} {'ms/step':>9} {'tokens/s':>10} "
-              f"{'TFLOP/s':>8} {'vs gpt':>7} {'vs first precision':>19}")
+              f"{'TFLOP/s':>8} {'vs gpt':>7} {'vs first precision':>19}"
+              + (f" {'peak GiB':>8}" if cuda else ""))
     print(header)
     first_ms: dict[tuple, float] = {}
     for layer_spec in args.specs:
         for precision in precisions:
             gpt_ms = None
             for kind, images in kinds:
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
                 model, optimizer = _build("gpt" if kind == "gpt" else "ours", spec, layer_spec,
                                           precision, args, seed=0)
                 batch = _inputs(spec, hf, args, device, images)
@@ -288,19 +292,24 @@ def main(argv=None) -> int:
                 seconds = _time("gpt" if kind == "gpt" else "ours", model, optimizer, batch,
                                 args)
                 ms = seconds * 1e3
+                # what the allocator held at most over build + steps (weights, gradients,
+                # optimizer state, activations): the planner's training terms, for comparison
+                peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
                 flops = 3 * args.mbs * _flops(hf, args.seq, args.images, pixels, images)
                 gpt_ms = ms if kind == "gpt" else gpt_ms
                 first = first_ms.setdefault((layer_spec, kind), ms)
                 row = dict(spec=layer_spec, precision=precision, model=kind, ms=ms,
                            tokens_per_s=args.mbs * args.seq / seconds,
                            tflops=flops / seconds / 1e12, vs_gpt=ms / gpt_ms,
-                           speedup_vs_first_precision=first / ms)
+                           speedup_vs_first_precision=first / ms, peak_gib=peak)
                 rows.append(row)
                 print(f"{layer_spec:5} {precision:12} {kind:9} {ms:9.1f} "
                       f"{row['tokens_per_s']:10,.0f} {row['tflops']:8.2f} "
-                      f"{row['vs_gpt']:6.2f}x {row['speedup_vs_first_precision']:17.2f}x",
+                      f"{row['vs_gpt']:6.2f}x {row['speedup_vs_first_precision']:17.2f}x"
+                      + (f" {peak:8.2f}" if peak is not None else ""),
                       flush=True)
                 del model, optimizer
+                gc.collect()  # megatron's DDP hooks form cycles: free the model before the next
                 if cuda:
                     torch.cuda.empty_cache()
         if args.track_steps:
@@ -314,6 +323,7 @@ def main(argv=None) -> int:
                 losses[precision] = [_train_step("ours", model, optimizer, batch)
                                      for _ in range(args.track_steps)]
                 del model, optimizer
+                gc.collect()
             base = losses[precisions[0]]
             print(f"loss on one fixed batch ({kind}, spec {layer_spec}), step by step:")
             for precision, values in losses.items():

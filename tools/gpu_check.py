@@ -76,29 +76,44 @@ def main(argv=None) -> int:
     # text only: the tokens before the first image (no image-pad token among them)
     first_image = int((inputs["input_ids"][0] == spec.vision_start_token_id).nonzero()[0])
     text_ids = inputs["input_ids"][:1, :first_image]
+    # FP8 GEMMs need the token count divisible by 8/16 (the trainer pads to 16 with model.fp8):
+    # every spec sees the same inputs lengthened by text tokens to a multiple of 16
+    length = inputs["input_ids"].shape[1]
+    inputs["input_ids"] = _to_multiple(inputs["input_ids"], text_ids[0], 16)
+    extra = inputs["input_ids"].shape[1] - length
+    for key, value in inputs.items():  # per-token companions: the mask (1), type ids (0: text)
+        if key != "input_ids" and value.dim() == 2 and value.shape[1] == length and extra:
+            fill = 1 if key == "attention_mask" else 0
+            inputs[key] = torch.cat([value, value.new_full((value.shape[0], extra), fill)], 1)
+    text_ids = _to_multiple(text_ids, text_ids[0], 16)
     with torch.no_grad():
         ref = {"whole model": reference(**inputs).logits.float(),
                "language model": reference(input_ids=text_ids).logits.float(),
                "vision tower": _reference_features(reference, inputs)}
     positions = get_rope_index(inputs["input_ids"], inputs["image_grid_thw"], spec.image_token_id)
     text_positions = get_rope_index(text_ids, None, spec.image_token_id)
-    outputs = {}
+    outputs, failed = {}, []
     for name in args.specs:
         fp8 = fp8_fields("hybrid", "delayed") if name == "te-fp8" else {}
         initialize_model_parallel(1, 1)
-        chunks = build_model_chunks(spec, ddp=False, layer_spec=name.split("-")[0],
-                                    params_dtype=torch.bfloat16, **fp8)
-        for chunk in chunks:
-            chunk.to(device)
-        load_hf_weights(chunks, spec, lambda n: sd[n])
-        with torch.no_grad():
-            outputs[name] = {
-                "whole model": forward_logits(chunks, inputs["input_ids"], positions, None,
-                                              inputs["pixel_values"],
-                                              inputs["image_grid_thw"]).float(),
-                "language model": forward_logits(chunks, text_ids, text_positions).float(),
-                "vision tower": chunks[0].vision_model(inputs["pixel_values"],
-                                                       inputs["image_grid_thw"]).float()}
+        try:  # one spec failing does not hide the others' results
+            chunks = build_model_chunks(spec, ddp=False, layer_spec=name.split("-")[0],
+                                        params_dtype=torch.bfloat16, **fp8)
+            for chunk in chunks:
+                chunk.to(device)
+            load_hf_weights(chunks, spec, lambda n: sd[n])
+            with torch.no_grad():
+                outputs[name] = {
+                    "whole model": forward_logits(chunks, inputs["input_ids"], positions, None,
+                                                  inputs["pixel_values"],
+                                                  inputs["image_grid_thw"]).float(),
+                    "language model": forward_logits(chunks, text_ids, text_positions).float(),
+                    "vision tower": chunks[0].vision_model(inputs["pixel_values"],
+                                                           inputs["image_grid_thw"]).float()}
+        except Exception as err:  # noqa: BLE001 - reported, and the exit status says so
+            failed.append(name)
+            print(f"[gpu-check] FAIL: {name}: {type(err).__name__}: "
+                  f"{str(err).splitlines()[0] if str(err) else ''}", flush=True)
         parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
     results = {}
@@ -117,6 +132,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    if failed:
+        return 1
     if "te" in outputs and "local" in outputs:
         worse = [part for part in ref if results[f"te {part}"]["vs transformers"]
                  > results[f"local {part}"]["vs transformers"] + args.slack]
@@ -125,6 +142,17 @@ def main(argv=None) -> int:
                   f"spec by more than --slack {args.slack} on: {', '.join(worse)}")
             return 1
     return 0
+
+
+def _to_multiple(ids, filler, multiple: int):
+    """[1, n] ``ids`` followed by tokens of ``filler`` (cycled) up to a multiple of ``multiple``."""
+    import torch
+
+    short = -ids.shape[1] % multiple
+    if not short:
+        return ids
+    extra = filler.repeat(-(-short // len(filler)))[:short]
+    return torch.cat([ids, extra[None].to(ids.device)], dim=1)
 
 
 def _reference_features(reference, inputs):

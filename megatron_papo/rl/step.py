@@ -307,17 +307,18 @@ class PolicyUpdater:
         finally:
             for chunk in chunks:
                 chunk.train()
+        # on the model's device (NCCL broadcasts GPU tensors), returned on the batch's
+        device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                  else torch.device("cpu"))
+        result = torch.empty(batch.input_ids.shape, dtype=torch.float32, device=device)
         if parallel_state.is_pipeline_last_stage():
-            result = torch.empty(batch.input_ids.shape, dtype=torch.float32)
             for indices, values in zip(plan, stored):
                 result[indices] = values.float()
-        else:
-            result = torch.empty(batch.input_ids.shape, dtype=torch.float32)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             torch.distributed.broadcast(
                 result, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                 group=parallel_state.get_pipeline_model_parallel_group())
-        return result
+        return result.to(batch.input_ids.device)
 
     def sampling_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return self.config.distribution.logits(logits)

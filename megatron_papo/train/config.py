@@ -358,11 +358,6 @@ def _check_gpu_settings(config: TrainConfig) -> None:
     from megatron_papo.models.qwen2_5_vl import precision  # megatron-core: not at import (as above)
 
     m, p, t = config.model, config.parallel, config.trainer
-    if t.packing and t.share_prompts and m.layer_spec != "local":
-        raise ConfigError(
-            f"trainer.share_prompts=true needs model.layer_spec=local (with {m.layer_spec!r}, "
-            "Transformer Engine's packed attention cannot keep a prompt's responses apart): set "
-            "trainer.share_prompts=false")
     if m.params_dtype not in DTYPES:
         raise ConfigError(f"model.params_dtype={m.params_dtype!r}: choose float32, bfloat16 or "
                           "float16")
@@ -375,6 +370,12 @@ def _check_gpu_settings(config: TrainConfig) -> None:
                                               for name in precision.GPU_ONLY}))
     if problem:
         raise ConfigError(problem)
+    # after the checks above: where TE is missing, that is the cause to name first
+    if t.packing and t.share_prompts and m.layer_spec != "local":
+        raise ConfigError(
+            f"trainer.share_prompts=true needs model.layer_spec=local (with {m.layer_spec!r}, "
+            "Transformer Engine's packed attention cannot keep a prompt's responses apart): set "
+            "trainer.share_prompts=false")
     if m.fp8_vision and not m.fp8:
         raise ConfigError("model.fp8_vision=true needs model.fp8 (hybrid or e4m3)")
     if p.overlap_param_gather and not p.overlap_grad_reduce:

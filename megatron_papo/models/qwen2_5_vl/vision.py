@@ -98,7 +98,9 @@ def consecutive_duplicates(pixel_values: torch.Tensor, grid_thw: torch.Tensor, m
             torch.equal(grid_thw[i], grid_thw[i - 1]) and torch.equal(
                 pixel_values[starts[i]:ends[i]], pixel_values[starts[i - 1]:ends[i - 1]])
             for i in range(1, len(grid_thw))])
-    return _runs(pixel_values, grid_thw, torch.cat([torch.ones(1, dtype=torch.bool), ~repeated]),
+    repeated = repeated.to(grid_thw.device)  # the pixel comparison ran on pixel_values' device
+    return _runs(pixel_values, grid_thw,
+                 torch.cat([torch.ones(1, dtype=torch.bool, device=grid_thw.device), ~repeated]),
                  merge_units)
 
 
@@ -111,8 +113,8 @@ def keyed_duplicates(pixel_values: torch.Tensor, grid_thw: torch.Tensor, keys: t
         raise ValueError(f"{len(keys)} image keys for {len(grid_thw)} images")
     if len(keys) < 2:
         return None
-    return _runs(pixel_values, grid_thw,
-                 torch.cat([torch.ones(1, dtype=torch.bool), keys[1:] != keys[:-1]]), merge_units)
+    new = torch.cat([torch.ones(1, dtype=torch.bool), keys[1:] != keys[:-1]])
+    return _runs(pixel_values, grid_thw, new.to(grid_thw.device), merge_units)
 
 
 def _runs(pixel_values: torch.Tensor, grid_thw: torch.Tensor, new: torch.Tensor,
