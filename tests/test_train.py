@@ -77,8 +77,6 @@ def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
      "algorithm.masked_logprobs='vllm': choose engine or trainer"),
     ({"algorithm": {"name": "papo_h", "loss": {"entropy_estimator": "exact"}}}, 1,
      "entropy_estimator=exact with entropy_eta_masked > 0 needs algorithm.masked_branch=live"),
-    ({"model": {"layer_spec": "te"}}, 1, "trainer.share_prompts=true needs "
-                                          "model.layer_spec=local (with 'te', Transformer"),
     ({"trainer": {"packing": False, "max_tokens_per_micro_batch": 1024}}, 1,
      "trainer.max_tokens_per_micro_batch needs trainer.packing=true"),
     ({"trainer": {"packing": True, "max_tokens_per_micro_batch": 600},
@@ -90,6 +88,23 @@ def test_config_errors_name_the_key(raw, world, message):
     with pytest.raises(ConfigError) as err:
         build_config(raw, world)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_shared_prompts_are_refused_with_the_te_spec():
+    """build_config names a missing Transformer Engine first (tests/test_benchmarks.py), so on a
+    machine without TE the share_prompts check is reached only directly."""
+    import dataclasses
+
+    from megatron_papo.train import TrainConfig
+    from megatron_papo.train.config import share_prompts_problem
+
+    config = TrainConfig()
+    assert share_prompts_problem(config) is None  # the default: local spec, packing, shared
+    te = dataclasses.replace(config, model=dataclasses.replace(config.model, layer_spec="te"))
+    assert share_prompts_problem(te).startswith(
+        "trainer.share_prompts=true needs model.layer_spec=local (with 'te', Transformer")
+    off = dataclasses.replace(te, trainer=dataclasses.replace(te.trainer, share_prompts=False))
+    assert share_prompts_problem(off) is None
 
 
 def test_each_config_group_yaml_matches_its_dataclass():

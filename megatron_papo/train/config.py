@@ -353,11 +353,21 @@ def _positive(config: TrainConfig, keys: list[str]) -> None:
             raise ConfigError(f"{key}={value} must be >= 1")
 
 
+def share_prompts_problem(config: TrainConfig) -> str | None:
+    """Why trainer.share_prompts cannot run with this model (None: it can)."""
+    m, t = config.model, config.trainer
+    if t.packing and t.share_prompts and m.layer_spec != "local":
+        return (f"trainer.share_prompts=true needs model.layer_spec=local (with "
+                f"{m.layer_spec!r}, Transformer Engine's packed attention cannot keep a prompt's "
+                "responses apart): set trainer.share_prompts=false")
+    return None
+
+
 def _check_gpu_settings(config: TrainConfig) -> None:
     """The layer spec, FP8, recompute and GPU-only settings can run on this machine."""
     from megatron_papo.models.qwen2_5_vl import precision  # megatron-core: not at import (as above)
 
-    m, p, t = config.model, config.parallel, config.trainer
+    m, p = config.model, config.parallel
     if m.params_dtype not in DTYPES:
         raise ConfigError(f"model.params_dtype={m.params_dtype!r}: choose float32, bfloat16 or "
                           "float16")
@@ -371,11 +381,9 @@ def _check_gpu_settings(config: TrainConfig) -> None:
     if problem:
         raise ConfigError(problem)
     # after the checks above: where TE is missing, that is the cause to name first
-    if t.packing and t.share_prompts and m.layer_spec != "local":
-        raise ConfigError(
-            f"trainer.share_prompts=true needs model.layer_spec=local (with {m.layer_spec!r}, "
-            "Transformer Engine's packed attention cannot keep a prompt's responses apart): set "
-            "trainer.share_prompts=false")
+    problem = share_prompts_problem(config)
+    if problem:
+        raise ConfigError(problem)
     if m.fp8_vision and not m.fp8:
         raise ConfigError("model.fp8_vision=true needs model.fp8 (hybrid or e4m3)")
     if p.overlap_param_gather and not p.overlap_grad_reduce:
