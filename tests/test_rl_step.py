@@ -1,6 +1,8 @@
 """The PAPO update on megatron-core: TP/PP parity of a full update (frozen and live masked branch),
 and where the gradient of the masked branch goes."""
 
+from dataclasses import fields
+
 import pytest
 import torch
 from megatron.core import parallel_state
@@ -488,6 +490,24 @@ def test_rollout_batch_select_keeps_images_with_their_samples():
     paired = part.paired()
     assert paired.input_ids.shape[0] == 4 and paired.image_grid_thw.shape[0] == 2
     assert torch.equal(paired.pixel_values[32:], part.masked_pixel_values)
+
+
+def test_rollout_batch_to_moves_every_tensor_and_keeps_the_rest():
+    """The main job builds the batch on the host and moves it to the model's device (GPU); on
+    this machine the move is to 'cpu' (and 'meta', which has no data: every tensor must go)."""
+    batch = rollout_batch()
+    batch.old_logp = torch.zeros(batch.input_ids.shape)
+    moved = batch.to("meta")
+    for f in fields(batch):
+        value, got = getattr(batch, f.name), getattr(moved, f.name)
+        if value is None:
+            assert got is None, f.name
+        else:
+            assert got.device.type == "meta" and got.shape == value.shape, f.name
+            assert got.dtype == value.dtype, f.name
+    same = batch.to("cpu")
+    assert all(torch.equal(getattr(same, f.name), getattr(batch, f.name)) for f in fields(batch)
+               if getattr(batch, f.name) is not None)
 
 
 def _adam_first_step(lr, mult):

@@ -79,9 +79,7 @@ def rollout_batch(spec, hf: dict, args, device, seed: int = 0):
         pixel_values=torch.cat(pixels), image_grid_thw=grid,
         images_per_sample=torch.ones(n, dtype=torch.long),
         masked_pixel_values=torch.cat(masked), old_logp=old, ref_logp=old.clone())
-    return dataclasses.replace(batch, **{
-        f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
-        if getattr(batch, f.name) is not None})
+    return batch.to(device)
 
 
 def main(argv=None) -> int:

@@ -74,6 +74,13 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def to(self, device) -> "RolloutBatch":
+        """The same batch with every tensor on ``device`` (the model's: the batch is built on
+        the host, the trainer's passes read it on the GPU)."""
+        return replace(self, **{
+            f.name: getattr(self, f.name).to(device) for f in fields(self)
+            if getattr(self, f.name) is not None})
+
     def select(self, start: int, end: int) -> "RolloutBatch":
         """Samples [start, end) with their images."""
         out = {}

@@ -401,6 +401,8 @@ class Trainer:
                 prompts, rollouts, self.engine.encoder, pad_multiple=self._pad,
                 mask_ratio=a.mask_ratio if needs_masked and not scored_by_engine else None,
                 mask_patch=a.mask_patch, mask_seed=mask_seed, advantages=advantages)
+            if torch.cuda.is_available():  # built on the host; the trainer reads it on the GPU
+                batch = batch.to(torch.device("cuda", torch.cuda.current_device()))
         with m.phase("logprobs"):
             batch.old_logp = (batch.rollout_logp if c.rollout.old_logprobs_from_engine
                               else self.updater.compute_logprobs(batch))
@@ -411,7 +413,8 @@ class Trainer:
         if scored_by_engine:
             with m.phase("masked_scoring"):  # the rollout-time weights are still the engine's
                 batch.masked_logp = self._engine_masked_logprobs(
-                    first_round, train_groups, rollouts, batch, mask_seed)
+                    first_round, train_groups, rollouts, batch, mask_seed
+                ).to(batch.input_ids.device)
         with m.phase("update"):
             updates = self.updater.update(batch)
             return_free_memory()  # (CPU) the activations' pages, before the push allocates
