@@ -99,6 +99,14 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
     model_parallel_cuda_manual_seed(seed)
 
 
+def model_device() -> torch.device:
+    """Where the trainer's model, its inputs and its collectives live: this process's GPU, else
+    the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def pipeline_backend() -> str:
     from megatron.core import parallel_state  # megatron-core: as in initialize_model_parallel
 

@@ -24,6 +24,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_papo.parallel import model_device
+
 from .algorithms import (
     LossConfig,
     LossInputs,
@@ -315,9 +317,7 @@ class PolicyUpdater:
             for chunk in chunks:
                 chunk.train()
         # on the model's device (NCCL broadcasts GPU tensors), returned on the batch's
-        device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                  else torch.device("cpu"))
-        result = torch.empty(batch.input_ids.shape, dtype=torch.float32, device=device)
+        result = torch.empty(batch.input_ids.shape, dtype=torch.float32, device=model_device())
         if parallel_state.is_pipeline_last_stage():
             for indices, values in zip(plan, stored):
                 result[indices] = values.float()

@@ -46,6 +46,7 @@ from megatron_papo.parallel import (  # noqa: E402
     all_gather_objects,
     heartbeat,
     initialize_model_parallel,
+    model_device,
 )
 from megatron_papo.reward import score_all  # noqa: E402
 from megatron_papo.rl.algorithms import (  # noqa: E402
@@ -401,8 +402,7 @@ class Trainer:
                 prompts, rollouts, self.engine.encoder, pad_multiple=self._pad,
                 mask_ratio=a.mask_ratio if needs_masked and not scored_by_engine else None,
                 mask_patch=a.mask_patch, mask_seed=mask_seed, advantages=advantages)
-            if torch.cuda.is_available():  # built on the host; the trainer reads it on the GPU
-                batch = batch.to(torch.device("cuda", torch.cuda.current_device()))
+            batch = batch.to(model_device())  # built on the host; the trainer reads it on the GPU
         with m.phase("logprobs"):
             batch.old_logp = (batch.rollout_logp if c.rollout.old_logprobs_from_engine
                               else self.updater.compute_logprobs(batch))
