@@ -289,3 +289,34 @@ def test_dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ():
     # ranks that draw together follow the largest shortfall: no further draw once none is short
     kept, _, rounds, _ = A.fill_with_signal(first, draw, has_signal, 10, lambda short: 0)
     assert rounds == 1 and len(kept) == 4
+
+
+def test_measure_perception_reports_the_masked_terms_without_changing_the_loss(batch):
+    """A gamma = 0 control the hacking monitor can read: KL_prcp and the masked entropy are
+    reported (= the formulas) while the loss and its gradient stay those of the same config
+    without the measurement. Catches: the measured terms leaking into the loss, or not
+    reported at weight 0."""
+    logp = batch["logp"].clone().requires_grad_(True)
+
+    def run(**overrides):
+        logp.grad = None
+        config = _loss("papo_no_kl_ref", prcp_gamma=0.0, entropy_eta_original=0.0,
+                       entropy_eta_masked=0.0, **overrides)
+        inputs = A.LossInputs(logp=logp, mask=batch["mask"], advantages=batch["adv"],
+                              old_logp=batch["old"], masked_logp=batch["masked"])
+        loss, parts = A.combined_loss(inputs, config)
+        loss.backward()
+        return config, loss.detach(), logp.grad.clone(), parts
+
+    config, loss, grad, parts = run()
+    assert set(parts) == {"policy"} and not config.needs_masked_branch
+    measured, loss_m, grad_m, parts_m = run(measure_perception=True)
+    assert measured.needs_masked_branch
+    assert torch.equal(loss, loss_m) and torch.equal(grad, grad_m)
+    lp, m = batch["logp"].tolist(), batch["mask"]
+    prcp = [[ref_k3(lp[b][t], batch["masked"][b, t].item(), inner=20.0) for t in range(T)]
+            for b in range(B)]
+    ent_m = [[-batch["masked"][b, t].item() for t in range(T)] for b in range(B)]
+    assert parts_m["kl_prcp"].item() == pytest.approx(token_mean(prcp, m), abs=1e-12)
+    assert parts_m["entropy_masked"].item() == pytest.approx(token_mean(ent_m, m), abs=1e-12)
+    assert not parts_m["kl_prcp"].requires_grad

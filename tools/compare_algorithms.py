@@ -16,8 +16,8 @@ whose hint is wrong; with several seeds, each setting against the first one, pai
     .venv/bin/python tools/compare_algorithms.py --report docs/runs/grpo_vs_papo  # tables only
 
 A setting is NAME=OVERRIDES (Hydra overrides separated by spaces); ``--algorithms A B`` is short
-for ``--setting A=algorithm=A --setting B=algorithm=B``. Runs are sequential (each uses every
-core); a finished run (its metrics hold the final evaluation) is reused, so an interrupted
+for ``--setting A=algorithm=A --setting B=algorithm=B``. Runs are sequential unless ``--jobs N``
+(N at once; each run's math is the same either way); a finished run (its metrics hold the final evaluation) is reused, so an interrupted
 comparison continues where it stopped. Every run takes all `trainer.steps` (the default job's
 early stop, `trainer.stop_at_accuracy`, is off here: the settings compare after the same number
 of steps; pass it after -- to turn it back on).
@@ -55,28 +55,55 @@ def _finished(records: list[dict]) -> dict | None:
     return next((r for r in reversed(records) if "val_swapped/accuracy" in r), None)
 
 
-def run_one(setting: str, seed: int, folder: str, overrides: list[str], launcher: list[str]
-            ) -> float:
-    """The main job for one (setting, seed); returns its wall seconds (0 when reused)."""
-    if _finished(_records(folder)):
-        print(f"[compare] {setting} seed {seed}: finished run found in {folder}, reused",
-              flush=True)
-        return 0.0
-    if os.path.exists(os.path.join(folder, "metrics.jsonl")):
-        os.remove(os.path.join(folder, "metrics.jsonl"))  # an interrupted run starts over
-    command = [*launcher, "-m", "megatron_papo.train", f"trainer.seed={seed}",
-               f"trainer.output_dir={folder}", f"hydra.run.dir={folder}",
-               "trainer.export_hf=false", "trainer.stop_at_accuracy=null", *overrides]
-    print(f"[compare] {setting} seed {seed}: {' '.join(command)}", flush=True)
-    start = time.perf_counter()
-    log_path = os.path.join(folder, "train.log")
-    os.makedirs(folder, exist_ok=True)
-    with open(log_path, "w") as log:
-        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise SystemExit(f"compare_algorithms: the {setting} run (seed {seed}) failed with exit "
-                         f"code {done.returncode}; see {log_path}")
-    return time.perf_counter() - start
+def _command(seed: int, folder: str, overrides: list[str], launcher: list[str]) -> list[str]:
+    return [*launcher, "-m", "megatron_papo.train", f"trainer.seed={seed}",
+            f"trainer.output_dir={folder}", f"hydra.run.dir={folder}",
+            "trainer.export_hf=false", "trainer.stop_at_accuracy=null", *overrides]
+
+
+def run_all(runs: list[tuple[str, int, str, list[str]]], launcher: list[str], jobs: int = 1
+            ) -> None:
+    """The main job for each (setting, seed, folder, overrides), ``jobs`` at a time (a finished
+    run is reused, an interrupted one starts over). Any failure or interrupt stops the runs still
+    going (none outlives the tool) and exits with one line naming the run and its log."""
+    pending, running = list(runs), {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                setting, seed, folder, overrides = pending.pop(0)
+                if _finished(_records(folder)):
+                    print(f"[compare] {setting} seed {seed}: finished run found in {folder}, "
+                          "reused", flush=True)
+                    continue
+                if os.path.exists(os.path.join(folder, "metrics.jsonl")):
+                    os.remove(os.path.join(folder, "metrics.jsonl"))  # starts over
+                command = _command(seed, folder, overrides, launcher)
+                print(f"[compare] {setting} seed {seed}: {' '.join(command)}", flush=True)
+                os.makedirs(folder, exist_ok=True)
+                log_path = os.path.join(folder, "train.log")
+                with open(log_path, "w") as log:
+                    process = subprocess.Popen(command, cwd=ROOT, stdout=log,
+                                               stderr=subprocess.STDOUT)
+                running[process.pid] = (process, setting, seed, log_path, time.perf_counter())
+            if not running:
+                continue
+            pid, status = os.wait()  # whichever run ends first (the tool has no other child)
+            process, setting, seed, log_path, start = running.pop(pid)
+            process.returncode = os.waitstatus_to_exitcode(status)
+            if process.returncode != 0:
+                raise SystemExit(f"compare_algorithms: the {setting} run (seed {seed}) failed "
+                                 f"with exit code {process.returncode}; see {log_path}")
+            print(f"[compare] {setting} seed {seed}: done in "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+    finally:
+        for process, *_ in running.values():
+            process.terminate()
+        for process, *_ in running.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def summary(records: list[dict]) -> dict:
@@ -98,7 +125,82 @@ def summary(records: list[dict]) -> dict:
         "final_kl_prcp": steps[-1].get("loss/kl_prcp") if steps else None,
         "first_step_train_accuracy_0.8": reached,
         "seconds_per_step": (sum(r["seconds"] for r in steps) / len(steps)) if steps else None,
+        "monitor": monitor_summary(records),
     }
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def hacked_step(steps: list[dict]) -> int | None:
+    """The first step t0 at which a run counts as HACKED (the definition frozen in
+    docs/experiments.md before the gamma sweep): KL_prcp > 4 x the median of steps 1-10 and at
+    least 0.5 nats above it, while over steps t..t+9 the mean training accuracy is at least 0.05
+    below its mean over steps t-10..t-1 or the mean format rate is below 0.5. Windows are cut
+    at the run's first and last steps; None: not hacked."""
+    by_step = {r["step"]: r for r in steps if "loss/kl_prcp" in r}
+    first = [by_step[t]["loss/kl_prcp"] for t in range(1, 11) if t in by_step]
+    if not first:
+        return None
+    base = statistics.median(first)
+    for t in sorted(by_step):
+        kl = by_step[t]["loss/kl_prcp"]
+        if not (kl > 4 * base and kl >= base + 0.5):
+            continue
+        after = [by_step[u] for u in range(t, t + 10) if u in by_step]
+        before = [by_step[u]["accuracy"] for u in range(t - 10, t) if u in by_step]
+        drop = before and (_mean([r["accuracy"] for r in after]) <= _mean(before) - 0.05)
+        if drop or _mean([r["format"] for r in after]) < 0.5:
+            return t
+    return None
+
+
+def monitor_summary(records: list[dict]) -> dict:
+    """The perception-hacking monitor's record of one run, judged by the frozen definition: its
+    alerts (steps), the hacked step t0, true positives (alerts in [t0 - 5, t0 + 10]), false
+    positives (every other alert), a miss (hacked, no alert in the window); and the paper's
+    symptoms over the run: KL_prcp and the high-side clip fraction (first 10 steps' mean, the
+    maximum and its step, the last 10 steps' mean)."""
+    steps = [r for r in records if "reward" in r and "step" in r]
+    alerts = [r["step"] for r in steps if r.get("alert/perception_hacking")]
+    t0 = hacked_step(steps)
+    true = [a for a in alerts if t0 is not None and t0 - 5 <= a <= t0 + 10]
+
+    def trace(key):
+        values = [(r["step"], r[key]) for r in steps if key in r]
+        if not values:
+            return None
+        peak = max(values, key=lambda v: v[1])
+        return (_mean([v for _, v in values[:10]]), peak[1], peak[0],
+                _mean([v for _, v in values[-10:]]))
+
+    return {"alerts": alerts, "hacked_step": t0, "true_alerts": len(true),
+            "false_alerts": len(alerts) - len(true), "missed": t0 is not None and not true,
+            "kl_prcp": trace("loss/kl_prcp"), "clip_high": trace("clip/high"),
+            "final_format": steps[-1].get("format") if steps else None}
+
+
+def monitor_report(monitors: dict, settings: list[str], seeds: list[int]) -> list[str]:
+    """The perception-hacking table: one row per run."""
+    def trace(t, spec):
+        return "-" if t is None else (f"{t[0]:{spec}} / {t[1]:{spec}} ({t[2]}) / "
+                                      f"{t[3]:{spec}}")
+
+    lines = ["| setting | seed | hacked at (t0) | alerts (steps) | true / false alerts | miss "
+             "| KL_prcp first 10 / max (step) / last 10 | clip-high first 10 / max (step) / "
+             "last 10 | format at the end |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in settings:
+        for seed in seeds:
+            m = monitors[(name, seed)]
+            lines.append(
+                f"| {name} | {seed} | {_fmt(m['hacked_step'], 'd')} | "
+                f"{', '.join(map(str, m['alerts'])) or 'none'} | {m['true_alerts']} / "
+                f"{m['false_alerts']} | {'yes' if m['missed'] else 'no'} | "
+                f"{trace(m['kl_prcp'], '.2f')} | {trace(m['clip_high'], '.4f')} | "
+                f"{_fmt(m['final_format'], '.2f')} |")
+    return lines
 
 
 def plot(results: dict, out: str) -> None:
@@ -191,6 +293,12 @@ def report(results: dict, settings: list[str], seeds: list[int]) -> list[str]:
                              f"{statistics.fmean(differences):+.3f} | "
                              f"{statistics.stdev(differences):.3f} | "
                              f"{sign_flip_p(differences):.3f} |")
+    monitors = {key: r["monitor"] for key, r in results.items()}
+    if any(m["kl_prcp"] for m in monitors.values()):
+        lines += ["", "Perception-hacking monitor per run (hacked: the definition in "
+                      "docs/experiments.md, 'The monitor's rule, frozen before the gamma sweep'; "
+                      "true alerts: within [t0 - 5, t0 + 10]):", "",
+                  *monitor_report(monitors, settings, seeds)]
     return lines
 
 
@@ -276,6 +384,10 @@ def main(argv=None) -> None:
     p.add_argument("--report", default=None, metavar="FOLDER",
                    help="print the tables of a --store folder (runs nothing)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once (default 1). One run of the tiny model keeps ~1.1 of this "
+                        "machine's 2 cores busy (Python-bound): --jobs 2 finishes two runs in "
+                        "the time of one (docs/experiments.md)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = p.parse_args(argv)
     if args.report:
@@ -295,13 +407,11 @@ def main(argv=None) -> None:
     launcher = [sys.executable]
     if args.nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
-    results, folders = {}, {}
-    for seed in args.seeds:
-        for name, overrides in settings.items():
-            folder = os.path.abspath(os.path.join(args.out, f"{name}_seed{seed}"))
-            run_one(name, seed, folder, [*overrides, *args.overrides], launcher)
-            results[(name, seed)] = summary(_records(folder))
-            folders[(name, seed)] = folder
+    folders = {(name, seed): os.path.abspath(os.path.join(args.out, f"{name}_seed{seed}"))
+               for seed in args.seeds for name in settings}
+    run_all([(name, seed, folder, [*settings[name], *args.overrides])
+             for (name, seed), folder in folders.items()], launcher, args.jobs)
+    results = {key: summary(_records(folder)) for key, folder in folders.items()}
 
     print("\n[compare] training accuracy every 25 steps")
     for (name, seed), s in sorted(results.items()):

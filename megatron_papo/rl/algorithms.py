@@ -232,6 +232,9 @@ class LossConfig:
     entropy_eta_masked: float = 0.03
     entropy_estimator: str = "sampled"  # "sampled" (authors) or "exact"
     aggregation: str = "token-mean"
+    # KL_prcp and the masked entropy logged even where their weights are 0 (a gamma = 0 control
+    # the perception-hacking monitor can read); costs the masked branch; the loss is unchanged
+    measure_perception: bool = False
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
@@ -250,7 +253,7 @@ class LossConfig:
 
     @property
     def needs_masked_branch(self) -> bool:
-        return self.prcp_gamma > 0 or self.entropy_eta_masked > 0
+        return self.prcp_gamma > 0 or self.entropy_eta_masked > 0 or self.measure_perception
 
 
 @dataclass
@@ -293,16 +296,26 @@ LOSS_TERMS: dict[str, Term] = {
 }
 
 
+# the terms ``LossConfig.measure_perception`` reports at weight 0
+MEASURED_ONLY = ("kl_prcp", "entropy_masked")
+
+
 def combined_loss(inputs: LossInputs, config: LossConfig,
                   denominator: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Sum of every registered term with a non-zero weight, each aggregated over response
     tokens (``denominator``: see :func:`aggregate`). Returns (loss, {term name: aggregated value
-    (detached)})."""
+    (detached)}); with ``measure_perception`` the masked-branch terms of weight 0 are in the
+    dict too, and not in the loss."""
     total = inputs.logp.new_zeros(())
     parts = {}
     for term in LOSS_TERMS.values():
         weight = term.weight(config)
         if weight == 0 and term.name != "policy":
+            if (config.measure_perception and term.name in MEASURED_ONLY
+                    and inputs.masked_logp is not None):
+                with torch.no_grad():
+                    parts[term.name] = aggregate(term.per_token(inputs, config), inputs.mask,
+                                                 config.aggregation, denominator)
             continue
         missing = [n for n in term.needs if getattr(inputs, n) is None]
         if missing:
