@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ["trainer.prompts_per_step=8", "trainer.eval_prompts=8", "data.synthetic_train=32",
        "data.synthetic_val=16", "rollout.n=4", "rollout.max_new_tokens=12",
        "trainer.warmup_steps=3", "trainer.save_every=2", "trainer.export_hf=false",
-       "trainer.eval_every=0", "trainer.steps=5"]
+       "trainer.eval_every=0", "trainer.steps=5", "parallel.processes=1"]
 
 
 def _command(out, *extra):

@@ -8,7 +8,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["trainer.steps=2", "trainer.prompts_per_step=8", "trainer.eval_prompts=8",
          "data.synthetic_train=32", "data.synthetic_val=16", "rollout.n=4",
-         "rollout.max_new_tokens=16", "trainer.warmup_steps=3"]
+         "rollout.max_new_tokens=16", "trainer.warmup_steps=3",
+         # one process (the default, auto, starts one per core): the suite's two pytest workers
+         # already share the machine's cores; the ranks the default starts: test_launch.py
+         "parallel.processes=1"]
 
 
 def run_main_job(args, out):

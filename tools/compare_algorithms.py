@@ -58,7 +58,9 @@ def _finished(records: list[dict]) -> dict | None:
 def _command(seed: int, folder: str, overrides: list[str], launcher: list[str]) -> list[str]:
     return [*launcher, "-m", "megatron_papo.train", f"trainer.seed={seed}",
             f"trainer.output_dir={folder}", f"hydra.run.dir={folder}",
-            "trainer.export_hf=false", "trainer.stop_at_accuracy=null", *overrides]
+            "trainer.export_hf=false", "trainer.stop_at_accuracy=null",
+            # one process per run (--nproc: torchrun's ranks): --jobs decides what runs at once
+            "parallel.processes=1", *overrides]
 
 
 def run_all(runs: list[tuple[str, int, str, list[str]]], launcher: list[str], jobs: int = 1

@@ -1,6 +1,8 @@
 """``python -m megatron_papo.train [group=option] [key=value ...]`` (``--help`` lists the groups).
 
-Single process by default; under torchrun every process runs it (TP/PP/DP from ``parallel``)."""
+Started as one process it runs ``parallel.processes`` ranks on this machine (auto: the tiny model
+on a CPU machine gets one per core, at most 4; train/launch.py); under torchrun every process
+runs it (TP/PP/DP from ``parallel``)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 import hydra
 import psutil
 import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
@@ -22,7 +25,8 @@ from megatron_papo.parallel import (
     is_collective_failure,
 )
 
-from .config import CONFIG_DIR, TrainerConfig, build_config
+from .config import CONFIG_DIR, ConfigError, TrainerConfig, build_config
+from .launch import processes_to_start, spawn
 
 
 def _exit_now(code: int) -> None:
@@ -82,6 +86,15 @@ def main() -> None:
             key = getattr(err, "full_key", None) or str(err)
             fail(f"{key} has no value and this configuration needs one: pass {key}=... on the "
                  "command line")
+        try:
+            processes = processes_to_start(raw)
+        except ConfigError as err:
+            fail(err)
+        if processes > 1:
+            print(f"[train] {processes} processes on this machine (parallel.processes="
+                  f"{(raw.get('parallel') or {}).get('processes')}; one: parallel.processes=1)",
+                  flush=True)
+            sys.exit(spawn(processes, sys.argv[1:], HydraConfig.get().run.dir))
         run(raw)
 
     _main()

@@ -98,6 +98,10 @@ class ParallelConfig:
     # all-gather with the next forward (the distributed optimizer); pays off on GPUs
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # processes that ``python -m megatron_papo.train`` starts on this machine (train/launch.py):
+    # auto = the tiny model on a CPU machine: one per core (at most 4); else 1; a number: that
+    # many; ignored under torchrun, which decides
+    processes: int | str = "auto"
 
 
 @dataclass
@@ -391,6 +395,17 @@ def _check_gpu_settings(config: TrainConfig) -> None:
                           "parallel.overlap_grad_reduce=true")
 
 
+AUTO_PROCESSES_MAX = 4   # parallel.processes=auto never starts more (each rank: model + engine)
+
+
+def check_processes(value):
+    """``parallel.processes``: a number >= 1 or auto."""
+    if isinstance(value, bool) or not (value == "auto" or (isinstance(value, int) and value >= 1)):
+        raise ConfigError(f"parallel.processes={value!r}: a number >= 1, or auto (one per core "
+                          f"on a CPU machine, at most {AUTO_PROCESSES_MAX})")
+    return value
+
+
 def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     """The validated configuration of a run on ``world_size`` processes."""
     config = _section(TrainConfig, {k: v for k, v in raw.items() if k != "hydra"}, "")
@@ -471,6 +486,7 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
         raise ConfigError(f"trainer.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} "
                           "must be >= 0 (0: micro_batch_size samples)")
     p = config.parallel
+    check_processes(p.processes)
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
     if world_size % model_parallel:
         raise ConfigError(
