@@ -105,3 +105,14 @@ def test_kill_9_of_the_command_leaves_no_rank_behind(tmp_path):
     assert not alive, [p.cmdline() for p in alive]
     command.communicate(timeout=60)   # the ranks held the pipe: closed once they are gone
     assert command.returncode == -signal.SIGKILL
+
+
+def test_ranks_time_the_command_not_themselves(monkeypatch):
+    """val/elapsed ("seconds from the command", issue #22's measure) counts from the command
+    that started the ranks, whose start-up (imports, Hydra) precedes theirs."""
+    from megatron_papo.train.metrics import COMMAND_STARTED_ENV, process_seconds
+
+    monkeypatch.delenv(COMMAND_STARTED_ENV, raising=False)
+    own = process_seconds()
+    monkeypatch.setenv(COMMAND_STARTED_ENV, str(psutil.Process().create_time() - 100.0))
+    assert process_seconds() == pytest.approx(own + 100.0, abs=5.0)

@@ -30,11 +30,13 @@ import subprocess
 import sys
 import time
 
+import psutil
+
 from .config import AUTO_PROCESSES_MAX as AUTO_MAX
 from .config import ConfigError, build_config, check_processes
+from .metrics import COMMAND_STARTED_ENV
 
 GRACE_S = 20.0      # a failed rank's peers get this long to print their own line
-PARENT_ENV = "MEGATRON_PAPO_PARENT_PID"
 
 
 def under_launcher() -> bool:
@@ -109,7 +111,8 @@ def spawn(processes: int, argv: list[str], run_dir: str | None) -> int:
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                 WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes),
                 GROUP_RANK="0", GROUP_WORLD_SIZE="1", ROLE_WORLD_SIZE=str(processes),
-                **{PARENT_ENV: str(os.getpid())})
+                # the ranks time the command (val/elapsed), not themselves
+                **{COMMAND_STARTED_ENV: str(psutil.Process().create_time())})
     ranks: list[subprocess.Popen] = []
 
     def forward(signum, _frame):

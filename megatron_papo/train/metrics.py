@@ -25,12 +25,17 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
+COMMAND_STARTED_ENV = "MEGATRON_PAPO_COMMAND_STARTED"   # set by train/launch.py for its ranks
+
+
 def process_seconds() -> float:
-    """Seconds since this process started (the main job's command, or its torchrun worker):
-    what a user waits for, imports and start-up included."""
+    """Seconds since the command started (the main job's process; for the ranks it starts
+    itself, the command that started them; under torchrun, this worker): what a user waits for,
+    imports and start-up included."""
     import psutil  # (a dependency of the package; imported here: metrics is imported early)
 
-    return time.time() - psutil.Process().create_time()
+    started = os.environ.get(COMMAND_STARTED_ENV)
+    return time.time() - (float(started) if started else psutil.Process().create_time())
 
 
 def reset_peak_memory() -> None:
