@@ -17,8 +17,9 @@ whose hint is wrong; with several seeds, each setting against the first one, pai
 
 A setting is NAME=OVERRIDES (Hydra overrides separated by spaces); ``--algorithms A B`` is short
 for ``--setting A=algorithm=A --setting B=algorithm=B``. Runs are sequential unless ``--jobs N``
-(N at once; each run's math is the same either way); a finished run (its metrics hold the final evaluation) is reused, so an interrupted
-comparison continues where it stopped. Every run takes all `trainer.steps` (the default job's
+(N at once, each one process; a run's metrics are the same either way); a finished run (its
+metrics hold the final evaluation) is reused, so an interrupted comparison continues where it
+stopped. Every run takes all `trainer.steps` (the default job's
 early stop, `trainer.stop_at_accuracy`, is off here: the settings compare after the same number
 of steps; pass it after -- to turn it back on).
 
@@ -404,6 +405,8 @@ def main(argv=None) -> None:
             print(f"[compare]   {name}: {' '.join(overrides)}")
         print("\n".join(report(results, list(manifest["settings"]), manifest["seeds"])))
         return
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: at least 1")
     settings = _settings(p, args)
     state = code_state()
     launcher = [sys.executable]

@@ -10,7 +10,7 @@ torchrun (``RANK`` and ``WORLD_SIZE`` set) nothing is started: torchrun decided.
 
 Why: one process of the tiny default job keeps ~1.1 of a machine's cores busy (small tensors,
 Python-bound rollout and update), and the update is data-parallel invariant (tested), so a
-second data-parallel rank on a 2-core machine runs the same math in ~0.7x the step time
+second data-parallel rank on a 2-core machine runs the same math in 0.64x the step time
 (docs/benchmarks.md).
 
 The processes are this module's children, each told to die with it (``PR_SET_PDEATHSIG``): a
