@@ -24,11 +24,15 @@ def _first_step(out):
 def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
     out, done = single_run
     assert done.returncode == 0, done.stderr[-3000:]
-    for line in ("held-out before training", "format warm start 3/3",
+    for line in ("format warm start 3/3",
                  "held-out after the format warm start", "step 2/2", "held-out after training",
                  "HF export of the trained model"):
         assert line in done.stdout, done.stdout[-2000:]
+    # with a warm start, RL's starting point is evaluated, not the initial weights (asked for
+    # in the two-image test below)
+    assert "held-out before training" not in done.stdout
     records = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r.get("after_warm_start") for r in records if r.get("step") == 0] == [True]
     steps = [r for r in records if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for key in ("reward", "accuracy", "format", "groups_with_signal", "loss/kl_prcp",
@@ -243,8 +247,14 @@ def test_main_job_with_one_and_two_image_rows(tmp_path):
     files = [f"data.train_files=[{path}]", f"data.val_files=[{path}]"]
     out = str(tmp_path / "run")
     done = _main(SMALL + files + ["trainer.steps=3", "trainer.export_hf=false",
-                                  "trainer.save_every=0"], out)
+                                  "trainer.save_every=0", "trainer.eval_before_warm_start=true"],
+                 out)
     assert done.returncode == 0, done.stderr[-3000:]
+    # the initial weights evaluated too, before the warm start's evaluation
+    assert "held-out before training" in done.stdout
+    records = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r.get("after_warm_start", False) for r in records if r.get("step") == 0] == \
+        [False, True]
     assert "up to 2 images per prompt (rollout.max_images_per_prompt: from the data)" in \
         done.stdout + done.stderr
     steps = [_step(out, n) for n in (1, 2, 3)]

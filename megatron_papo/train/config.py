@@ -243,6 +243,9 @@ class TrainerConfig:
     # (drawn from the training answers), so that outputs parse while RL does all the learning.
     warmup_steps: int = 30
     warmup_target: str = "<think> </think> \\boxed{{{answer}}}"
+    # evaluate the initial weights before the warm start too (RL's starting point, the evaluation
+    # after the warm start, always runs; without a warm start the initial evaluation always runs)
+    eval_before_warm_start: bool = False
     # checkpoints (train/checkpoint.py): every save_every steps and at the end (0: none)
     save_every: int = 50
     keep_last: int = 2

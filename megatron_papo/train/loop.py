@@ -653,19 +653,23 @@ class Trainer:
     def run(self) -> dict:
         c = self.config
         before = {}
-        if self.resume():  # the held-out accuracy before training, from the resumed run's log
-            before = next((r for r in self._logged() if r.get("step") == 0
-                           and "val/accuracy" in r and not r.get("after_warm_start")), {})
+        if self.resume():  # the held-out accuracy RL started from, from the resumed run's log
+            initial = [r for r in self._logged() if r.get("step") == 0 and "val/accuracy" in r]
+            before = next((r for r in initial if r.get("after_warm_start")),
+                          initial[0] if initial else {})
         else:
             self.metrics.start_over()
-            before = self.evaluate()
-            _log(f"[train] held-out before training: accuracy "
-                 f"{before.get('val/accuracy', 0):.3f} (avg@{c.trainer.eval_k}), format "
-                 f"{before.get('val/format', 0):.3f}")
-            self.metrics.write({"step": 0, **before})
+            # the initial weights' evaluation: RL's starting point unless a warm start follows
+            # (then only when asked: the tiny model's random weights score 0.000, ~8 s here)
+            if not c.trainer.warmup_steps or c.trainer.eval_before_warm_start:
+                before = self.evaluate()
+                _log(f"[train] held-out before training: accuracy "
+                     f"{before.get('val/accuracy', 0):.3f} (avg@{c.trainer.eval_k}), format "
+                     f"{before.get('val/format', 0):.3f}")
+                self.metrics.write({"step": 0, **before})
         if c.trainer.warmup_steps and not self.warmed_up:
             self.warm_start()
-            warmed = self.evaluate()
+            warmed = before = self.evaluate()
             self.metrics.write({"step": 0, "after_warm_start": True, **warmed})
             _log(f"[train] held-out after the format warm start: accuracy "
                  f"{warmed.get('val/accuracy', 0):.3f}, format {warmed.get('val/format', 0):.3f}"
@@ -727,7 +731,7 @@ class Trainer:
         swapped = self.evaluate(images_swapped=True)
         self.metrics.write({"step": self.step_index, **after, **swapped})
         _log(f"[train] held-out after training: accuracy {after.get('val/accuracy', 0):.3f}"
-             f"{_by_group(after, 'val/')} (before {before.get('val/accuracy', 0):.3f}, "
+             f"{_by_group(after, 'val/')} (RL started from {before.get('val/accuracy', 0):.3f}, "
              f"avg@{c.trainer.eval_k}), format {after.get('val/format', 0):.3f}; with the images "
              f"swapped between prompts: accuracy {swapped.get('val_swapped/accuracy', 0):.3f}"
              f"{_by_group(swapped, 'val_swapped/')} (a model that looks at the "
