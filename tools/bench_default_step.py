@@ -9,8 +9,9 @@ Checks the reference commit out into a temporary git worktree (removed at the en
 ``python -m megatron_papo.train`` (the default job: warm start, then ``--steps`` RL steps; no
 held-out evaluation, checkpoint or export) from the reference tree and from this tree in turn
 (``--rounds`` times, interleaved: ref, this, ref, this, ...), each with the package imported
-from its own tree. Prints per variant the medians over steps 11-end of ``time/*`` and of the
-whole step (median of the rounds), the ratio to the reference, and whether the two trees give
+from its own tree. Prints per variant the start-up (seconds from the command to RL's first
+step), the medians over steps 11-end of ``time/*`` and of the whole step (median of the rounds),
+the ratio to the reference, and whether the two trees give
 identical metrics (reward, accuracy, every loss term: a speed-up must not change the math; when
 they differ, the largest relative difference). The CPU time stolen by the hypervisor during each
 run is printed (``/proc/stat``): runs with much steal are noisy.
@@ -68,14 +69,18 @@ def run_job(tree: str, folder: str, steps: int, overrides: list[str]) -> dict:
                          f"{done.returncode}); see {folder}.log")
     after = _steal()
     with open(os.path.join(folder, "metrics.jsonl")) as f:
-        records = [r for r in map(json.loads, f) if "reward" in r]
+        logged = [json.loads(line) for line in f if line.strip()]
+    records = [r for r in logged if "reward" in r]
+    # the start-up: from the command's start to RL's first step (the warm start's evaluation)
+    startup = next((r["val/elapsed"] for r in logged if r.get("after_warm_start")), float("nan"))
     timed = [r for r in records if r["step"] >= FIRST_TIMED_STEP]
     phases = sorted({k for r in timed for k in r if k.startswith("time/")})
     result = {"seconds": statistics.median(r["seconds"] for r in timed),
               **{k[5:]: statistics.median(r.get(k, 0.0) for r in timed) for k in phases}}
     steal = (100.0 * (after[0] - before[0]) / max(after[1] - before[1], 1)
              if before and after else float("nan"))
-    return {"times": result, "records": records, "wall": time.time() - start, "steal": steal}
+    return {"times": result, "records": records, "wall": time.time() - start, "steal": steal,
+            "startup": startup}
 
 
 def compare_metrics(a: list[dict], b: list[dict]) -> tuple[bool, float]:
@@ -124,7 +129,8 @@ def main(argv=None) -> int:
                                  args.set)
                 runs[name].append(result)
                 print(f"[bench] round {round_index + 1}/{args.rounds} {name}: "
-                      f"{result['times']['seconds']:.2f} s/step, {result['wall']:.0f} s run, "
+                      f"{result['times']['seconds']:.2f} s/step, start-up "
+                      f"{result['startup']:.1f} s, {result['wall']:.0f} s run, "
                       f"steal {result['steal']:.0f}%", flush=True)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", reference], cwd=ROOT,
@@ -132,16 +138,20 @@ def main(argv=None) -> int:
         shutil.rmtree(reference, ignore_errors=True)
     summary = {name: {key: statistics.median(r["times"][key] for r in results)
                       for key in results[0]["times"]} for name, results in runs.items()}
+    startup = {name: statistics.median(r["startup"] for r in results)
+               for name, results in runs.items()}
     names = list(summary)
     columns = [k for k in summary[names[0]] if k != "seconds"]
     print(f"\nthe default job + {' '.join(args.set) or 'no overrides'}; median over steps "
-          f"{FIRST_TIMED_STEP}-{args.steps}, median of {args.rounds} rounds")
-    print("| tree | s/step | vs ref | " + " | ".join(columns) + " |")
-    print("|---|---|---|" + "---|" * len(columns))
+          f"{FIRST_TIMED_STEP}-{args.steps}, median of {args.rounds} rounds; start-up: seconds "
+          "from the command to RL's first step (the warm start's evaluation done)")
+    print("| tree | start-up s | s/step | vs ref | " + " | ".join(columns) + " |")
+    print("|---|---|---|---|" + "---|" * len(columns))
     base = summary[names[0]]["seconds"]
     for name in names:
         s = summary[name]
-        print(f"| {name} | {s['seconds']:.2f} | {s['seconds'] / base:.2f}x | "
+        print(f"| {name} | {startup[name]:.1f} | {s['seconds']:.2f} | "
+              f"{s['seconds'] / base:.2f}x | "
               + " | ".join(f"{s.get(c, 0.0):.3f}" for c in columns) + " |")
     same, worst = compare_metrics(runs[names[0]][0]["records"], runs[names[1]][0]["records"])
     print("metrics (reward, accuracy, loss terms, every step): "

@@ -17,7 +17,7 @@ import yaml
 
 from megatron_papo.data import DataConfig
 from megatron_papo.evaluate import EVAL_K
-from megatron_papo.rl.algorithms import LossConfig
+from megatron_papo.rl.loss_config import LossConfig
 from megatron_papo.rollout.settings import (
     DTYPES,
     EngineConfig,
@@ -106,7 +106,8 @@ class ParallelConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "papo_no_kl_ref"     # grpo | papo | papo_h | papo_no_kl_ref | dapo | papo_d
+    # grpo | papo | papo_h | papo_no_kl_ref | dapo | papo_d | papo_no_kl_ref_overlong (the default)
+    name: str = "papo_no_kl_ref_overlong"
     # every coefficient of the loss; each algorithm's numbers: configs/algorithm/<name>.yaml
     loss: LossConfig = field(default_factory=LossConfig)
     masked_branch: str = "frozen"    # frozen (the authors') | live
@@ -121,7 +122,7 @@ class AlgorithmConfig:
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 10
     # DAPO's soft overlong punishment over the last ratio x rollout.max_new_tokens tokens (0: off)
-    overlong_buffer_ratio: float = 0.0
+    overlong_buffer_ratio: float = 0.25   # the default algorithm's; the authors' variants: 0 or 0.2
     overlong_penalty_factor: float = 1.0
 
 
@@ -370,21 +371,26 @@ def share_prompts_problem(config: TrainConfig) -> str | None:
     return None
 
 
+# the model settings the precision checks read; at their defaults (the local spec, no FP8, no
+# recompute, no fused kernels) the checks pass on any machine (tested), so they are skipped and
+# megatron-core is not imported: the command that starts the ranks checks layouts without it
+PRECISION_FIELDS = ("layer_spec", "fp8", "fp8_recipe", "fp8_amax_history_len",
+                    "fp8_bf16_first_layers", "fp8_bf16_last_layers", "fp8_vision",
+                    "recompute_granularity", "recompute_method", "recompute_num_layers",
+                    "gradient_accumulation_fusion", "apply_rope_fusion")
+
+
 def _check_gpu_settings(config: TrainConfig) -> None:
     """The layer spec, FP8, recompute and GPU-only settings can run on this machine."""
-    from megatron_papo.models.qwen2_5_vl import precision  # megatron-core: not at import (as above)
-
     m, p = config.model, config.parallel
     if m.params_dtype not in DTYPES:
         raise ConfigError(f"model.params_dtype={m.params_dtype!r}: choose float32, bfloat16 or "
                           "float16")
-    problem = (precision.layer_spec_problem(m.layer_spec)
-               or precision.fp8_problem(m.fp8, m.fp8_recipe, m.layer_spec, m.params_dtype,
-                                        m.fp8_bf16_first_layers, m.fp8_bf16_last_layers)
-               or precision.recompute_problem(m.recompute_granularity, m.recompute_method,
-                                              m.recompute_num_layers)
-               or precision.gpu_only_problem({f"model.{name}": getattr(m, name)
-                                              for name in precision.GPU_ONLY}))
+    defaults = ModelConfig()
+    if all(getattr(m, name) == getattr(defaults, name) for name in PRECISION_FIELDS):
+        problem = None
+    else:
+        problem = _precision_problem(m)
     if problem:
         raise ConfigError(problem)
     # after the checks above: where TE is missing, that is the cause to name first
@@ -396,6 +402,18 @@ def _check_gpu_settings(config: TrainConfig) -> None:
     if p.overlap_param_gather and not p.overlap_grad_reduce:
         raise ConfigError("parallel.overlap_param_gather=true needs "
                           "parallel.overlap_grad_reduce=true")
+
+
+def _precision_problem(m: ModelConfig) -> str | None:
+    from megatron_papo.models.qwen2_5_vl import precision  # megatron-core: not at import (as above)
+
+    return (precision.layer_spec_problem(m.layer_spec)
+            or precision.fp8_problem(m.fp8, m.fp8_recipe, m.layer_spec, m.params_dtype,
+                                     m.fp8_bf16_first_layers, m.fp8_bf16_last_layers)
+            or precision.recompute_problem(m.recompute_granularity, m.recompute_method,
+                                           m.recompute_num_layers)
+            or precision.gpu_only_problem({f"model.{name}": getattr(m, name)
+                                           for name in precision.GPU_ONLY}))
 
 
 AUTO_PROCESSES_MAX = 4   # parallel.processes=auto never starts more (each rank: model + engine)

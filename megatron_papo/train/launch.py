@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import os
 import signal
 import socket
@@ -34,9 +35,10 @@ import psutil
 
 from .config import AUTO_PROCESSES_MAX as AUTO_MAX
 from .config import ConfigError, build_config, check_processes
-from .metrics import COMMAND_STARTED_ENV
 
 GRACE_S = 20.0      # a failed rank's peers get this long to print their own line
+# the command's start time (epoch seconds) for the ranks' val/elapsed (train/metrics.py)
+COMMAND_STARTED_ENV = "MEGATRON_PAPO_COMMAND_STARTED"
 
 
 def under_launcher() -> bool:
@@ -76,6 +78,19 @@ def processes_to_start(raw: dict, cores: int | None = None, cuda: bool | None = 
 
 
 def _cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch (~1.6 s) where the installed build has
+    no GPU support at all (torch/version.py names the CUDA/HIP/XPU version the build has)."""
+    spec = importlib.util.find_spec("torch")
+    version = os.path.join(os.path.dirname(spec.origin), "version.py") if spec and spec.origin \
+        else None
+    if version and os.path.exists(version):
+        built = {}
+        with open(version) as f:
+            for line in f:
+                name, _, value = line.partition("=")
+                built[name.split(":")[0].strip()] = value.strip()
+        if all(built.get(k, "None") == "None" for k in ("cuda", "hip", "xpu")):
+            return False
     import torch
 
     return torch.cuda.is_available()

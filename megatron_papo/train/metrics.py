@@ -16,6 +16,8 @@ import torch.distributed as dist
 from megatron_papo.parallel import heartbeat
 from megatron_papo.rl.step import mean_over_data_parallel
 
+from .launch import COMMAND_STARTED_ENV  # set by the launcher for its ranks
+
 MISMATCH_WARN = 1e-3  # mean |log p| per token, engine vs trainer (fp32: ~1e-6)
 
 
@@ -23,9 +25,6 @@ def log(message: str) -> None:
     """Print on rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(message, flush=True)
-
-
-COMMAND_STARTED_ENV = "MEGATRON_PAPO_COMMAND_STARTED"   # set by train/launch.py for its ranks
 
 
 def process_seconds() -> float:
