@@ -376,7 +376,7 @@ def test_papo_d_on_a_tied_head(tmp_path):
     assert "right" in hints and "wrong" in hints and "I think there are" in held_out["problem"][0]
     evaluations = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))
                    if "val/accuracy" in x]
-    assert len(evaluations) >= 3  # before, after the warm start, at the end (+ images swapped)
+    assert len(evaluations) >= 2  # after the warm start, at the end (+ images swapped)
     for r in evaluations:
         for prefix in ("val/",) + (("val_swapped/",) if "val_swapped/accuracy" in r else ()):
             mean = sum(r[f"{prefix}accuracy@{h}"] for h in hints) / len(hints)
