@@ -375,8 +375,8 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--algorithms", nargs="+", default=["grpo", "papo_no_kl_ref"],
-                   help="algorithm presets to compare (default: grpo and the authors' PAPO "
-                        "variant the main job's default builds on, papo_no_kl_ref)")
+                   help="algorithm presets to compare (default: grpo and the default PAPO "
+                        "variant, papo_no_kl_ref)")
     p.add_argument("--setting", action="append", default=[], metavar="NAME=OVERRIDES",
                    help="a setting to compare instead of --algorithms (repeatable; the first is "
                         "the reference of the paired comparison)")

@@ -106,8 +106,7 @@ class ParallelConfig:
 
 @dataclass
 class AlgorithmConfig:
-    # grpo | papo | papo_h | papo_no_kl_ref | dapo | papo_d | papo_no_kl_ref_overlong (the default)
-    name: str = "papo_no_kl_ref_overlong"
+    name: str = "papo_no_kl_ref"     # grpo | papo | papo_h | papo_no_kl_ref | dapo | papo_d
     # every coefficient of the loss; each algorithm's numbers: configs/algorithm/<name>.yaml
     loss: LossConfig = field(default_factory=LossConfig)
     masked_branch: str = "frozen"    # frozen (the authors') | live
@@ -122,7 +121,7 @@ class AlgorithmConfig:
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 10
     # DAPO's soft overlong punishment over the last ratio x rollout.max_new_tokens tokens (0: off)
-    overlong_buffer_ratio: float = 0.25   # the default algorithm's; the authors' variants: 0 or 0.2
+    overlong_buffer_ratio: float = 0.0
     overlong_penalty_factor: float = 1.0
 
 
