@@ -122,8 +122,6 @@ def test_a_training_checkpoint_and_a_run_folder_are_models(single_run, tmp_path)
     Image.new("RGB", (56, 56), "white").save(image)
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "perception_map.py"),
                            "--model", out, "--image", image, "--question", QUESTION,
-                           # a given response: a 2-step model's greedy one may be empty
-                           "--response", "<think> </think> \\boxed{1}",
                            "--masks", "1", "--region", "28", "--out", str(tmp_path / "map")],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
