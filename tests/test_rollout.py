@@ -536,6 +536,66 @@ def _big_seeded_batch(hf0):
             [[x.token_ids for x in r.responses] for r in second], prompt_tokens)
 
 
+def _vllm_own_prompt_logprobs(worker, on):
+    from megatron_papo.compat import vllm as compat
+
+    return compat.batched_prompt_logprobs(worker, False)
+
+
+def _shared_prefill_scores(hf0):
+    from unittest import mock
+
+    from megatron_papo.compat import vllm as compat
+    from megatron_papo.rollout import ScoreRequest
+
+    # blocks of 32 tokens (the CPU kernels' smallest) and prompts of 60-80 tokens (big images)
+    eng = R.engine(hf0, block_size=32, max_pixels=224 * 224)
+    try:
+        batch = [R.user("what is the area of the triangle", R.image(224, 224, 1)),
+                 R.user("the circle radius", R.image(168, 196, 2))]
+        words = eng.encoder.tokenizer("the value of the angle is the sum of the area of the "
+                                      "circle radius so we get the value of the triangle",
+                                      add_special_tokens=False)["input_ids"]
+        words = (words * 3)[:30]
+        # four 30-token responses per prompt; the first two identical for 26 tokens, so that a
+        # cache read not stopped at the prompt would reach into the responses
+        responses = [words, words[:26] + words[:4], words[3:] + words[:3], words[::-1]]
+        requests = [ScoreRequest(i, eng.encoder.encode_one(p, i).input_ids.tolist(), responses)
+                    for i, p in enumerate(batch)]
+        prompt_lengths = [len(r.prompt_ids) for r in requests]
+        shared = eng.score(batch, requests, 0.7)
+        stats = dict(eng.score_stats)
+        eng.reset_caches()
+        # every response prefills its prompt, and vLLM's own per-request prompt log-probs
+        with mock.patch.object(compat, "cap_prefix_cache_hits", lambda llm: False), \
+                mock.patch("megatron_papo.rollout.engine.batched_prompt_logprobs",
+                           _vllm_own_prompt_logprobs):
+            alone = eng.score(batch, requests, 0.7)
+        stats_alone = dict(eng.score_stats)
+    finally:
+        eng.close()
+    flat = [torch.tensor([v for per_prompt in out for resp in per_prompt for v in resp])
+            for out in (shared, alone)]
+    return dict(shared=flat[0], alone=flat[1], stats=stats, stats_alone=stats_alone,
+                prompt_lengths=prompt_lengths)
+
+
+def test_scored_responses_share_their_prompts_prefill(folders):
+    """The engine's masked-branch scoring: the n responses of a prompt read the prompt's KV blocks
+    from the prefix cache instead of prefilling it n times (vLLM never reads the cache for
+    prompt log-probs on its own), and the prompt log-probs of a step's requests are computed
+    at once; the log-probs equal those of a prefill of every response alone through vLLM's own
+    per-request prompt log-probs (1e-5). The cache read stops at the prompt: two responses that
+    share 26 tokens past a block boundary would otherwise take uncomputed log-probs from it."""
+    (r,) = run_distributed(_shared_prefill_scores, 1, folders[0])
+    assert min(r["prompt_lengths"]) > 32 and r["shared"].numel() == 2 * 4 * 30
+    torch.testing.assert_close(r["shared"], r["alone"], rtol=0, atol=1e-5)
+    assert r["stats_alone"]["prompt_tokens_cached"] == 0
+    # each prompt prefilled once: its 3 other responses read >= one 32-token block of it
+    assert r["stats"]["prompt_tokens_cached"] >= 2 * 3 * 32
+    assert r["stats"]["prompt_tokens_cached"] <= 4 * sum(n - 1 for n in r["prompt_lengths"])
+
+
 def test_seeded_batch_larger_than_a_scheduler_step(folders):
     """192 seeded requests whose prompts together exceed a scheduler step's token budget (more
     than twice vLLM's CPU default of 4096: with vLLM's defaults this run dies with "CPU Generator

@@ -138,6 +138,122 @@ def score_with_sampling_distribution(worker, temperature: float | None,
     return changed
 
 
+def batched_prompt_logprobs(worker, on: bool) -> bool:
+    """Cost fixed: vLLM computes prompt log-probs request by request ("a rare feature": a Python
+    loop of ~6 small ops each: the output head, log-softmax, gather, rank, three copies), which
+    for scoring 512 short sequences on CPU took ~28% of the scoring time (py-spy, default job).
+    ``on``: the model runner's ``_get_prompt_logprobs_dict`` does the same for all requests of a
+    step at once (one head, one log-softmax, one gather over their rows, the same chunk
+    bookkeeping), until called with ``on=False``. Requests asking for different numbers of
+    prompt log-probs, or for logits instead of log-probs, take vLLM's loop. Run in every worker
+    through ``collective_rpc``."""
+    runner = worker.model_runner
+    runner.__dict__.pop("_get_prompt_logprobs_dict", None)  # back to the class's method
+    if not on:
+        return False
+    from vllm.v1.outputs import LogprobsTensors  # vLLM: in its workers
+
+    per_request = runner._get_prompt_logprobs_dict
+
+    def all_at_once(hidden_states: torch.Tensor, num_scheduled_tokens: dict) -> dict:
+        wanted = runner.num_prompt_logprobs
+        if not wanted:
+            return {}
+        if (len(set(wanted.values())) > 1
+                or runner.model_config.logprobs_mode in ("raw_logits", "processed_logits")):
+            return per_request(hidden_states, num_scheduled_tokens)
+        k = next(iter(wanted.values()))
+        result, done, parts = {}, [], []
+        for req_id in wanted:
+            num_tokens = num_scheduled_tokens.get(req_id)
+            if num_tokens is None:  # preempted in its prefill
+                continue
+            request = runner.requests[req_id]
+            if request.prompt_token_ids is None:  # prompt embeddings: no prompt log-probs
+                continue
+            prompt = len(request.prompt_token_ids)
+            tensors = request.in_progress_prompt_logprobs_cpu
+            if tensors is None:
+                tensors = LogprobsTensors.empty_cpu(prompt - 1, k + 1)
+                request.in_progress_prompt_logprobs_cpu = tensors
+            start = request.num_computed_tokens
+            count = min(num_tokens, prompt - start - 1)
+            if num_tokens > prompt - start - 1:  # its last prompt chunk
+                done.append(req_id)
+                result[req_id] = tensors
+            if count > 0:
+                offset = runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]]
+                parts.append((tensors, start, count, int(offset),
+                              request.prompt_token_ids[start + 1:start + 1 + count]))
+        if parts:
+            device = hidden_states.device
+            rows = torch.cat([torch.arange(offset, offset + count)
+                              for _, _, count, offset, _ in parts]).to(device)
+            targets = torch.tensor([t for *_, ids in parts for t in ids], dtype=torch.int64,
+                                   device=device)
+            scores = runner.sampler.compute_logprobs(runner.model.compute_logits(
+                hidden_states[rows]))
+            ids, logprobs, ranks, *_ = runner.sampler.gather_logprobs(scores, k, targets)
+            at = 0
+            for tensors, start, count, _, _ in parts:
+                into, take = slice(start, start + count), slice(at, at + count)
+                tensors.logprob_token_ids[into].copy_(ids[take], non_blocking=True)
+                tensors.logprobs[into].copy_(logprobs[take], non_blocking=True)
+                tensors.selected_token_ranks[into].copy_(ranks[take], non_blocking=True)
+                at += count
+        for req_id in done:
+            del wanted[req_id]
+            runner.requests[req_id].in_progress_prompt_logprobs_cpu = None
+        if result:
+            runner._sync_device()
+        return result
+
+    runner._get_prompt_logprobs_dict = all_at_once
+    return True
+
+
+# SamplingParams.extra_args key: the prompt length a scoring request may read from the prefix cache
+CACHE_HIT_CAP = "megatron_papo_cache_hit_cap"
+
+
+def cap_prefix_cache_hits(llm) -> bool:
+    """Gap filled: vLLM never reads the prefix cache for a request that asks for prompt
+    log-probs (``SamplingParams.skip_reading_prefix_cache`` defaults to true then: the cached
+    positions would have no log-probs), so each of a prompt's n scored responses prefills the
+    whole prompt again. Scoring needs log-probs of the RESPONSE positions only: a request whose
+    ``extra_args`` carry ``CACHE_HIT_CAP`` = c may read cached blocks covering at most its first
+    c tokens (c = prompt length - 1: the last prompt position's hidden state gives the first
+    response token's log-prob, so every needed position is computed; vLLM's prompt log-probs
+    start at the request's computed-token count). Installed once on the engine's scheduler
+    (in this process); other requests are untouched. Returns False where the scheduler is not
+    in this process (the caller then keeps the cache unread)."""
+    try:
+        manager = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager
+        coordinator = manager.coordinator
+    except AttributeError:
+        return False
+    if getattr(manager.get_computed_blocks, "_capped", False):
+        return True
+    original = manager.get_computed_blocks
+
+    def get_computed_blocks(request):
+        params = request.sampling_params
+        cap = (params.extra_args or {}).get(CACHE_HIT_CAP) if params is not None else None
+        if cap is None:
+            return original(request)
+        find = coordinator.find_longest_cache_hit
+        coordinator.find_longest_cache_hit = (
+            lambda hashes, longest: find(hashes, min(longest, cap)))
+        try:
+            return original(request)
+        finally:
+            del coordinator.find_longest_cache_hit  # the class's method again
+
+    get_computed_blocks._capped = True
+    manager.get_computed_blocks = get_computed_blocks
+    return True
+
+
 def generate_continuations(llm, prompts: list[dict], continuations: list[list[list[int]]],
                            params) -> list[list]:
     """Run "prompt + continuation" for every continuation of every prompt (token prompts with
@@ -150,37 +266,52 @@ def generate_continuations(llm, prompts: list[dict], continuations: list[list[li
     ``LLM.generate``) and its continuations are appended to the rendered, already expanded
     token ids (the image placeholders keep their offsets); vLLM documents passing rendered
     inputs to ``LLMEngine.add_request``. A vLLM without these entry points gets the plain path
-    (one ``generate`` request per continuation, the placeholders collapsed for it to expand)."""
+    (one ``generate`` request per continuation, the placeholders collapsed for it to expand).
+
+    With prompt log-probs, the n continuations of a prompt also share its prefill: each may read
+    the prefix cache up to the prompt (:func:`cap_prefix_cache_hits`; blocks of vLLM's
+    ``block_size``, so prompts shorter than a block gain nothing); a request that read further
+    (never expected) raises instead of returning log-probs that were not computed."""
     # vLLM (seconds to import): only the engine's paths need it
     from vllm.outputs import RequestOutput
     from vllm.sampling_params import RequestOutputKind
 
     if not all(hasattr(llm, name) for name in ("_preprocess_cmpl_one", "_run_engine")):
         return _generate_continuations_plainly(llm, prompts, continuations, params)
-    inputs, owners = [], []
+    params = params.clone()
+    params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate asks
+    shared = params.prompt_logprobs is not None and cap_prefix_cache_hits(llm)
+    inputs, owners, caps = [], [], []
     for p, (prompt, ends) in enumerate(zip(prompts, continuations)):
         base = llm._preprocess_cmpl_one(prompt)
+        own = params.clone()
+        if shared:  # the prompt's prefill shared by its continuations (see above)
+            own.skip_reading_prefix_cache = False
+            own.extra_args = {**(own.extra_args or {}),
+                              CACHE_HIT_CAP: len(base["prompt_token_ids"]) - 1}
         for k, end in enumerate(ends):
             engine_input = dict(base)
             engine_input["prompt_token_ids"] = list(base["prompt_token_ids"]) + list(end)
-            inputs.append(engine_input)
+            inputs.append((engine_input, own))
             owners.append((p, k))
-    params = params.clone()
-    params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate asks
+            caps.append(len(base["prompt_token_ids"]) - 1)
     external, internal = [], []
     try:
-        for engine_input in inputs:
+        for engine_input, own in inputs:
             external.append(str(next(llm.request_counter)))
-            internal.append(llm.llm_engine.add_request(external[-1], engine_input,
-                                                       params.clone()))
+            internal.append(llm.llm_engine.add_request(external[-1], engine_input, own.clone()))
     except Exception:
         if internal:
             llm.llm_engine.abort_request(internal, internal=True)
         raise
     by_id = {out.request_id: out for out in llm._run_engine(RequestOutput, use_tqdm=False)}
     result = [[None] * len(ends) for ends in continuations]
-    for request_id, (p, k) in zip(external, owners):
-        result[p][k] = by_id[request_id]
+    for request_id, (p, k), cap in zip(external, owners, caps):
+        out = result[p][k] = by_id[request_id]
+        if shared and (out.num_cached_tokens or 0) > cap:
+            raise RuntimeError(f"prompt {p}, continuation {k}: vLLM read {out.num_cached_tokens} "
+                               f"tokens from its prefix cache, past the prompt ({cap + 1}): the "
+                               "log-probs of the first continuation tokens were not computed")
     return result
 
 

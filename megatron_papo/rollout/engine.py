@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_papo.compat.vllm import (
+    batched_prompt_logprobs,
     cpu_shm_names_per_job,
     engine_shutdown_keeps_process_group,
     generate_continuations,
@@ -200,6 +201,8 @@ def llm_kwargs(c: EngineConfig, processor_kwargs: dict, suppressed_token_ids: li
     )
     if c.max_num_seqs:
         kwargs["max_num_seqs"] = c.max_num_seqs
+    if c.block_size:
+        kwargs["block_size"] = c.block_size
     if c.tensor_parallel_size > 1:
         kwargs["distributed_executor_backend"] = "external_launcher"
     if on_gpu:
@@ -234,6 +237,9 @@ class RolloutEngine:
         self.suppressed_token_ids = self.encoder.suppressed_token_ids(vocab_size)
         self.llm = self._build_llm()
         self.sleeping: set[str] = set()  # GPU sleep mode: parts given back ("weights", "kv_cache")
+        # this rank's last :meth:`score`: scored sequences, their prompt tokens, and how many of
+        # those were read from the prefix cache instead of prefilled again
+        self.score_stats = {"sequences": 0, "prompt_tokens": 0, "prompt_tokens_cached": 0}
         _LIVE_ENGINES.add(self)
 
     def distribution(self, sampling: Sampling) -> SampledDistribution:
@@ -381,6 +387,7 @@ class RolloutEngine:
         order = sorted(union)
         share = [order[i] for i in split_evenly(len(order), self.groups, self.group)]
         local: dict[int, list[list[float]]] = {}
+        self.score_stats = dict.fromkeys(self.score_stats, 0)
         if share:
             local = self._score(prompts, {i: union[i] for i in share}, temperature, images)
         leader = self.rank % self.config.tensor_parallel_size == 0
@@ -412,14 +419,20 @@ class RolloutEngine:
         self._wake("kv_cache")
         self.llm.collective_rpc(score_with_sampling_distribution,
                                 args=(temperature, self.suppressed_token_ids))
+        self.llm.collective_rpc(batched_prompt_logprobs, args=(True,))
         try:
             outputs = generate_continuations(self.llm, requests, ends, params)
         finally:
             self.llm.collective_rpc(score_with_sampling_distribution, args=(None,))
+            self.llm.collective_rpc(batched_prompt_logprobs, args=(False,))
         result = {}
+        stats = dict.fromkeys(self.score_stats, 0)
         for (index, (prompt_ids, responses)), per_prompt in zip(share.items(), outputs):
             result[index] = []
             for response, out in zip(responses, per_prompt):
+                stats["sequences"] += 1
+                stats["prompt_tokens"] += len(prompt_ids)
+                stats["prompt_tokens_cached"] += out.num_cached_tokens or 0
                 ids = list(out.prompt_token_ids)
                 if ids != prompt_ids + list(response):
                     raise RuntimeError(
@@ -428,6 +441,7 @@ class RolloutEngine:
                         "images to score must have the sampled images' sizes")
                 result[index].append([out.prompt_logprobs[j][ids[j]].logprob
                                       for j in range(len(prompt_ids), len(ids))])
+        self.score_stats = stats
         return result
 
     # ------------------------------------------------------------------ weights and memory

@@ -93,6 +93,9 @@ class EngineSettings:
     kv_cache_mb: int = 64                   # CPU: the KV cache must be sized explicitly
     gpu_memory_utilization: float = 0.5     # GPU: share of the device for weights + KV cache
     max_num_seqs: int = 512                 # sequences per engine step (0: vLLM's default)
+    # tokens per KV-cache block (null: vLLM's, 128 on CPU, 16 on GPU); prefix-cache hits, e.g.
+    # the prompt shared by the n scored responses of the engine's masked branch, are whole blocks
+    block_size: int | None = None
     min_pixels: int | None = 28 * 28        # the image processor's bounds (null: its own)
     max_pixels: int | None = 56 * 56
     # images per prompt the engine accepts (vLLM's limit_mm_per_prompt: its memory profiling and
@@ -109,6 +112,8 @@ class EngineSettings:
             (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
              self.gpu_memory_utilization, "in (0, 1]"),
             (self.max_num_seqs >= 0, "max_num_seqs", self.max_num_seqs, ">= 0 (0: vLLM's)"),
+            (self.block_size is None or self.block_size in (8, 16, 32, 64, 128, 256),
+             "block_size", self.block_size, "null (vLLM's) or a power of 2 from 8 to 256"),
             (self.max_images_per_prompt is None or self.max_images_per_prompt >= 1,
              "max_images_per_prompt", self.max_images_per_prompt, ">= 1 (null: from the data)"),
         ])

@@ -424,6 +424,11 @@ class Trainer:
         record = step_record(self.step_index + 1, first_round, everything, batch, updates,
                              sampling_stats, m.phases, time.perf_counter() - start, self.dp_size)
         record.update({f"mem/{k}": v for k, v in m.memory.items()})
+        if scored_by_engine and self.engine.score_stats["prompt_tokens"]:
+            # this rank's share of the scored prompts' tokens read from the prefix cache
+            stats = self.engine.score_stats
+            record["masked_scoring/prompt_cached"] = (stats["prompt_tokens_cached"]
+                                                      / stats["prompt_tokens"])
         watch(record, c.rollout, self.monitor)
         self.step_index += 1
         m.write(record)
