@@ -518,6 +518,13 @@ def test_gpu_engine_arguments_are_valid_vllm_arguments():
     assert "distributed_executor_backend" not in cpu and cpu["enable_chunked_prefill"] is False
     assert "level" in inspect.signature(LLM.sleep).parameters
     assert "tags" in inspect.signature(LLM.wake_up).parameters
+    # KV-cache blocks: any power of 2 on GPU; vLLM's CPU attention refuses non-multiples of 32
+    # deep inside its start-up, so the setting is refused first, by name
+    assert llm_kwargs(EngineConfig("/m", block_size=16), {}, [], on_gpu=True)["block_size"] == 16
+    assert llm_kwargs(EngineConfig("/m", block_size=32), {}, [], on_gpu=False)["block_size"] == 32
+    assert "block_size" not in cpu
+    with pytest.raises(ValueError, match=r"block_size=16 is invalid on CPU.*multiple of 32"):
+        llm_kwargs(EngineConfig("/m", block_size=16), {}, [], on_gpu=False)
 
 
 def _big_seeded_batch(hf0):

@@ -44,7 +44,7 @@ from megatron_papo.parallel import all_gather_objects
 from megatron_papo.rl.logprobs import SampledDistribution
 
 from .inputs import EncodedPrompt, PromptEncoder, RolloutInputError
-from .settings import EngineConfig, PromptTooLongError, Sampling, SamplingConfig
+from .settings import EngineConfig, PromptTooLongError, Sampling, SamplingConfig, SamplingError
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,9 @@ def llm_kwargs(c: EngineConfig, processor_kwargs: dict, suppressed_token_ids: li
     if c.max_num_seqs:
         kwargs["max_num_seqs"] = c.max_num_seqs
     if c.block_size:
+        if not on_gpu and c.block_size % 32:  # vLLM fails later: "No common block size for 16"
+            raise SamplingError("block_size", f"={c.block_size} is invalid on CPU: vLLM's CPU "
+                                "attention needs a multiple of 32 (32, 64, 128, 256) or null")
         kwargs["block_size"] = c.block_size
     if c.tensor_parallel_size > 1:
         kwargs["distributed_executor_backend"] = "external_launcher"
