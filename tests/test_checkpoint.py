@@ -74,6 +74,24 @@ def _same_metrics(a, b, steps):
             assert b[step][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (step, key)
 
 
+def test_the_reference_is_the_warm_started_policy_also_after_a_resume(tmp_path):
+    """With a reference KL (algorithm=grpo, beta 0.01) the reference model is the policy RL
+    starts from: after the format warm start, the warm-started weights, not the initial random
+    ones (with those, the KL pulled the policy towards a random model). At step 1 with one
+    optimizer step the policy IS the reference: the KL term is 0. A run resumed from its step-2
+    checkpoint loads the same reference (<output_dir>/warm_start_hf) and continues with the
+    uninterrupted run's metrics."""
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    extra = ["algorithm=grpo", "trainer.optimizer_steps_per_rollout=1"]
+    for out, steps in ((straight, 3), (split, 2), (split, 3)):
+        done = _run(out, *extra, f"trainer.steps={steps}")
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout and "the warm-started policy" in done.stdout
+    a, b = _steps(straight), _steps(split)
+    assert abs(a[1]["loss/kl_ref"]) < 1e-7 and a[2]["loss/kl_ref"] > 1e-6
+    _same_metrics(a, b, [1, 2, 3])
+
+
 def test_sigterm_saves_then_stops_and_the_run_continues(uninterrupted, tmp_path):
     out = str(tmp_path / "term")
     code, output = _run_until(out, "step 1/5", signal.SIGTERM)

@@ -89,6 +89,7 @@ from .metrics import log as _log  # noqa: E402
 SYNTHETIC_DIR = "data"
 INITIAL_HF_DIR = "initial_hf"
 EXPORT_DIR = "hf"
+WARM_START_DIR = "warm_start_hf"  # the policy RL starts from after a warm start: the reference
 
 
 def _texts(examples) -> list[str]:
@@ -583,6 +584,29 @@ class Trainer:
                      f"response log-prob {-metrics['entropy/original']:.3f}")
         self.push_weights()
         self.warmed_up = True
+        if self.reference is not None:
+            self._sync_params()
+            ck.write_hf_folder(self.chunks, self.spec, self._warm_start_folder(), self.hf_dir,
+                               getattr(torch, c.model.params_dtype), force=True)
+            self._load_reference()
+
+    def _warm_start_folder(self) -> str:
+        return os.path.join(self.out, WARM_START_DIR)
+
+    def _load_reference(self) -> None:
+        """The reference KL's model is the policy RL starts from: after a format warm start the
+        warm-started weights (written to ``<output_dir>/warm_start_hf`` once, read again on
+        resume), not the initial ones it was built from (the tiny model's are random)."""
+        folder = self._warm_start_folder()
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            raise ConfigError(f"the reference model (algorithm.loss.kl_beta > 0) is the "
+                              f"warm-started policy, saved in {folder}, which is missing: resume "
+                              "with the run's own trainer.output_dir, or start over "
+                              "(trainer.resume=none)")
+        ck.load_hf_folder(self.reference, self.spec, folder)
+        return_free_memory()
+        _log(f"[train] reference model (algorithm.loss.kl_beta="
+             f"{self.loss.kl_beta}): the warm-started policy, {folder}")
 
     # ------------------------------------------------------------------ checkpoints
     def _layout(self) -> dict:
@@ -627,6 +651,8 @@ class Trainer:
         self.rng.setstate(_tupled(state["sampler"]))
         self.monitor.history = list(state["monitor"])
         self.reached = state.get("reached")
+        if self.reference is not None and self.warmed_up:
+            self._load_reference()
         self.push_weights()
         if self.metrics.jsonl and os.path.exists(self.metrics.path):  # drop what came after
             kept = [r for r in self._logged() if r.get("step", 0) <= self.step_index]
