@@ -69,6 +69,9 @@ def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
     ({"trainer": {"prompts_per_step": 7}}, 2, "prompts_per_step=7 is not divisible by the "
                                               "data-parallel size 2"),
     ({"trainer": {"mini_batch_size": 48}}, 1, "trainer.mini_batch_size=48 must divide the 512"),
+    ({"trainer": {"optimizer_steps_per_rollout": 3}}, 2, "optimizer_steps_per_rollout=3 does not "
+     "divide the 256 samples per data-parallel rank (prompts_per_step / DP x rollout.n); choose "
+     "one of [1, 2, 4, 8, 16, 32], or change trainer.prompts_per_step"),
     ({"rollout": {"temperature": 0.0}}, 1, "rollout.temperature=0.0 must be > 0"),
     ({"rollout": {"top_p": 1.5}}, 1, "rollout.top_p=1.5 is invalid: must be in (0, 1]"),
     ({"rollout": {"max_logprob_mismatch": -1.0}}, 1, "rollout.max_logprob_mismatch=-1.0 must be"),

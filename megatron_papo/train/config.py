@@ -522,9 +522,13 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
                           f"the data-parallel size {dp}")
     local, mini, micro = config.batch_sizes(dp)
     if not t.mini_batch_size and local % t.optimizer_steps_per_rollout:
+        # whole prompts per mini-batch keep a group's samples in one optimizer step
+        choices = [k for k in range(1, local // config.rollout.n + 1)
+                   if (local // config.rollout.n) % k == 0][:8]
         raise ConfigError(
             f"trainer.optimizer_steps_per_rollout={t.optimizer_steps_per_rollout} does not divide "
-            f"the {local} samples per data-parallel rank (prompts_per_step / DP x rollout.n)")
+            f"the {local} samples per data-parallel rank (prompts_per_step / DP x rollout.n); "
+            f"choose one of {choices}, or change trainer.prompts_per_step")
     if local % mini or mini % micro:
         raise ConfigError(
             f"trainer.mini_batch_size={mini} must divide the {local} samples per data-parallel "
