@@ -36,7 +36,11 @@ _OS_HINTS = {
 
 def quiet_redundant_logs() -> None:
     """dist_checkpointing logs a failed write before raising it; the raised error is reported
-    (one line, naming the output), so the log line would only say it twice."""
+    (one line, naming the output), so the log line would only say it twice. megatron-core's INFO
+    lines (its FSDP module's import notes, the DDP and optimizer configurations, every parameter
+    of every gradient bucket: ~100 lines per rank before the first step) bury the job's own
+    output; its warnings and errors still show. Call it before megatron-core is imported."""
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
     logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").setLevel(
         logging.CRITICAL)
 

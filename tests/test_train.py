@@ -31,6 +31,11 @@ def test_main_job_runs_writes_metrics_and_a_loadable_hf_export(single_run):
     # with a warm start, RL's starting point is evaluated, not the initial weights (asked for
     # in the two-image test below)
     assert "held-out before training" not in done.stdout
+    # megatron-core's INFO dumps (DDP/optimizer configurations, every bucket's parameters) are
+    # not printed: the job's own lines are what a user reads
+    for noise in ("Params for bucket", "Setting up DistributedDataParallel",
+                  "Detected Megatron Core"):
+        assert noise not in done.stdout + done.stderr
     records = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     assert [r.get("after_warm_start") for r in records if r.get("step") == 0] == [True]
     steps = [r for r in records if "reward" in r]

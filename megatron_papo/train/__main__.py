@@ -46,10 +46,10 @@ def run(raw: dict) -> None:
         is_collective_failure,
     )
 
+    quiet_redundant_logs()  # before megatron-core is imported (its import notes)
     apply_cpu_patches()
     from .loop import Trainer  # megatron-core and vLLM: after apply_cpu_patches(), which they need
 
-    quiet_redundant_logs()
     timeout = (raw.get("trainer") or {}).get("collective_timeout_minutes")
     init_processes(timeout_minutes=timeout or TrainerConfig.collective_timeout_minutes)
     trainer = None
