@@ -523,8 +523,8 @@ def build_config(raw: dict, world_size: int = 1) -> TrainConfig:
     local, mini, micro = config.batch_sizes(dp)
     if not t.mini_batch_size and local % t.optimizer_steps_per_rollout:
         # whole prompts per mini-batch keep a group's samples in one optimizer step
-        choices = [k for k in range(1, local // config.rollout.n + 1)
-                   if (local // config.rollout.n) % k == 0][:8]
+        prompts = local // config.rollout.n
+        choices = [k for k in range(1, prompts + 1) if prompts % k == 0][:8]
         raise ConfigError(
             f"trainer.optimizer_steps_per_rollout={t.optimizer_steps_per_rollout} does not divide "
             f"the {local} samples per data-parallel rank (prompts_per_step / DP x rollout.n); "
