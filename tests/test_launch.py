@@ -102,7 +102,10 @@ def test_two_ranks_started_by_the_command_train_like_one_process(tmp_path, singl
     """`parallel.processes=2` without torchrun: two data-parallel ranks, each with its engine,
     sample the same responses (per-prompt seeds) and make the same update as the one-process
     run: steps 1 and 2 (step 2 samples from step 1's weights) have its rewards and tokens
-    exactly, its loss terms, entropies and grad norm within 1e-4."""
+    exactly, its loss terms, entropies and grad norm within 1e-4. The default's dynamic
+    sampling draws more prompts on both steps here and selects the same groups at DP 1 and 2
+    (the selection is made over both ranks' groups: before, each rank filled its own places
+    from its own draws, and the two layouts trained on different groups)."""
     out = str(tmp_path / "two")
     done = _main([a for a in SMALL if a != ONE] + ["parallel.processes=2"], out)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -112,6 +115,9 @@ def test_two_ranks_started_by_the_command_train_like_one_process(tmp_path, singl
     assert single_run[1].returncode == 0
     ours, ref = _steps(out), _steps(single_run[0])
     for n in (1, 2):
+        assert ref[n]["sampling/rounds"] > 1, n  # dynamic sampling drew again (the default's)
+        for key in ("sampling/rounds", "sampling/prompts_drawn", "groups_with_signal"):
+            assert ours[n][key] == ref[n][key], (n, key)
         assert ours[n]["reward"] == ref[n]["reward"] and ours[n]["tokens"] == ref[n]["tokens"]
         for key in ("loss/total", "loss/policy", "loss/kl_prcp", "entropy/original",
                     "entropy/masked"):

@@ -270,7 +270,10 @@ def test_dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ():
                            [answer] * len(responses))
         return {"answer": answer, "rewards": torch.tensor([s.reward for s in scored])}
 
-    def draw(round_index):  # 4 prompts per draw; one mixed group in every second draw
+    requests = []
+
+    def draw(round_index, short, share):  # 4 prompts per draw; one mixed group every second draw
+        requests.append((short, share))
         out = [group(3, [3, 3, 3, 3]), group(5, [1, 2, 2, 1]), group(7, [7, 7, 7, 7])]
         out.append(group(4, [4, 1, 4, 2]) if round_index % 2 == 0 else group(2, [2, 2, 2, 2]))
         return out
@@ -278,17 +281,27 @@ def test_dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ():
     def has_signal(g):
         return bool((g["rewards"] != g["rewards"][0]).any())
 
-    first = draw(0)
+    first = draw(0, 4, 0.0)
+    requests.clear()
     assert sum(map(has_signal, first)) == 1
     kept, drawn, rounds, filled = A.fill_with_signal(first, draw, has_signal, max_rounds=10)
     assert (rounds, filled, len(kept), len(drawn)) == (7, 0, 4, 28)  # draws 0, 2, 4, 6
     assert all(map(has_signal, kept))
+    # each draw is told the shortfall and the share with signal so far (it sizes itself on them)
+    assert requests == [(3, 1 / 4), (3, 1 / 8), (2, 2 / 12), (2, 2 / 16), (1, 3 / 20), (1, 3 / 24)]
     kept, drawn, rounds, filled = A.fill_with_signal(first, draw, has_signal, max_rounds=3)
     assert (rounds, filled, len(kept)) == (3, 2, 4)
     assert sum(map(has_signal, kept)) == 2 and all(map(has_signal, kept[:2]))
-    # ranks that draw together follow the largest shortfall: no further draw once none is short
-    kept, _, rounds, _ = A.fill_with_signal(first, draw, has_signal, 10, lambda short: 0)
-    assert rounds == 1 and len(kept) == 4
+
+
+def test_a_later_draw_of_dynamic_sampling_asks_for_what_is_missing():
+    """A later draw holds enough prompts to expect the shortfall (with 25% to spare) at the
+    share with signal seen so far: at least one prompt, never more than a full draw, a full
+    draw when nothing had signal yet."""
+    assert A.redraw_prompts(short=8, share=0.5, most=64) == 20   # ceil(8 * 1.25 / 0.5)
+    assert A.redraw_prompts(short=1, share=1.0, most=64) == 2    # ceil(1.25)
+    assert A.redraw_prompts(short=30, share=0.1, most=64) == 64
+    assert A.redraw_prompts(short=3, share=0.0, most=64) == 64
 
 
 def test_measure_perception_reports_the_masked_terms_without_changing_the_loss(batch):

@@ -368,7 +368,7 @@ def test_papo_d_on_a_tied_head(tmp_path):
     counts is the overall accuracy.
 
     Dynamic sampling: every trained group has differing rewards unless the cap forced uniform
-    ones in (counted), the draws are logged, the overlong penalty enters the reward (a response
+    ones in (counted), the draws are logged (a later draw no larger than a full one), the overlong penalty enters the reward (a response
     at the length limit costs up to 1). The tied head: after the warm start's and step 1's
     weight pushes the engine serves the trained weights (its log-probs equal the trainer's at
     the untied model's level, < 1e-5 per token, at steps 1 and 2). Before the engine re-derived
@@ -398,7 +398,9 @@ def test_papo_d_on_a_tied_head(tmp_path):
     assert len(steps) == 2
     for r in steps:
         assert 1 <= r["sampling/rounds"] <= 4
-        assert r["sampling/prompts_drawn"] == 8 * r["sampling/rounds"]
+        # a later draw asks for what is missing (one rank here: any size from 1 to a full 8)
+        assert 8 + (r["sampling/rounds"] - 1) <= r["sampling/prompts_drawn"] \
+            <= 8 * r["sampling/rounds"]
         if r["sampling/filled_without_signal"] == 0:
             assert r["sampling/trained_groups_with_signal"] == 1.0
         assert r["reward"] >= -1.0 and "loss/kl_prcp" in r and "loss/kl_ref" not in r

@@ -12,6 +12,7 @@ tensor is [B, T]; ``mask`` [B, T] is 1 on response tokens and 0 on padding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -52,26 +53,38 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float 
     return adv
 
 
-def fill_with_signal(first: list, draw: Callable[[int], list], has_signal: Callable,
-                     max_rounds: int, short_anywhere: Callable[[int], int] = lambda n: n
-                     ) -> tuple[list, list, int, int]:
+def fill_with_signal(first: list, draw: Callable[[int, int, float], list], has_signal: Callable,
+                     max_rounds: int) -> tuple[list, list, int, int]:
     """DAPO's dynamic sampling (Yu et al., arXiv 2503.14476, sec. 3.2): keep only the groups
     whose rewards differ (``has_signal``; the others have a zero GRPO advantage) and ``draw``
-    more (``draw(round)`` -> groups) until as many as the first draw are kept, at most
-    ``max_rounds`` draws in all. Short of that, groups without signal fill the remaining places.
-    ``short_anywhere(n)``: the largest shortfall over the ranks that draw together (so that all
-    draw the same rounds). Returns (the groups to train on, every group drawn, draws made,
-    places filled without signal)."""
+    more until as many as the first draw are kept, at most ``max_rounds`` draws in all. Short
+    of that, groups without signal fill the remaining places, in draw order.
+    ``draw(round, short, share)`` -> groups: the caller sizes each draw from the shortfall and
+    the share of the groups drawn so far that had signal (:func:`redraw_prompts`). Returns (the
+    groups to train on, every group drawn, draws made, places filled without signal)."""
     quota = len(first)
     drawn, kept, rounds = list(first), [g for g in first if has_signal(g)], 1
-    while rounds < max_rounds and short_anywhere(max(quota - len(kept), 0)):
-        more = draw(rounds)
+    while rounds < max_rounds and len(kept) < quota:
+        more = draw(rounds, quota - len(kept), len(kept) / len(drawn))
         drawn += more
         kept += [g for g in more if has_signal(g)]
         rounds += 1
     filled = max(quota - len(kept), 0)
     kept += [g for g in drawn if not has_signal(g)][:filled]
     return kept[:quota], drawn, rounds, filled
+
+
+REDRAW_MARGIN = 1.25  # a later draw asks for 25% more groups with signal than are missing
+
+
+def redraw_prompts(short: int, share: float, most: int) -> int:
+    """Prompts for a later draw of dynamic sampling: enough to expect ``short`` more groups
+    with signal at the ``share`` seen so far, with :data:`REDRAW_MARGIN`; between 1 and
+    ``most`` (a full draw, also when nothing had signal yet). DAPO draws full batches; a smaller
+    draw costs less and, where it falls short, the next draw makes up the rest."""
+    if share <= 0:
+        return most
+    return max(1, min(most, math.ceil(short * REDRAW_MARGIN / share)))
 
 
 def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int,

@@ -14,8 +14,9 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 @dataclass
 class LossConfig:
     """Coefficients and options of the combined loss (the main job's ``algorithm.loss``; each
-    algorithm's numbers are in ``configs/algorithm/<name>.yaml``). The defaults are the main
-    job's default algorithm, ``papo_no_kl_ref``. Validates itself (:class:`SettingError` naming
+    algorithm's numbers are in ``configs/algorithm/<name>.yaml``). The defaults are the loss of
+    ``papo_no_kl_ref`` (the main job's default, ``papo_no_kl_ref_ds``, adds dynamic sampling to
+    it: not a loss setting). Validates itself (:class:`SettingError` naming
     the field)."""
 
     eps_low: float = 0.2

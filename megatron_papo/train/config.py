@@ -106,7 +106,8 @@ class ParallelConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "papo_no_kl_ref"     # grpo | papo | papo_h | papo_no_kl_ref | dapo | papo_d
+    # grpo | papo | papo_h | papo_no_kl_ref | papo_no_kl_ref_ds (the main job's) | dapo | papo_d
+    name: str = "papo_no_kl_ref"
     # every coefficient of the loss; each algorithm's numbers: configs/algorithm/<name>.yaml
     loss: LossConfig = field(default_factory=LossConfig)
     masked_branch: str = "frozen"    # frozen (the authors') | live
@@ -117,7 +118,8 @@ class AlgorithmConfig:
     mask_ratio: float = 0.6
     mask_patch: int = 14
     # DAPO (dapo, papo_d): groups whose rewards are all equal are dropped and more prompts drawn
-    # until the batch is full (at most max_sampling_rounds draws of prompts_per_step prompts)
+    # until the batch is full (at most max_sampling_rounds draws: the first of prompts_per_step
+    # prompts, each later one sized to the shortfall, rl.algorithms.redraw_prompts)
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 10
     # DAPO's soft overlong punishment over the last ratio x rollout.max_new_tokens tokens (0: off)

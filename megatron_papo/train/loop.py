@@ -54,6 +54,7 @@ from megatron_papo.rl.algorithms import (  # noqa: E402
     fill_with_signal,
     group_advantages,
     overlong_penalty,
+    redraw_prompts,
 )
 from megatron_papo.rl.logprobs import SampledDistribution  # noqa: E402
 from megatron_papo.rl.masking import masked_copies  # noqa: E402
@@ -70,7 +71,11 @@ from megatron_papo.rollout import (  # noqa: E402
     build_rollout_batch,
     iter_hf_weights,
 )
-from megatron_papo.rollout.engine import is_long_rollout, split_evenly  # noqa: E402
+from megatron_papo.rollout.engine import (  # noqa: E402
+    data_parallel_share,
+    is_long_rollout,
+    split_evenly,
+)
 from megatron_papo.runlock import acquire_on_rank0, folder_lock, release_all  # noqa: E402
 
 from . import checkpoint  # noqa: E402
@@ -379,10 +384,13 @@ class Trainer:
         m.phases, m.memory = {}, {}
         m.step = self.step_index + 1
         start = time.perf_counter()
-        first_round = self._draw_groups(0)
-        train_groups, everything, sampling_stats = first_round, first_round, {}
         if c.algorithm.dynamic_sampling:
-            train_groups, everything, sampling_stats = self._fill_with_signal(first_round)
+            # every rank selects from every rank's groups (the same selection at any DP size),
+            # then trains its own places of the first draw
+            first_round, train_groups, everything, sampling_stats = self._fill_with_signal()
+        else:
+            first_round = self._draw_groups(0)
+            train_groups, everything, sampling_stats = first_round, first_round, {}
         # the trained groups take the first draw's places in the global prompt list (their
         # index seeds the image masks: the same for any DP layout)
         prompts = [None] * c.trainer.prompts_per_step
@@ -481,60 +489,84 @@ class Trainer:
                 row += 1
         return result
 
-    def _draw_groups(self, round_index: int) -> list[_Group]:
-        """Draw ``trainer.prompts_per_step`` prompts, roll out this DP rank's share and score
-        them: one :class:`_Group` per prompt (its responses, their scores and rewards, the
-        overlong penalty included)."""
+    def _draw_groups(self, round_index: int, prompts: int | None = None,
+                     every_rank: bool = False) -> list[_Group]:
+        """Draw ``prompts`` prompts (``trainer.prompts_per_step`` unless given), roll out this
+        DP rank's share and score them: one :class:`_Group` per prompt (its responses, their
+        scores and rewards, the overlong penalty included). ``every_rank``: the groups of every
+        DP rank (each rank scores its share, the scores are exchanged)."""
         c, m = self.config, self.metrics
         # rows by position (the same draw as sampling the rows themselves)
-        positions = self.rng.sample(range(len(self.train_data)), c.trainer.prompts_per_step)
+        positions = self.rng.sample(range(len(self.train_data)),
+                                    prompts or c.trainer.prompts_per_step)
         examples = [self.train_data[j] for j in positions]
         prompts = [e.messages for e in examples]
         sampling = c.rollout.sampling(
             seed=c.trainer.seed * 1_000_003 + self.step_index + round_index * 7_919)
         with m.phase("rollout"):
-            rollouts = self.engine.generate(      # this DP rank's prompts
+            rollouts = self.engine.generate(      # this DP rank's prompts (or all of them)
                 prompts, sampling, progress=c.logging.progress_bars
-                and is_long_rollout(len(prompts), sampling), blocks=self._blocks)
+                and is_long_rollout(len(prompts), sampling), blocks=self._blocks,
+                **({"dp_rank": 0, "dp_size": 1} if every_rank else {}))
         with m.phase("reward"):
-            texts = [resp.text for r in rollouts for resp in r.responses]
-            answers = [examples[r.index].answer for r in rollouts for _ in r.responses]
-            names = [f"prompt {r.index} ({examples[r.index].source}), sample {k}"
-                     for r in rollouts for k in range(len(r.responses))]
-            scored = score_all(texts, answers, names=names)
-            buffer = round(c.algorithm.overlong_buffer_ratio * c.rollout.max_new_tokens)
-            lengths = torch.tensor([len(resp.token_ids) for r in rollouts for resp in r.responses])
-            rewards = torch.tensor([s.reward for s in scored]) + overlong_penalty(
-                lengths, c.rollout.max_new_tokens, buffer, c.algorithm.overlong_penalty_factor)
-        groups, at = [], 0
+            mine = (split_evenly(len(rollouts), self.dp_size, self.dp_rank) if every_rank
+                    else range(len(rollouts)))
+            scores = self._score([rollouts[i] for i in mine], examples)
+            if every_rank:
+                scores = {i: v for part in all_gather_objects(scores) for i, v in part.items()}
+        groups = []
         for r in rollouts:
-            n = len(r.responses)
-            groups.append(_Group(examples[r.index], r, scored[at:at + n], rewards[at:at + n],
-                                 positions[r.index]))
-            at += n
+            scored, rewards = scores[r.index]
+            groups.append(_Group(examples[r.index], r, scored, rewards, positions[r.index]))
         return groups
 
-    def _fill_with_signal(self, first: list[_Group]
-                          ) -> tuple[list[_Group], list[_Group], dict]:
-        """DAPO's dynamic sampling: keep only groups whose rewards differ and draw more prompts
-        until every DP rank holds as many as one draw gives it (``algorithm.max_sampling_rounds``
-        draws at most; short of that, groups without signal fill the rest and
-        ``sampling/filled_without_signal`` counts them). Returns (the groups to train on, every
-        group drawn, metrics)."""
-        def short_anywhere(short: int) -> int:
-            value = torch.tensor([short], dtype=torch.long)
-            dist.all_reduce(value, op=dist.ReduceOp.MAX)
-            return int(value)
+    def _score(self, rollouts: list, examples: list) -> dict:
+        """prompt index -> (each response's score, its reward with the overlong penalty)."""
+        c = self.config
+        texts = [resp.text for r in rollouts for resp in r.responses]
+        answers = [examples[r.index].answer for r in rollouts for _ in r.responses]
+        names = [f"prompt {r.index} ({examples[r.index].source}), sample {k}"
+                 for r in rollouts for k in range(len(r.responses))]
+        scored = score_all(texts, answers, names=names)
+        buffer = round(c.algorithm.overlong_buffer_ratio * c.rollout.max_new_tokens)
+        lengths = torch.tensor([len(resp.token_ids) for r in rollouts for resp in r.responses],
+                               dtype=torch.long)
+        rewards = torch.tensor([s.reward for s in scored], dtype=torch.float32) + overlong_penalty(
+            lengths, c.rollout.max_new_tokens, buffer, c.algorithm.overlong_penalty_factor)
+        out, at = {}, 0
+        for r in rollouts:
+            n = len(r.responses)
+            out[r.index] = (scored[at:at + n], rewards[at:at + n])
+            at += n
+        return out
 
+    def _fill_with_signal(self) -> tuple[list[_Group], list[_Group], list[_Group], dict]:
+        """DAPO's dynamic sampling: keep only groups whose rewards differ and draw more prompts
+        until the batch is full (``algorithm.max_sampling_rounds`` draws at most, a later one
+        only as large as the shortfall needs at the share with signal seen so far:
+        :func:`redraw_prompts`; short of that, groups without signal fill the rest and
+        ``sampling/filled_without_signal`` counts them). The selection is made over every DP
+        rank's groups, in draw order, so it is the same at any DP size; the k-th kept group
+        takes the k-th place of the first draw. Returns (this rank's places of the first draw,
+        the groups it trains on them, every group drawn, metrics)."""
+        c = self.config
+        per_step = c.trainer.prompts_per_step
+        sizes = [per_step]
+
+        def draw(round_index: int, short: int, share: float) -> list[_Group]:
+            sizes.append(redraw_prompts(short, share, per_step))
+            return self._draw_groups(round_index, sizes[-1], every_rank=True)
+
+        first = self._draw_groups(0, every_rank=True)
         kept, drawn, rounds, filled = fill_with_signal(
-            first, self._draw_groups, lambda g: g.has_signal,
-            self.config.algorithm.max_sampling_rounds, short_anywhere)
+            first, draw, lambda g: g.has_signal, c.algorithm.max_sampling_rounds)
         stats = {"sampling/rounds": float(rounds),
-                 "sampling/prompts_drawn": float(rounds * self.config.trainer.prompts_per_step),
+                 "sampling/prompts_drawn": float(sum(sizes)),
                  "sampling/filled_without_signal": float(filled),
                  "sampling/trained_groups_with_signal":
                      sum(g.has_signal for g in kept) / len(kept)}
-        return kept, drawn, stats
+        places = data_parallel_share(per_step, self.dp_size, self.dp_rank, self._blocks)
+        return [first[i] for i in places], [kept[i] for i in places], drawn, stats
 
     def _logged(self) -> list[dict]:
         if not os.path.exists(self.metrics.path):
