@@ -107,7 +107,7 @@ class ParallelConfig:
 @dataclass
 class AlgorithmConfig:
     # grpo | papo | papo_h | papo_no_kl_ref | papo_no_kl_ref_ds (the main job's) | dapo | papo_d
-    name: str = "papo_no_kl_ref"
+    name: str = "papo_no_kl_ref_ds"
     # every coefficient of the loss; each algorithm's numbers: configs/algorithm/<name>.yaml
     loss: LossConfig = field(default_factory=LossConfig)
     masked_branch: str = "frozen"    # frozen (the authors') | live
@@ -117,10 +117,10 @@ class AlgorithmConfig:
     masked_logprobs: str = "trainer"  # engine | trainer
     mask_ratio: float = 0.6
     mask_patch: int = 14
-    # DAPO (dapo, papo_d): groups whose rewards are all equal are dropped and more prompts drawn
+    # DAPO (dapo, papo_d, papo_no_kl_ref_ds): groups whose rewards are all equal are dropped, more drawn
     # until the batch is full (at most max_sampling_rounds draws: the first of prompts_per_step
     # prompts, each later one sized to the shortfall, rl.algorithms.redraw_prompts)
-    dynamic_sampling: bool = False
+    dynamic_sampling: bool = True   # the main job's default (papo_no_kl_ref_ds; issue #22)
     max_sampling_rounds: int = 10
     # DAPO's soft overlong punishment over the last ratio x rollout.max_new_tokens tokens (0: off)
     overlong_buffer_ratio: float = 0.0
