@@ -368,8 +368,9 @@ def test_papo_d_on_a_tied_head(tmp_path):
     counts is the overall accuracy.
 
     Dynamic sampling: every trained group has differing rewards unless the cap forced uniform
-    ones in (counted), the draws are logged (a later draw no larger than a full one), the overlong penalty enters the reward (a response
-    at the length limit costs up to 1). The tied head: after the warm start's and step 1's
+    ones in (counted), the draws are logged (a later draw no larger than a full one), the
+    overlong penalty enters the reward (a response at the length limit costs up to 1). The
+    tied head: after the warm start's and step 1's
     weight pushes the engine serves the trained weights (its log-probs equal the trainer's at
     the untied model's level, < 1e-5 per token, at steps 1 and 2). Before the engine re-derived
     its tied head after a push, step 1 measured 0.02-0.12 and the guard stopped the job there."""

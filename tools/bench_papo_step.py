@@ -14,7 +14,8 @@ checkpoint), for --steps steps, with ``optim.lr=0``: every step runs in full (th
 but the policy never moves, so all variants sample the SAME responses (same seeds, same
 weights) and compare on identical batches; the variants run one after the other, --rounds times,
 interleaved (A B C A B C). A variant's time is the median over its rounds of the median step
-time over steps 2..end (step 1 pays one-off allocation). GRPO = ``papo_no_kl_ref`` with the
+time over steps 2..end (step 1 pays one-off allocation). Every variant is ``papo_no_kl_ref``
+(the main job's default without dynamic sampling); GRPO = ``papo_no_kl_ref`` with the
 perception and both entropy weights at 0 (same clipping and aggregation, no masked branch), so
 the ratios isolate what PAPO adds. Goal (issue 24): PAPO (engine) / GRPO <= 1.15x.
 """
@@ -50,6 +51,9 @@ def run_variant(name: str, extra: list[str], args, folder: str) -> dict:
         "optim.lr=0.0",
         "trainer.eval_prompts=8", "trainer.eval_k=1", "trainer.save_every=0",
         "trainer.export_hf=false", "trainer.stop_at_accuracy=null", "trainer.resume=none",
+        # without the main job's dynamic sampling: its extra draws depend on the rewards (at
+        # lr 0 from the random initial weights no group has signal: ten draws every step)
+        "algorithm=papo_no_kl_ref",
         f"trainer.prompts_per_step={args.prompts}", f"rollout.n={args.n}",
         f"rollout.max_new_tokens={args.new_tokens}", f"trainer.seed={args.seed}",
         f"trainer.output_dir={folder}", f"hydra.run.dir={folder}", *extra]
