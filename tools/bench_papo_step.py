@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--setting", action="append", default=[], metavar="NAME=OVERRIDES",
                         help="compare these instead of --variants: a name and Hydra overrides "
                              "separated by spaces (repeatable; the first is the reference)")
-    parser.add_argument("--out", default=None, help="run folders (default: a temporary folder)")
+    parser.add_argument("--out", default=None, help="run folders (default: a temporary folder, removed at the end)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.steps < 2:
@@ -100,7 +100,13 @@ def main(argv=None) -> int:
             if not name or not _:
                 parser.error(f"--setting {setting!r}: write NAME=OVERRIDES")
             variants[name] = overrides.split()
-    out = args.out or tempfile.mkdtemp(prefix="bench_papo_step_")
+    if args.out:
+        return _measure(variants, args, args.out)
+    with tempfile.TemporaryDirectory(prefix="bench_papo_step_") as out:  # removed afterwards
+        return _measure(variants, args, out)
+
+
+def _measure(variants: dict[str, list[str]], args, out: str) -> int:
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     start = time.time()
     for round_index in range(args.rounds):
@@ -124,6 +130,11 @@ def main(argv=None) -> int:
         ratio = f"{s['seconds'] / base:.2f}x"
         print(f"| {name} | {s['seconds']:.2f} | {ratio} | "
               + " | ".join(f"{s[p]:.2f}" for p in PHASES) + f" | {s['response_length']:.1f} |")
+    if len(runs) > 1:
+        print("round by round, vs " + reference + ": " + "; ".join(
+            name + " " + "/".join(f"{r['seconds'] / runs[reference][k]['seconds']:.2f}"
+                                  for k, r in enumerate(results)) + "x"
+            for name, results in runs.items() if name != reference))
     if reference == "grpo" and "papo_engine" in summary:
         ratio = summary["papo_engine"]["seconds"] / base
         print(f"\nPAPO (engine-scored masked branch) / GRPO = {ratio:.2f}x (goal <= {GOAL}x: "
